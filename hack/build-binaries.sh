@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Builds (or reuses) the pinned binaries of the test infrastructure and prints the folder that holds
+# them all. Binaries are cached outside the repository, one folder per name and version, so only the
+# first run on a machine pays for the builds.
+#
+# If DIFFTRAIN_TEST_ASSETS or KUBEBUILDER_ASSETS names a folder with ready binaries, the binaries
+# found there are used as they are and only the missing ones are built.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=versions.env
+source "$here/versions.env"
+cache="${DIFFTRAIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/difftrain}/bin"
+out="$cache/testenv-$KUBERNETES_VERSION"
+mkdir -p "$out"
+export GOFLAGS="${GOFLAGS:-} -trimpath -buildvcs=false"
+
+log() { echo "[testenv] $*" >&2; }
+
+# link_ready NAME: use a ready binary from a folder named by the environment, if there is one.
+link_ready() {
+  local name=$1 dir
+  for dir in "${DIFFTRAIN_TEST_ASSETS:-}" "${KUBEBUILDER_ASSETS:-}"; do
+    if [ -n "$dir" ] && [ -x "$dir/$name" ]; then
+      ln -sf "$dir/$name" "$out/$name"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# build_go NAME VERSIONDIR CMD...: run CMD (which writes NAME into $tmp) unless the binary is cached.
+build_go() {
+  local name=$1 vdir="$cache/$2"; shift 2
+  if [ ! -x "$vdir/$name" ] && ! link_ready "$name"; then
+    log "building $name into $vdir (first run on this machine; this takes minutes)"
+    local tmp; tmp="$(mktemp -d "$cache/.build.XXXXXX")"
+    local start=$SECONDS
+    (cd "$here" && tmp="$tmp" "$@") >&2
+    mkdir -p "$vdir" && mv "$tmp/$name" "$vdir/$name" && rm -rf "$tmp"
+    log "built $name in $((SECONDS - start))s"
+  fi
+  if [ -x "$vdir/$name" ]; then ln -sf "$vdir/$name" "$out/$name"; fi
+}
+
+k8s_build() { (cd k8s && go build -ldflags "-s -w" -o "$tmp/" "k8s.io/kubernetes/cmd/$1"); }
+go_install() { GOBIN="$tmp" go install -ldflags "-s -w ${2:-}" "$1"; }
+
+for cmd in kube-apiserver kube-controller-manager kubectl; do
+  build_go "$cmd" "kubernetes-$KUBERNETES_VERSION" k8s_build "$cmd"
+done
+build_go minio "minio-$MINIO_MODULE_VERSION" go_install "github.com/minio/minio@$MINIO_MODULE_VERSION"
+build_go helm "helm-$HELM_VERSION" go_install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
+  "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+build_go kwok "kwok-$KWOK_VERSION" go_install "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+
+# etcd: a ready binary, else Debian's etcd-server package (installed when missing and we are root).
+if ! link_ready etcd; then
+  if ! command -v etcd >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      log "installing Debian's etcd-server"
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server) >&2
+    else
+      log "etcd is missing: install Debian's etcd-server or set DIFFTRAIN_TEST_ASSETS"; exit 1
+    fi
+  fi
+  ln -sf "$(command -v etcd)" "$out/etcd"
+fi
+echo "$out"

@@ -1,0 +1,65 @@
+"""Helpers to create difftrain resources through the real API server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from difftrain import api
+
+PLURALS = {"DiffusionTrainingJob": "diffusiontrainingjobs", "ModelMerge": "modelmerges"}
+
+
+def training_job(name: str, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "baseModel": {"uri": "s3://models/sd15"},
+        "dataset": {"uri": "s3://datasets/pets"},
+        "output": {"uri": "s3://runs/pets"},
+        "storage": {"endpoint": "minio:9000", "secretRef": {"name": "minio-credentials"}},
+    }
+    body.update(spec)
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": "DiffusionTrainingJob",
+        "metadata": {"name": name},
+        "spec": body,
+    }
+
+
+def model_merge(name: str, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "models": [{"uri": "/m/a.safetensors"}, {"uri": "/m/b.safetensors"}],
+        "output": {"uri": "/m/out.safetensors"},
+    }
+    body.update(spec)
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": "ModelMerge",
+        "metadata": {"name": name},
+        "spec": body,
+    }
+
+
+def create(kube_api, namespace: str, body: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
+    """Create a resource with strict field validation, as kubectl does."""
+    from kubernetes import client
+
+    kwargs: dict[str, Any] = {"field_validation": "Strict"}
+    if dry_run:
+        kwargs["dry_run"] = "All"
+    result = client.CustomObjectsApi(kube_api).create_namespaced_custom_object(
+        api.GROUP, api.VERSION, namespace, PLURALS[body["kind"]], body, **kwargs
+    )
+    assert isinstance(result, dict)
+    return result
+
+
+def refusal(kube_api, namespace: str, body: dict[str, Any]) -> str:
+    """The API server's message for a body it must refuse."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        create(kube_api, namespace, body)
+    except ApiException as exc:
+        assert exc.status in (400, 422), exc
+        return str(exc.body)
+    raise AssertionError(f"the API server accepted {body}")

@@ -1,0 +1,173 @@
+"""The API models: defaults, cross-field rules and the errors users see."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from difftrain import api
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def minimal_job(**spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "baseModel": {"uri": "/models/sd15"},
+        "dataset": {"uri": "/data/pets"},
+        "output": {"uri": "/runs/pets"},
+    }
+    base.update(spec)
+    return base
+
+
+def refused(kind: str, spec: dict[str, Any]) -> str:
+    with pytest.raises(api.SpecError) as info:
+        api.parse_spec(kind, spec)
+    return str(info.value)
+
+
+def test_defaults_follow_the_field_starting_points():
+    spec = api.parse_spec("DiffusionTrainingJob", minimal_job())
+    assert isinstance(spec, api.DiffusionTrainingJobSpec)
+    assert spec.hyperparameters.batch_size == 8
+    assert spec.learning_rate == 1e-6
+    assert spec.preprocessing.resolution == 512
+    assert spec.hyperparameters.optimizer == "adamw"
+    assert spec.hyperparameters.lr_scheduler == "constant"
+    assert spec.hyperparameters.mixed_precision == "bf16"
+    assert spec.resources.workers == 1
+    assert spec.output_formats == ["diffusers", "single_file"]
+
+
+def test_lora_gets_a_higher_learning_rate_and_alpha_equal_to_rank():
+    spec = api.parse_spec("DiffusionTrainingJob", minimal_job(method="lora", lora={"rank": 8}))
+    assert isinstance(spec, api.DiffusionTrainingJobSpec)
+    assert spec.learning_rate == 1e-4 > 1e-6
+    assert spec.lora_alpha == 8.0
+    assert spec.output_formats == ["lora_peft", "lora_kohya"]
+
+
+def test_resolved_spec_fills_every_method_dependent_default():
+    spec = api.parse_spec("DiffusionTrainingJob", minimal_job(method="lora", lora={}))
+    assert isinstance(spec, api.DiffusionTrainingJobSpec)
+    wire = spec.resolved().to_wire()
+    assert wire["hyperparameters"]["learningRate"] == 1e-4
+    assert wire["hyperparameters"]["maxSteps"] == api.DEFAULT_MAX_STEPS
+    assert wire["lora"]["alpha"] == 16.0
+    assert wire["output"]["formats"] == ["lora_peft", "lora_kohya"]
+    # the resolved spec is itself valid and resolves to itself
+    again = api.parse_spec("DiffusionTrainingJob", wire)
+    assert isinstance(again, api.DiffusionTrainingJobSpec)
+    assert again.resolved().to_wire() == wire
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "words"),
+    [
+        (minimal_job(lora={"rank": 4}), "lora", "only allowed with method: lora"),
+        (minimal_job(method="lora"), "method", "needs a lora block"),
+        (minimal_job(method="controlnet"), "controlnet", "conditioningUri"),
+        (
+            minimal_job(dreambooth={"instancePrompt": "a photo of sks dog"}),
+            "dreambooth.classPrompt",
+            "priorPreservation",
+        ),
+        (
+            minimal_job(hyperparameters={"batchSize": -1}),
+            "hyperparameters.batchSize",
+            "greater than or equal to 1",
+        ),
+        (minimal_job(hyperparameters={"maxSteps": 50}), "warmupSteps", "below maxSteps"),
+        (
+            minimal_job(hyperparameters={"maxSteps": 50, "epochs": 2, "warmupSteps": 0}),
+            "maxSteps or hyperparameters.epochs",
+            "not both",
+        ),
+        (minimal_job(resources={"workers": 0}), "resources.workers", "greater than or equal to 1"),
+        (minimal_job(method="dance"), "spec.method", "'full', 'lora' or 'controlnet'"),
+        (minimal_job(dataset={}), "spec.dataset.uri", "required field is missing"),
+        (minimal_job(dataset={"uri": "/d", "formt": "jsonl"}), "dataset.formt", "unknown field"),
+        (
+            minimal_job(baseModel={"uri": "/m", "hub": "org/m"}),
+            "baseModel",
+            "exactly one of baseModel.uri",
+        ),
+        (minimal_job(dataset={"uri": "s3://data/pets"}), "storage", "needed when a uri is s3://"),
+        (minimal_job(output={"uri": "/o", "formats": ["lora_kohya"]}), "lora_kohya", "method"),
+        (minimal_job(preprocessing={"resolution": 500}), "preprocessing.resolution", "multiple"),
+        (minimal_job(dataset={"uri": "http://x/y"}), "spec.dataset.uri", "pattern"),
+    ],
+)
+def test_invalid_training_specs_are_refused_naming_the_field(spec, field, words):
+    message = refused("DiffusionTrainingJob", spec)
+    assert field in message
+    assert words in message
+
+
+def merge_spec(**spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "models": [{"uri": "/m/a.safetensors"}, {"uri": "/m/b.safetensors"}],
+        "output": {"uri": "/m/out.safetensors"},
+    }
+    base.update(spec)
+    return base
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        (merge_spec(method="add_difference"), "need a base model"),
+        (merge_spec(method="ties"), "need a base model"),
+        (merge_spec(method="block_weighted"), "blockWeights"),
+        (merge_spec(models=[{"uri": "/a"}]), "spec.models: List should have at least 2 items"),
+        (
+            merge_spec(method="slerp", models=[{"uri": "/a"}, {"uri": "/b"}, {"uri": "/c"}]),
+            "exactly two models",
+        ),
+        (merge_spec(outputDtype="int8"), "spec.outputDtype"),
+        (merge_spec(vaeSource="uri"), "vaeUri"),
+    ],
+)
+def test_invalid_merge_specs_are_refused(spec, words):
+    assert words in refused("ModelMerge", spec)
+
+
+def test_merge_defaults():
+    spec = api.parse_spec("ModelMerge", merge_spec())
+    assert isinstance(spec, api.ModelMergeSpec)
+    assert spec.method == "weighted_sum"
+    assert spec.alpha == 0.5
+    assert spec.output_dtype == "fp16"
+    assert spec.components == ["unet", "text_encoder", "text_encoder_2", "vae"]
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_are_valid(path):
+    for doc in yaml.safe_load_all(path.read_text()):
+        resource = api.parse_resource(doc)
+        assert resource.metadata.name
+
+
+def test_wrong_kind_and_api_version_are_named():
+    with pytest.raises(api.SpecError, match="kind: expected one of"):
+        api.parse_resource({"kind": "Pod", "apiVersion": "v1"})
+    with pytest.raises(api.SpecError, match=r"apiVersion: expected difftrain.dev/v1alpha1"):
+        api.parse_resource({"kind": "ModelMerge", "apiVersion": "v1", "spec": merge_spec()})
+    with pytest.raises(api.SpecError, match="expected a mapping"):
+        api.parse_resource(["not", "a", "mapping"])
+
+
+def test_api_imports_no_torch_and_no_kubernetes_client():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, difftrain.api, difftrain.crd; "
+        "bad = [m for m in ('torch', 'kubernetes', 'kopf') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

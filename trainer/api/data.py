@@ -1,0 +1,157 @@
+"""Dataset, cleaning and preprocessing settings of a DiffusionTrainingJob."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from difftrain.api.base import APIModel, ShortText, Uri, cel, rules, section
+
+
+class CleaningSpec(APIModel):
+    """Which image–text pairs are dropped before training; every drop is counted by reason."""
+
+    min_resolution: int = Field(
+        default=256,
+        ge=1,
+        le=16384,
+        description="Drop images whose shorter side is below this many pixels.",
+    )
+    max_aspect_ratio: float = Field(
+        default=3.0,
+        ge=1.0,
+        le=100.0,
+        description="Drop images whose long side divided by the short side exceeds this.",
+    )
+    drop_exact_duplicates: bool = Field(
+        default=True, description="Drop images whose content hash equals an earlier image's."
+    )
+    near_duplicate_distance: int = Field(
+        default=4,
+        ge=0,
+        le=64,
+        description="Drop images whose 64-bit perceptual hash is within this Hamming distance "
+        "of an earlier image's. 0 turns near-duplicate removal off.",
+    )
+    min_caption_words: int = Field(
+        default=1,
+        ge=0,
+        le=100,
+        description="Drop pairs whose caption has fewer words (0 keeps empty captions).",
+    )
+    banned_words: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="Drop pairs whose caption contains any of these words (case-insensitive, "
+        "whole words).",
+    )
+
+
+DatasetFormat = Literal["auto", "folder", "jsonl", "webdataset"]
+
+
+class DatasetSpec(APIModel):
+    """Where the image–text pairs are and how to read and clean them."""
+
+    uri: Uri = Field(
+        description="Bucket and prefix (s3://bucket/prefix) or local folder holding the dataset."
+    )
+    format: DatasetFormat = Field(
+        default="auto",
+        description="Layout: 'folder' (image + same-stem .txt caption), 'jsonl' "
+        "(metadata.jsonl with file_name and a caption column), 'webdataset' (.tar shards), or "
+        "'auto' to detect it.",
+    )
+    caption_column: ShortText = Field(
+        default="text", description="Caption column of metadata.jsonl (format jsonl)."
+    )
+    caption_template: Annotated[str, Field(max_length=1024)] | None = Field(
+        default=None,
+        description="Caption for class-folder datasets (one sub-folder per class, no caption "
+        "files), with {class} replaced by the folder name, e.g. 'a photo of a {class}'.",
+    )
+    cleaning: CleaningSpec = section(CleaningSpec, "What is dropped before training.")
+    limit: int | None = Field(
+        default=None, ge=1, description="Use at most this many pairs (after cleaning)."
+    )
+
+
+class BucketSpec(APIModel):
+    """Aspect-ratio buckets: each image goes to the nearest bucket, each batch from one bucket."""
+
+    enabled: bool = Field(default=False, description="Train on aspect-ratio buckets.")
+    min_size: int = Field(
+        default=256, ge=64, le=4096, multiple_of=8, description="Smallest bucket side, pixels."
+    )
+    max_size: int = Field(
+        default=1024, ge=64, le=4096, multiple_of=8, description="Largest bucket side, pixels."
+    )
+    step: int = Field(
+        default=64, ge=8, le=512, multiple_of=8, description="Bucket side increment, pixels."
+    )
+
+
+class BoomerangSpec(APIModel):
+    """Boomerang augmentation: local variants of each image, made by partly noising it and
+    denoising it with the base model under its caption."""
+
+    enabled: bool = Field(default=False, description="Add Boomerang variants to the dataset.")
+    strength: float = Field(
+        default=0.2,
+        gt=0.0,
+        lt=1.0,
+        description="How far each image is noised before denoising (fraction of the schedule); "
+        "higher gives variants further from the source.",
+    )
+    copies: int = Field(default=1, ge=1, le=16, description="Variants made per kept image.")
+
+
+class PreprocessingSpec(APIModel):
+    """How images become training tensors."""
+
+    model_config = rules(
+        cel(
+            "!self.buckets.enabled || self.buckets.minSize <= self.buckets.maxSize",
+            "preprocessing.buckets.minSize must not exceed maxSize",
+            ".buckets",
+        )
+    )
+
+    resolution: int = Field(
+        default=512,
+        ge=64,
+        le=4096,
+        multiple_of=8,
+        description="Training resolution in pixels (square side; the target area with buckets).",
+    )
+    crop: Literal["center", "random"] = Field(
+        default="center", description="How images are cropped to the resolution."
+    )
+    flip_probability: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Probability of a horizontal flip. Off by default because it mirrors text "
+        "and asymmetric subjects.",
+    )
+    max_rotation_degrees: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=45.0,
+        description="Rotate by a random angle up to this many degrees, cropped so no empty "
+        "corners appear.",
+    )
+    buckets: BucketSpec = section(BucketSpec, "Aspect-ratio bucketing.")
+    cache_latents: bool = Field(
+        default=True,
+        description="Encode images and captions once and keep the VAE latents and text "
+        "embeddings in the object store, reused by later runs on the same data and settings.",
+    )
+    boomerang: BoomerangSpec = section(BoomerangSpec, "Boomerang augmentation.")
+
+    @model_validator(mode="after")
+    def _bucket_range(self) -> PreprocessingSpec:
+        if self.buckets.enabled and self.buckets.min_size > self.buckets.max_size:
+            raise ValueError("preprocessing.buckets.minSize must not exceed maxSize")
+        return self

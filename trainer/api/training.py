@@ -1,0 +1,343 @@
+"""The DiffusionTrainingJob resource: spec, status and the spec's resolved defaults."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from difftrain.api.base import (
+    APIModel,
+    Condition,
+    ObjectMeta,
+    ShortText,
+    StorageSpec,
+    Uri,
+    cel,
+    rules,
+    section,
+)
+from difftrain.api.cluster import ResourcesSpec
+from difftrain.api.data import DatasetSpec, PreprocessingSpec
+from difftrain.api.methods import (
+    DEFAULT_LEARNING_RATE,
+    DEFAULT_MAX_STEPS,
+    CheckpointingSpec,
+    ControlNetSpec,
+    DreamBoothSpec,
+    HyperparametersSpec,
+    LoraSpec,
+    Method,
+    RegularizationSpec,
+    SamplingSpec,
+)
+
+PredictionType = Literal["auto", "epsilon", "v_prediction"]
+
+
+class BaseModelSpec(APIModel):
+    """The pre-trained model to start from: a diffusers folder or single file, or a hub id."""
+
+    model_config = rules(
+        cel(
+            "has(self.uri) != has(self.hub)",
+            "set exactly one of baseModel.uri (a diffusers folder or .safetensors file in the "
+            "store) and baseModel.hub (a model id, for clusters with internet access)",
+        ),
+    )
+
+    uri: Uri | None = Field(
+        default=None,
+        description="A diffusers folder or a single-file .safetensors checkpoint (LDM key "
+        "layout) in the object store (s3://bucket/prefix) or on a local path.",
+    )
+    hub: ShortText | None = Field(
+        default=None,
+        description="A model id on a model hub, such as 'org/model'. Needs internet access "
+        "from the cluster; prefer uri for air-gapped clusters.",
+    )
+    revision: ShortText | None = Field(
+        default=None, description="Hub revision (branch, tag or commit) to load."
+    )
+    variant: ShortText | None = Field(
+        default=None, description="Weight variant to load, such as 'fp16'."
+    )
+    prediction_type: PredictionType = Field(
+        default="auto",
+        description="What the model predicts: 'auto' reads it from the scheduler config; "
+        "'epsilon' or 'v_prediction' override it.",
+    )
+    allow_pickle: bool = Field(
+        default=False,
+        description="Allow loading pickle checkpoints (.ckpt, .pt, .bin). Unpickling runs "
+        "arbitrary code; off by default so only safetensors are read.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BaseModelSpec:
+        if (self.uri is None) == (self.hub is None):
+            raise ValueError(
+                "set exactly one of baseModel.uri (a diffusers folder or .safetensors file in "
+                "the store) and baseModel.hub (a model id, for clusters with internet access)"
+            )
+        return self
+
+
+OutputFormat = Literal["diffusers", "single_file", "lora_peft", "lora_kohya"]
+DEFAULT_FORMATS: dict[str, list[str]] = {
+    "full": ["diffusers", "single_file"],
+    "lora": ["lora_peft", "lora_kohya"],
+    "controlnet": ["diffusers"],
+}
+
+
+class OutputSpec(APIModel):
+    """Where checkpoints, samples and exports are written."""
+
+    uri: Uri = Field(description="Output prefix (s3://bucket/prefix or a local folder).")
+    formats: list[OutputFormat] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4,
+        description="Exports: 'diffusers' (folder), 'single_file' (.safetensors in the LDM "
+        "layout for A1111/ComfyUI), 'lora_peft' and 'lora_kohya' (LoRA runs). Default: "
+        "diffusers + single_file for full, both LoRA layouts for lora, diffusers for controlnet.",
+    )
+
+
+TrainingPhase = Literal["Pending", "Preparing", "Running", "Suspended", "Succeeded", "Failed"]
+
+
+class DiffusionTrainingJobSpec(APIModel):
+    """What to fine-tune, on which data, how, and where the results go."""
+
+    model_config = rules(
+        cel(
+            "self.method == 'lora' || !has(self.lora)",
+            "lora is only allowed with method: lora",
+            ".lora",
+        ),
+        cel(
+            "self.method != 'lora' || has(self.lora)",
+            "method: lora needs a lora block (lora: {} takes the defaults)",
+            ".method",
+        ),
+        cel(
+            "self.method == 'controlnet' || !has(self.controlnet)",
+            "controlnet is only allowed with method: controlnet",
+            ".controlnet",
+        ),
+        cel(
+            "self.method != 'controlnet' || has(self.controlnet)",
+            "method: controlnet needs a controlnet block with conditioningUri",
+            ".method",
+        ),
+        cel(
+            "!has(self.dreambooth) || self.method != 'controlnet'",
+            "dreambooth works with method full or lora, not controlnet",
+            ".dreambooth",
+        ),
+        cel(
+            "!has(self.output.formats) || self.method == 'lora' || "
+            "self.output.formats.all(f, !f.startsWith('lora'))",
+            "output.formats lora_peft and lora_kohya need method: lora",
+            ".output.formats",
+        ),
+        cel(
+            "has(self.storage) || !(self.dataset.uri.startsWith('s3://') || "
+            "self.output.uri.startsWith('s3://') || "
+            "(has(self.baseModel.uri) && self.baseModel.uri.startsWith('s3://')))",
+            "storage (endpoint and secretRef) is needed when a uri is s3://",
+            ".storage",
+        ),
+    )
+
+    base_model: BaseModelSpec = Field(description="The pre-trained model to fine-tune.")
+    dataset: DatasetSpec = Field(description="The training data.")
+    preprocessing: PreprocessingSpec = section(PreprocessingSpec, "Image preprocessing.")
+    method: Method = Field(
+        default="full",
+        description="What is trained: 'full' (the UNet), 'lora' (adapters) or 'controlnet'.",
+    )
+    lora: LoraSpec | None = Field(default=None, description="LoRA settings (method lora).")
+    controlnet: ControlNetSpec | None = Field(
+        default=None, description="ControlNet settings (method controlnet)."
+    )
+    dreambooth: DreamBoothSpec | None = Field(
+        default=None, description="Turns on DreamBooth data and prior preservation (full, lora)."
+    )
+    hyperparameters: HyperparametersSpec = section(HyperparametersSpec, "Optimisation.")
+    regularization: RegularizationSpec = section(RegularizationSpec, "Regularisers.")
+    sampling: SamplingSpec = section(SamplingSpec, "Samples during training.")
+    checkpointing: CheckpointingSpec = section(CheckpointingSpec, "Checkpoints and resume.")
+    output: OutputSpec = Field(description="Where results are written.")
+    storage: StorageSpec | None = Field(
+        default=None, description="The object store; needed when any uri is s3://."
+    )
+    resources: ResourcesSpec = section(ResourcesSpec, "Workers, GPUs and scheduling.")
+    suspend: bool = Field(
+        default=False,
+        description="Suspend the job: its pods are stopped (after a checkpoint) and it resumes "
+        "from the newest checkpoint when set back to false.",
+    )
+    backoff_limit: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Retries after pod failures (preemption does not count).",
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Stop the job after this many seconds of running."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the finished child Job after this many seconds."
+    )
+    queue_name: Annotated[str, Field(max_length=63)] | None = Field(
+        default=None,
+        description="Kueue LocalQueue; passed on as the kueue.x-k8s.io/queue-name label.",
+    )
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> DiffusionTrainingJobSpec:
+        if self.lora is not None and self.method != "lora":
+            raise ValueError("lora is only allowed with method: lora")
+        if self.method == "lora" and self.lora is None:
+            raise ValueError("method: lora needs a lora block (lora: {} takes the defaults)")
+        if self.controlnet is not None and self.method != "controlnet":
+            raise ValueError("controlnet is only allowed with method: controlnet")
+        if self.method == "controlnet" and self.controlnet is None:
+            raise ValueError("method: controlnet needs a controlnet block with conditioningUri")
+        if self.dreambooth is not None and self.method == "controlnet":
+            raise ValueError("dreambooth works with method full or lora, not controlnet")
+        if (
+            self.output.formats
+            and self.method != "lora"
+            and any(f.startswith("lora") for f in self.output.formats)
+        ):
+            raise ValueError("output.formats lora_peft and lora_kohya need method: lora")
+        uris = [self.dataset.uri, self.output.uri, self.base_model.uri or ""]
+        if self.storage is None and any(u.startswith("s3://") for u in uris):
+            raise ValueError("storage (endpoint and secretRef) is needed when a uri is s3://")
+        return self
+
+    # Resolved values: what the trainer runs with when a field was left unset.
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate, with the method's default when unset."""
+        return self.hyperparameters.learning_rate or DEFAULT_LEARNING_RATE[self.method]
+
+    @property
+    def output_formats(self) -> list[str]:
+        """The export formats, with the method's default when unset."""
+        return list(self.output.formats or DEFAULT_FORMATS[self.method])
+
+    @property
+    def lora_alpha(self) -> float | None:
+        """LoRA alpha, defaulting to the rank; None unless method is lora."""
+        if self.lora is None:
+            return None
+        return self.lora.alpha if self.lora.alpha is not None else float(self.lora.rank)
+
+    def resolved(self) -> DiffusionTrainingJobSpec:
+        """A copy with every method-dependent default filled in (for the trainer's ConfigMap)."""
+        hp = self.hyperparameters.model_copy(update={"learning_rate": self.learning_rate})
+        if hp.max_steps is None and hp.epochs is None:
+            hp = hp.model_copy(update={"max_steps": DEFAULT_MAX_STEPS})
+        update: dict[str, Any] = {
+            "hyperparameters": hp,
+            "output": self.output.model_copy(update={"formats": self.output_formats}),
+        }
+        if self.lora is not None:
+            update["lora"] = self.lora.model_copy(update={"alpha": self.lora_alpha})
+        return self.model_copy(update=update)
+
+
+class DatasetReport(APIModel):
+    """What the cleaning kept and dropped."""
+
+    total: int = Field(default=0, ge=0, description="Pairs found.")
+    kept: int = Field(default=0, ge=0, description="Pairs kept for training.")
+    dropped: dict[str, int] = Field(default_factory=dict, description="Pairs dropped, by reason.")
+    truncated_captions: int = Field(
+        default=0, ge=0, description="Captions longer than the text encoder's context."
+    )
+    augmented: int = Field(default=0, ge=0, description="Boomerang variants added.")
+
+
+class ExportedFile(APIModel):
+    """One exported file or folder."""
+
+    format: OutputFormat = Field(description="Export format.")
+    uri: Annotated[str, Field(max_length=1024)] = Field(description="Where it was written.")
+    sha256: Annotated[str, Field(max_length=64)] | None = Field(
+        default=None, description="sha256 of the file (of the manifest for folders)."
+    )
+
+
+class DiffusionTrainingJobStatus(APIModel):
+    """Observed state of a training job, written by the operator and the trainer."""
+
+    phase: TrainingPhase | None = Field(default=None, description="Lifecycle phase.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Standard conditions.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    )
+    observed_generation: int | None = Field(
+        default=None, description="Generation of the spec the status describes."
+    )
+    step: int | None = Field(default=None, ge=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(default=None, ge=0, description="Optimizer steps planned.")
+    progress: Annotated[str, Field(max_length=64)] | None = Field(
+        default=None, description="step/totalSteps and percent, for kubectl get."
+    )
+    epoch: int | None = Field(default=None, ge=0, description="Current epoch.")
+    loss: float | None = Field(default=None, description="Smoothed training loss.")
+    images_per_second: float | None = Field(
+        default=None, ge=0, description="Training throughput, all workers."
+    )
+    eta: Annotated[str, Field(max_length=64)] | None = Field(
+        default=None, description="Estimated time left, e.g. '1h20m'."
+    )
+    start_time: str | None = Field(
+        default=None,
+        description="When training started.",
+        json_schema_extra={"format": "date-time"},
+    )
+    completion_time: str | None = Field(
+        default=None,
+        description="When the job finished.",
+        json_schema_extra={"format": "date-time"},
+    )
+    restarts: int = Field(default=0, ge=0, description="Pod restarts and retries so far.")
+    latest_checkpoint: Annotated[str, Field(max_length=1024)] | None = Field(
+        default=None, description="URI of the newest complete checkpoint."
+    )
+    samples: list[Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=list, max_length=64, description="URIs of the newest sample images."
+    )
+    outputs: list[ExportedFile] = Field(
+        default_factory=list, max_length=16, description="Exported files."
+    )
+    dataset: DatasetReport | None = Field(default=None, description="Cleaning report.")
+    gpu_hours: float | None = Field(default=None, ge=0, description="GPU-hours used so far.")
+    estimated_cost: float | None = Field(
+        default=None, ge=0, description="gpuHours times the operator's price per GPU-hour."
+    )
+
+
+class DiffusionTrainingJob(APIModel):
+    """A fine-tuning run of a diffusion model (full, LoRA, DreamBooth or ControlNet)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: Literal["difftrain.dev/v1alpha1"] = "difftrain.dev/v1alpha1"
+    kind: Literal["DiffusionTrainingJob"] = Field(default="DiffusionTrainingJob")
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: DiffusionTrainingJobSpec
+    status: DiffusionTrainingJobStatus | None = None
