@@ -193,13 +193,17 @@ class ControlPlane:
 
     def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run the pinned kubectl against this control plane."""
-        return subprocess.run(
+        result = subprocess.run(
             [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
-            check=check,
             capture_output=True,
             text=True,
             timeout=60,
         )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}"
+            )
+        return result
 
     def kubectl_ok(self, *args: str) -> bool:
         return self.kubectl(*args, check=False).returncode == 0

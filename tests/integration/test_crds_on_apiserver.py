@@ -93,7 +93,7 @@ def test_server_applies_the_defaults_of_the_api(kube_api, namespace):
             "unknown field",
         ),
         (model_merge("diff", method="add_difference"), "spec.base", "need a base model"),
-        (model_merge("one", models=[{"uri": "/a"}]), "spec.models", "must have at least 2 items"),
+        (model_merge("one", models=[{"uri": "/a"}]), "spec.models", "should have at least 2 items"),
         (model_merge("dtype", outputDtype="int8"), "spec.outputDtype", "Unsupported value"),
     ],
     ids=lambda v: v["metadata"]["name"] if isinstance(v, dict) else None,

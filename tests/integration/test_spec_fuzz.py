@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 from kubernetes.client.exceptions import ApiException
 
@@ -69,6 +70,45 @@ def spec_schema(kind: str) -> dict[str, Any]:
     return to_json_schema(copy.deepcopy(root["properties"]["spec"]))
 
 
+def repair_training_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fix the cross-field rules of a generated spec, so the server accepts a good share of them.
+
+    Purely schema-driven specs almost always break one CEL rule; the repaired ones exercise the
+    accepting side of the property. Half of the examples are judged unrepaired.
+    """
+    spec = copy.deepcopy(spec)
+    if "lora" in spec:
+        spec["method"] = "lora"
+        spec.pop("controlnet", None)
+    elif "controlnet" in spec:
+        spec["method"] = "controlnet"
+        spec.pop("dreambooth", None)
+    elif spec.get("method") == "lora":
+        spec["lora"] = {}
+    elif spec.get("method") == "controlnet":
+        spec["method"] = "full"
+    base = spec.get("baseModel", {})
+    if "uri" in base and "hub" in base:
+        del base["hub"]
+    elif "uri" not in base and "hub" not in base:
+        base["uri"] = "/models/base"
+    hp = spec.get("hyperparameters", {})
+    if "maxSteps" in hp:
+        hp.pop("epochs", None)
+        if hp.get("warmupSteps", 100) >= hp["maxSteps"]:
+            hp["warmupSteps"] = 0
+    db = spec.get("dreambooth")
+    if db is not None and db.get("priorPreservation", True) and "classPrompt" not in db:
+        db["classPrompt"] = "a photo of a dog"
+    buckets = spec.get("preprocessing", {}).get("buckets", {})
+    if buckets.get("minSize", 256) > buckets.get("maxSize", 1024):
+        buckets["minSize"], buckets["maxSize"] = 64, 4096
+    if spec.get("method") != "lora":
+        spec.get("output", {}).pop("formats", None)
+    spec.setdefault("storage", {"endpoint": "minio:9000"})
+    return spec
+
+
 class Tally:
     def __init__(self) -> None:
         self.accepted = 0
@@ -110,11 +150,14 @@ def test_generated_specs_agree_between_server_and_model(kube_api, namespace, kin
     @settings(
         max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
     )
-    @given(spec=from_schema(schema))
-    def check(spec: dict[str, Any]) -> None:
+    @given(spec=from_schema(schema), repair=st.booleans())
+    def check(spec: dict[str, Any], repair: bool) -> None:
+        if repair and kind == "DiffusionTrainingJob":
+            spec = repair_training_spec(spec)
         judge(kube_api, namespace, kind, spec, tally, counter)
 
     check()
+    print(f"{kind}: server accepted {tally.accepted}, refused {tally.refused}")
     # both outcomes must occur, or the property says nothing
-    assert tally.accepted >= 5, (tally.accepted, tally.refused)
-    assert tally.refused >= 5, (tally.accepted, tally.refused)
+    assert tally.accepted >= 20, (tally.accepted, tally.refused)
+    assert tally.refused >= 1, (tally.accepted, tally.refused)

@@ -80,6 +80,15 @@ class DatasetSpec(APIModel):
 class BucketSpec(APIModel):
     """Aspect-ratio buckets: each image goes to the nearest bucket, each batch from one bucket."""
 
+    # The has() guards let the section's `{}` default (checked before nested defaults apply) pass.
+    model_config = rules(
+        cel(
+            "!has(self.minSize) || !has(self.maxSize) || self.minSize <= self.maxSize",
+            "preprocessing.buckets.minSize must not exceed maxSize",
+            ".minSize",
+        )
+    )
+
     enabled: bool = Field(default=False, description="Train on aspect-ratio buckets.")
     min_size: int = Field(
         default=256, ge=64, le=4096, multiple_of=8, description="Smallest bucket side, pixels."
@@ -109,14 +118,6 @@ class BoomerangSpec(APIModel):
 
 class PreprocessingSpec(APIModel):
     """How images become training tensors."""
-
-    model_config = rules(
-        cel(
-            "!self.buckets.enabled || self.buckets.minSize <= self.buckets.maxSize",
-            "preprocessing.buckets.minSize must not exceed maxSize",
-            ".buckets",
-        )
-    )
 
     resolution: int = Field(
         default=512,
@@ -152,6 +153,6 @@ class PreprocessingSpec(APIModel):
 
     @model_validator(mode="after")
     def _bucket_range(self) -> PreprocessingSpec:
-        if self.buckets.enabled and self.buckets.min_size > self.buckets.max_size:
+        if self.buckets.min_size > self.buckets.max_size:
             raise ValueError("preprocessing.buckets.minSize must not exceed maxSize")
         return self
