@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,6 +67,112 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _store_config(storage: object | None) -> object | None:
+    """StoreConfig from a spec's storage block, with the keys from the environment.
+
+    In a pod the operator puts the Secret's keys into DIFFTRAIN_STORE_ACCESS_KEY and
+    DIFFTRAIN_STORE_SECRET_KEY (secretKeyRef); AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY also work.
+    """
+    import os
+
+    from difftrain.api import StorageSpec
+    from difftrain.storage import Credentials, StoreConfig
+
+    if not isinstance(storage, StorageSpec):
+        return None
+    access = os.environ.get("DIFFTRAIN_STORE_ACCESS_KEY") or os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = os.environ.get("DIFFTRAIN_STORE_SECRET_KEY") or os.environ.get("AWS_SECRET_ACCESS_KEY")
+    creds = Credentials(access, secret) if access and secret else None
+    return StoreConfig(
+        endpoint=storage.endpoint, credentials=creds, secure=storage.secure, region=storage.region
+    )
+
+
+def _merge_spec_from_args(args: argparse.Namespace) -> object:
+    from difftrain import api
+
+    first = args.inputs[0]
+    if first.endswith((".yaml", ".yml", ".json")) and len(args.inputs) == 1:
+        try:
+            doc = yaml.safe_load(Path(first).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise api.SpecError("ModelMerge", [f"{first}: cannot read: {exc.strerror}"]) from None
+        if isinstance(doc, dict) and doc.get("kind") == "ModelMerge":
+            resource = api.parse_resource(doc)
+            assert isinstance(resource, api.ModelMerge)
+            return resource.spec
+        return api.parse_spec("ModelMerge", doc if isinstance(doc, dict) else {})
+    if not args.output:
+        raise api.SpecError("ModelMerge", ["--output: where to write the merged model"])
+    spec: dict[str, object] = {
+        "models": [{"uri": u} for u in args.inputs],
+        "method": args.method,
+        "alpha": args.alpha,
+        "output": {"uri": args.output},
+        "outputDtype": args.dtype,
+    }
+    if args.weights:
+        spec["models"] = [
+            {"uri": u, "weight": w} for u, w in zip(args.inputs, args.weights, strict=False)
+        ]
+    for flag, key in (
+        ("base", "base"),
+        ("density", "density"),
+        ("drop_rate", "dropRate"),
+        ("seed", "seed"),
+        ("block_weights", "blockWeights"),
+        ("lora_mode", "loraMergeMode"),
+        ("lora_rank", "loraRank"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            spec[key] = {"uri": value} if key == "base" else value
+    return api.parse_spec("ModelMerge", spec)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from difftrain import api
+
+    try:
+        spec = _merge_spec_from_args(args)
+    except api.SpecError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    assert isinstance(spec, api.ModelMergeSpec)
+    from tqdm import tqdm
+
+    from difftrain.merge.engine import MergeError, merge
+    from difftrain.merge.lora import LoraError
+    from difftrain.merge.tensorio import SafetensorsError
+    from difftrain.storage import StorageError, StoreConfig
+
+    config = _store_config(spec.storage)
+    assert config is None or isinstance(config, StoreConfig)
+    bar = tqdm(total=0, unit="tensor", desc=f"merge ({spec.method})", disable=None)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        result = merge(spec, config, progress=progress)
+    except (MergeError, LoraError, SafetensorsError, StorageError) as exc:
+        bar.close()
+        print(f"merge refused: {exc}", file=sys.stderr)
+        return 1
+    bar.close()
+    summary = {
+        "outputUri": result.output_uri,
+        "sha256": result.sha256,
+        "shortHash": result.short_hash,
+        "sizeBytes": result.size_bytes,
+        "tensors": result.tensors,
+        "durationSeconds": result.duration_seconds,
+    }
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -85,6 +192,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("files", type=Path, nargs="+", metavar="FILE")
     validate.set_defaults(func=_cmd_validate)
+
+    merge = sub.add_parser(
+        "merge",
+        help="merge checkpoints or LoRAs (a ModelMerge YAML file, or inputs and flags)",
+        description="Streaming merge with bounded memory; incompatible inputs are refused "
+        "before anything is written. Give a ModelMerge YAML file, or the input files and flags.",
+    )
+    merge.add_argument("inputs", nargs="+", metavar="INPUT", help="ModelMerge YAML, or models")
+    merge.add_argument("-o", "--output", help="output .safetensors (path or s3://bucket/key)")
+    merge.add_argument(
+        "--method", default="weighted_sum", help="merge method (default weighted_sum)"
+    )
+    merge.add_argument("--alpha", type=float, default=0.5, help="ratio toward the second model")
+    merge.add_argument("--weights", type=float, nargs="+", help="one weight per model")
+    merge.add_argument("--base", help="base model for add_difference, ties and dare")
+    merge.add_argument("--density", type=float, help="ties: fraction kept")
+    merge.add_argument("--drop-rate", type=float, help="dare: fraction dropped")
+    merge.add_argument("--seed", type=int, help="dare: seed of the drop mask")
+    merge.add_argument("--block-weights", type=float, nargs="+", help="block_weighted ratios")
+    merge.add_argument("--lora-mode", choices=["sum", "concat", "svd"], help="lora_merge mode")
+    merge.add_argument("--lora-rank", type=int, help="lora_merge svd: output rank")
+    merge.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    merge.set_defaults(func=_cmd_merge)
     return parser
 
 
