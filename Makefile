@@ -11,7 +11,7 @@ $(BIN)/python:
 # Installs the package with its dev extra (and re-installs when pyproject.toml changes).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[train,dev]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -35,8 +35,12 @@ SD15_UNET: dict[str, Any] = {
     "cross_attention_dim": 768,
     "attention_head_dim": 8,
 }
-SD2_UNET = {**SD15_UNET, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
-            "use_linear_projection": True}
+SD2_UNET = {
+    **SD15_UNET,
+    "cross_attention_dim": 1024,
+    "attention_head_dim": [5, 10, 20, 20],
+    "use_linear_projection": True,
+}
 SDXL_UNET: dict[str, Any] = {
     "sample_size": 128,
     "in_channels": 4,
@@ -144,15 +148,22 @@ def open_clip_shapes(prefix: str, width: int, layers: int, mlp: int) -> dict[str
     }
     for i in range(layers):
         block = f"{prefix}transformer.resblocks.{i}."
-        out.update({
-            f"{block}ln_1.weight": (width,), f"{block}ln_1.bias": (width,),
-            f"{block}attn.in_proj_weight": (3 * width, width),
-            f"{block}attn.in_proj_bias": (3 * width,),
-            f"{block}attn.out_proj.weight": (width, width), f"{block}attn.out_proj.bias": (width,),
-            f"{block}ln_2.weight": (width,), f"{block}ln_2.bias": (width,),
-            f"{block}mlp.c_fc.weight": (mlp, width), f"{block}mlp.c_fc.bias": (mlp,),
-            f"{block}mlp.c_proj.weight": (width, mlp), f"{block}mlp.c_proj.bias": (width,),
-        })
+        out.update(
+            {
+                f"{block}ln_1.weight": (width,),
+                f"{block}ln_1.bias": (width,),
+                f"{block}attn.in_proj_weight": (3 * width, width),
+                f"{block}attn.in_proj_bias": (3 * width,),
+                f"{block}attn.out_proj.weight": (width, width),
+                f"{block}attn.out_proj.bias": (width,),
+                f"{block}ln_2.weight": (width,),
+                f"{block}ln_2.bias": (width,),
+                f"{block}mlp.c_fc.weight": (mlp, width),
+                f"{block}mlp.c_fc.bias": (mlp,),
+                f"{block}mlp.c_proj.weight": (width, mlp),
+                f"{block}mlp.c_proj.bias": (width,),
+            }
+        )
     return out
 
 

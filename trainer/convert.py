@@ -19,15 +19,23 @@ TEXT_ENCODER_LDM_SD1 = "cond_stage_model.transformer."
 def unet_layout_from_diffusers(keys: set[str]) -> tuple[UNetLayout, set[int]]:
     """Levels, resnets per level and the up levels with attentions, from diffusers UNet keys."""
     levels = {int(m.group(1)) for k in keys if (m := re.match(r"down_blocks\.(\d+)\.", k))}
-    resnets = {int(m.group(1)) for k in keys if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k))}
+    resnets = {
+        int(m.group(1)) for k in keys if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k))
+    }
     if not levels or not resnets:
         raise ValueError("not an SD-style diffusers UNet: no down_blocks.N.resnets keys")
-    attn_up = {int(m.group(1)) for k in keys if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    attn_up = {
+        int(m.group(1)) for k in keys if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))
+    }
     return UNetLayout(levels=len(levels), layers=len(resnets)), attn_up
 
 
 def unet_key_to_ldm(key: str, unet: UNetLayout, attn_up: set[int]) -> str:
-    """``down_blocks.0.resnets.0.conv1.weight`` -> ``model.diffusion_model.input_blocks.1.0.in_layers.2.weight``."""
+    """A diffusers UNet key in the LDM layout.
+
+    ``down_blocks.0.resnets.0.conv1.weight`` becomes
+    ``model.diffusion_model.input_blocks.1.0.in_layers.2.weight``.
+    """
     module, _, param = key.rpartition(".")
     ldm = diffusers_unet_module_to_ldm(module, unet, attn_up)
     if ldm is None:

@@ -1,8 +1,8 @@
 """One object-store interface over the minio SDK (``s3://bucket/prefix``) and local paths.
 
-Reads are ranged (``read_range``) or streamed (``open_stream``), so a multi-gigabyte checkpoint never
-has to sit in memory. Writes of finished artefacts go through the atomic commit protocol: the parts
-first, a manifest (names, sizes, sha256) last; readers trust only what a manifest lists.
+Reads are ranged (``read_range``) or streamed (``open_stream``), so a multi-gigabyte checkpoint
+never has to sit in memory. Writes of finished artefacts go through the atomic commit protocol: the
+parts first, a manifest (names, sizes, sha256) last; readers trust only what a manifest lists.
 Transient errors are retried with exponential backoff and jitter; a missing bucket, wrong
 credentials or an unreachable endpoint fail fast with a message naming endpoint and bucket.
 """
@@ -234,7 +234,7 @@ class S3Store:
             return retry(call, what)
         except StorageError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a StorageError
             raise self._explain(exc, bucket) from None
 
     def size(self, uri: str) -> int:
@@ -261,7 +261,7 @@ class S3Store:
     def open_stream(self, uri: str, offset: int = 0) -> IO[bytes]:
         bucket, key = split_s3(uri)
         resp = self._call(bucket, "get", lambda: self.client.get_object(bucket, key, offset))
-        return _ResponseStream(resp)
+        return io.BufferedReader(_ResponseStream(resp), buffer_size=1 << 20)
 
     def put_file(self, path: Path, uri: str) -> None:
         bucket, key = split_s3(uri)
@@ -299,7 +299,7 @@ class S3Store:
             if exc.code in {"NoSuchKey", "NoSuchObject"}:
                 return False
             raise self._explain(exc, bucket) from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a StorageError
             raise self._explain(exc, bucket) from None
         return True
 

@@ -57,7 +57,7 @@ def is_lora(keys: set[str]) -> str | None:
 
 
 def component_of(key: str, layout: str) -> str:
-    """Which component a key belongs to ('unet', 'text_encoder', 'text_encoder_2', 'vae', 'other')."""
+    """The component of a key: unet, text_encoder, text_encoder_2, vae or other."""
     if layout == "ldm":
         for component, prefixes in LDM_COMPONENT_PREFIXES.items():
             if key.startswith(prefixes):
@@ -180,8 +180,8 @@ def unet_layout(keys: set[str], layout: str) -> UNetLayout:
         return UNetLayout(levels=len(levels), layers=len(resnets))
     if not inputs:
         raise ValueError("no UNet input blocks found: not an SD-style UNet")
-    levels = len(downsamplers) + 1
-    return UNetLayout(levels=levels, layers=(max(inputs) + 1) // levels - 1)
+    n_levels = len(downsamplers) + 1
+    return UNetLayout(levels=n_levels, layers=(max(inputs) + 1) // n_levels - 1)
 
 
 def block_index(key: str, layout: str, unet: UNetLayout) -> int | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,7 +124,7 @@ def _mismatch(a: MergeInput, b: MergeInput, keys: list[str]) -> MergeError:
     )
 
 
-def check_compatible(inputs: list[MergeInput], components: set[str]) -> None:
+def check_compatible(inputs: list[MergeInput], components: Set[str]) -> None:
     """Refuse inputs whose architectures or shapes differ in the merged components."""
     first = inputs[0]
     for other in inputs[1:]:
@@ -205,7 +205,7 @@ class _Plan:
             *([self.base] if self.base else []),
             *([self.vae] if self.vae else []),
         ]
-        self.components = set(spec.components)
+        self.components: set[str] = set(spec.components)
         if spec.vae_source != "merge":
             self.components.discard("vae")
 
@@ -546,12 +546,11 @@ class _LoraMerge(_Evaluator):
             raise MergeError("loraMergeMode: svd needs loraRank, the rank of the re-extracted LoRA")
         if mode == "sum":
             for name in self.names:
-                ranks = {
-                    m[name].down: i.header.tensors[m[name].down].shape
-                    for m, i in zip(self.mods, plan.models)
+                shapes = {
+                    inp.header.tensors[m[name].down].shape
+                    for m, inp in zip(self.mods, plan.models, strict=True)
                     if name in m
                 }
-                shapes = set(ranks.values())
                 if len(shapes) > 1:
                     raise MergeError(
                         f"loraMergeMode: sum needs equal ranks, but module {name} has down "
@@ -593,7 +592,7 @@ class _LoraMerge(_Evaluator):
         out = []
         for name in self.names:
             rank = self._rank(name)
-            down, up, dtype = self._module_shapes(name, rank)
+            down, up, _dtype = self._module_shapes(name, rank)
             out.append(OutputTensor(f"{name}.alpha", "F32", ()))
             out.append(OutputTensor(name + down_s, out_dtype, down))
             out.append(OutputTensor(name + up_s, out_dtype, up))

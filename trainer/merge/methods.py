@@ -71,7 +71,7 @@ def trim(tau: Tensor, density: float) -> Tensor:
     """Keep the ``density`` fraction of entries with the largest magnitude; zero the rest."""
     if density >= 1.0:
         return tau
-    k = int(round(density * tau.numel()))
+    k = round(density * tau.numel())
     if k <= 0:
         return torch.zeros_like(tau)
     flat = tau.reshape(-1).abs()
