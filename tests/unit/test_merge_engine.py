@@ -412,3 +412,26 @@ def test_lora_merge_sum_needs_equal_ranks(tmp_path):
                 method="lora_merge",
             )
         )
+
+
+def test_a_committed_input_contributes_the_sha256_of_its_manifest(tmp_path, tiny_sd1):
+    first = merge(spec(tmp_path, [tiny_sd1["a"], tiny_sd1["b"]]))
+    (tmp_path / "mix.safetensors").write_bytes((tmp_path / "out.safetensors").read_bytes())
+    manifest = json.loads((tmp_path / "out.safetensors.manifest.json").read_text())
+    (tmp_path / "mix.safetensors.manifest.json").write_text(json.dumps(manifest))
+    second = merge(spec(tmp_path, [tmp_path / "mix.safetensors", tiny_sd1["a"]]))
+    assert second.input_sha256["models[0]"] == first.sha256 == sha256(tmp_path / "mix.safetensors")
+    # a manifest that does not fit the file (another size) is ignored and the file is hashed
+    manifest["files"][0]["size"] += 1
+    manifest["files"][0]["sha256"] = "0" * 64
+    (tmp_path / "mix.safetensors.manifest.json").write_text(json.dumps(manifest))
+    third = merge(spec(tmp_path, [tmp_path / "mix.safetensors", tiny_sd1["a"]]))
+    assert third.input_sha256["models[0]"] == first.sha256
+    # with every input committed, the output is hashed while it is written: same full-file sha256
+    for path in (tmp_path / "mix.safetensors", tiny_sd1["a"]):
+        entry = {"name": path.name, "size": path.stat().st_size, "sha256": sha256(path)}
+        Path(f"{path}.manifest.json").write_text(json.dumps({"files": [entry]}))
+    fourth = merge(spec(tmp_path, [tmp_path / "mix.safetensors", tiny_sd1["a"]]))
+    Path(f"{tiny_sd1['a']}.manifest.json").unlink()
+    assert fourth.sha256 == sha256(tmp_path / "out.safetensors")
+    assert fourth.input_sha256 == {"models[0]": first.sha256, "models[1]": sha256(tiny_sd1["a"])}

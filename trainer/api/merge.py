@@ -44,8 +44,10 @@ class MergeInput(APIModel):
         default=None,
         ge=-10.0,
         le=10.0,
-        description="Weight of this input (weighted_sum, ties, dare, LoRA strength); "
-        "defaults to equal weights (1.0 for LoRAs).",
+        description="Weight of this input. weighted_sum: normalised to sum 1 (default equal; "
+        "two models without weights use alpha). ties: task-vector weight, normalised over the "
+        "inputs that agree in sign (default 1). dare: task-vector scale (default 1/N). LoRAs: "
+        "strength (default 1). Give a weight to every model or to none.",
     )
 
 
@@ -115,7 +117,9 @@ class ModelMergeSpec(APIModel):
         default=None,
         min_length=1,
         max_length=32,
-        description="Per-UNet-block ratios for block_weighted (25 for SD1/SD2, 20 for SDXL).",
+        description="block_weighted: ratio toward the second model for each UNet block, in "
+        "the order IN00.., M00, OUT00.. (25 for SD1/SD2, 19 for SDXL); the other UNet tensors "
+        "(time embedding, output layers) use alpha.",
     )
     density: float = Field(
         default=0.2, gt=0.0, le=1.0, description="Fraction of each task vector kept (ties)."
@@ -125,7 +129,10 @@ class ModelMergeSpec(APIModel):
     )
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Seed of dare's drop mask.")
     lora_merge_mode: Literal["sum", "concat", "svd"] = Field(
-        default="sum", description="lora_merge: weighted sum, rank concatenation or SVD."
+        default="sum",
+        description="lora_merge: 'sum' adds the factors (needs equal ranks; exact when the LoRAs "
+        "share their down factors, the usual approximation otherwise), 'concat' stacks them "
+        "(exact; ranks add up), 'svd' re-factors the exact summed update to loraRank.",
     )
     lora_rank: int | None = Field(
         default=None, ge=1, le=1024, description="Rank of the SVD re-extraction (lora_merge)."

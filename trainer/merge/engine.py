@@ -35,6 +35,7 @@ from difftrain.merge.arch import (
 )
 from difftrain.merge.lora import LoraError, LoraModule, TargetIndex, modules
 from difftrain.merge.tensorio import (
+    DTYPES,
     Header,
     OutputTensor,
     SafetensorsError,
@@ -43,6 +44,8 @@ from difftrain.merge.tensorio import (
     read_header,
 )
 from difftrain.storage import (
+    FILE_MANIFEST_SUFFIX,
+    StorageError,
     Store,
     StoreConfig,
     commit_file,
@@ -152,7 +155,25 @@ def check_compatible(inputs: list[MergeInput], components: Set[str]) -> None:
             raise _mismatch(first, other, differing)
 
 
-def _recipe(spec: ModelMergeSpec, inputs: list[MergeInput]) -> dict[str, Any]:
+def _committed_sha256(inp: MergeInput) -> str | None:
+    """The sha256 recorded by the input's own manifest (atomic commit), if it has one that fits."""
+    manifest_uri = inp.uri + FILE_MANIFEST_SUFFIX
+    try:
+        if not inp.store.exists(manifest_uri):
+            return None
+        raw = inp.store.read_range(manifest_uri, 0, inp.store.size(manifest_uri))
+        entry = json.loads(raw)["files"][0]
+    except (StorageError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    if entry.get("size") != inp.header.file_size or not isinstance(entry.get("sha256"), str):
+        return None
+    digest: str = entry["sha256"]
+    return digest if len(digest) == 64 else None
+
+
+def _recipe(
+    spec: ModelMergeSpec, inputs: list[MergeInput], hashes: list[str | None]
+) -> dict[str, Any]:
     params: dict[str, Any] = {"alpha": spec.alpha}
     if spec.method == "ties":
         params = {"density": spec.density}
@@ -176,7 +197,7 @@ def _recipe(spec: ModelMergeSpec, inputs: list[MergeInput]) -> dict[str, Any]:
                 "role": i.role,
                 "uri": i.uri,
                 "weight": i.weight,
-                "sha256": _placeholder(n),
+                "sha256": hashes[n] or _placeholder(n),
                 "architecture": i.info.label(),
             }
             for n, i in enumerate(inputs)
@@ -263,7 +284,9 @@ def merge(
 
     out_dtype = OUTPUT_DTYPES[spec.output_dtype]
     layout = evaluator.layout(layout_source, out_dtype)
-    recipe = _recipe(spec, plan.all)
+    known = [_committed_sha256(i) for i in plan.all]
+    all_known = all(known)
+    recipe = _recipe(spec, plan.all, known)
     metadata = {
         "difftrain.recipe": json.dumps(recipe, separators=(",", ":")),
         "difftrain.version": __version__,
@@ -281,8 +304,11 @@ def merge(
         else scratch / "output.safetensors"
     )
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    readers = {id(i): TensorReader(i.store, i.uri, i.header) for i in plan.all}
-    writer = StreamingWriter(out_path, layout, metadata)
+    readers = {
+        id(i): TensorReader(i.store, i.uri, i.header, h)
+        for i, h in zip(plan.all, known, strict=True)
+    }
+    writer = StreamingWriter(out_path, layout, metadata, hash_inline=all_known)
     try:
         for n, t in enumerate(layout):
             writer.write(t.name, evaluator.tensor(t.name, readers))
@@ -292,15 +318,14 @@ def merge(
         for n, inp in enumerate(plan.all):
             digest = readers[id(inp)].finish()
             hashes[inp.role] = digest
-            writer.patch(_placeholder(n), digest)
+            if known[n] is None:
+                writer.patch(_placeholder(n), digest)
     except BaseException:
         for r in readers.values():
             r.close()
-        writer._fh.close()
-        out_path.unlink(missing_ok=True)
+        writer.abort()
         raise
-    writer.close()
-    digest = sha256_file(out_path)
+    digest = writer.close() or sha256_file(out_path)
     size = out_path.stat().st_size
     if is_s3(spec.output.uri) or work_dir is not None:
         commit_file(out_store, spec.output.uri, out_path, digest, {"recipe": recipe})
@@ -346,6 +371,7 @@ class _CheckpointEvaluator(_Evaluator):
         self.plan = plan
         self.spec = plan.spec
         self.weights = _weights(self.spec, plan.models)
+        self.out_dtype = DTYPES[OUTPUT_DTYPES[self.spec.output_dtype]]
         self.partial_keys = []
         first = plan.models[0]
         self.layout_name = first.info.layout
@@ -417,11 +443,20 @@ class _CheckpointEvaluator(_Evaluator):
         )
         if not merged_here:
             return readers[id(first)].read(name)
-        xs = [readers[id(i)].read(name).float() for i in plan.models]
-        base = readers[id(plan.base)].read(name).float() if plan.base else None
+        raw = [readers[id(i)].read(name) for i in plan.models]
         method = spec.method
+        two_by_alpha = len(raw) == 2 and all(i.weight is None for i in plan.models)
+        if (
+            method == "weighted_sum"
+            and two_by_alpha
+            and raw[0].dtype == raw[1].dtype == self.out_dtype
+        ):
+            # lerp computes in fp32 internally (opmath) and rounds once, without fp32 copies
+            return torch.lerp(raw[0], raw[1], spec.alpha)
+        xs = [x.float() for x in raw]
+        base = readers[id(plan.base)].read(name).float() if plan.base else None
         if method == "weighted_sum":
-            if len(xs) == 2 and all(i.weight is None for i in plan.models):
+            if two_by_alpha:
                 return methods.weighted_sum(xs, [1 - spec.alpha, spec.alpha])
             return methods.weighted_sum(xs, self.weights)
         if method == "slerp":
@@ -505,7 +540,8 @@ class _LoraIntoCheckpoint(_Evaluator):
         weight = readers[id(checkpoint)].read(name)
         if name not in self.updates:
             return weight
-        out = weight.float()
+        # a copy: the reader's buffer may still be feeding the input's sha256
+        out = weight.to(torch.float32, copy=True)
         for lora, module, strength in self.updates[name]:
             reader = readers[id(lora)]
             down = reader.read(module.down).float()

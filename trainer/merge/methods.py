@@ -30,8 +30,8 @@ def weighted_sum(models: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     total = float(sum(weights))
     if total == 0:
         raise ValueError("weights sum to 0: a weighted average needs a non-zero total")
-    out = torch.zeros_like(models[0])
-    for x, w in zip(models, weights, strict=True):
+    out = models[0] * (weights[0] / total)
+    for x, w in zip(models[1:], weights[1:], strict=True):
         if w:
             out.add_(x, alpha=w / total)
     return out

@@ -12,6 +12,7 @@ import hashlib
 import json
 import struct
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -37,6 +38,7 @@ DTYPES: dict[str, torch.dtype] = {
 CODES = {v: k for k, v in DTYPES.items()}
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 MAX_HEADER = 100 << 20
+MAX_PENDING_HASH = 128 << 20
 
 
 class SafetensorsError(ValueError):
@@ -106,12 +108,12 @@ def read_header(store: Store, uri: str) -> Header:
     return Header(tensors=tensors, metadata=dict(metadata), data_start=start, file_size=size)
 
 
-def to_tensor(info: TensorInfo, data: bytes | bytearray) -> torch.Tensor:
-    """Bytes of one tensor as a tensor (a copy that owns its memory)."""
+def to_tensor(info: TensorInfo, data: bytearray) -> torch.Tensor:
+    """Bytes of one tensor as a tensor, sharing the (caller-owned, writable) buffer."""
     dtype = DTYPES[info.dtype]
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
-    flat = torch.frombuffer(bytearray(data), dtype=dtype)
+    flat = torch.frombuffer(data, dtype=dtype)
     return flat.reshape(info.shape)
 
 
@@ -123,27 +125,48 @@ class TensorReader:
     ``finish()`` drains what is left and returns the file's sha256.
     """
 
-    def __init__(self, store: Store, uri: str, header: Header | None = None) -> None:
+    def __init__(
+        self, store: Store, uri: str, header: Header | None = None, sha256: str | None = None
+    ) -> None:
         self.store = store
         self.uri = uri
         self.header = header or read_header(store, uri)
+        self._known = sha256  # from the input's manifest: no need to hash again
         self._digest = hashlib.sha256()
+        # hashing runs on its own thread (hashlib releases the GIL), in stream order
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self._pending: list[tuple[Future[None], int]] = []
+        self._pending_bytes = 0
         self._stream: IO[bytes] | None = None
-        self._pos = 0  # bytes of the file hashed so far (= stream position)
+        self._pos = 0  # bytes of the file read from the stream so far
 
-    def _advance(self, upto: int, keep_from: int | None = None) -> bytearray:
-        """Read the stream up to ``upto``, hashing; return the bytes from ``keep_from`` on."""
+    def _hash(self, block: memoryview) -> None:
+        if self._known is None:
+            self._pending.append((self._hasher.submit(self._digest.update, block), len(block)))
+            self._pending_bytes += len(block)
+            while self._pending_bytes > MAX_PENDING_HASH:  # bound the buffers kept for hashing
+                done, size = self._pending.pop(0)
+                done.result()
+                self._pending_bytes -= size
+
+    def _advance(self, upto: int, keep_from: int | None = None) -> bytearray | None:
+        """Read the stream up to ``upto``; return the bytes from ``keep_from`` on."""
         if self._stream is None:
             self._stream = self.store.open_stream(self.uri, 0)
-        kept = bytearray()
+        kept = bytearray(upto - keep_from) if keep_from is not None else None
         while self._pos < upto:
-            chunk = self._stream.read(min(8 << 20, upto - self._pos))
-            if not chunk:
+            if kept is not None and keep_from is not None and self._pos >= keep_from:
+                view = memoryview(kept)[self._pos - keep_from :]
+                n = self._stream.readinto(view)  # type: ignore[attr-defined]
+                block = view[:n]
+            else:
+                stop = keep_from if keep_from is not None else upto
+                block = memoryview(self._stream.read(min(8 << 20, stop - self._pos)))
+                n = len(block)
+            if not n:
                 raise SafetensorsError(f"{self.uri}: ended early at byte {self._pos}")
-            self._digest.update(chunk)
-            if keep_from is not None and self._pos + len(chunk) > keep_from:
-                kept += chunk[max(0, keep_from - self._pos) :]
-            self._pos += len(chunk)
+            self._hash(block)
+            self._pos += n
         return kept
 
     def read(self, name: str) -> torch.Tensor:
@@ -151,17 +174,24 @@ class TensorReader:
         info = self.header.tensors[name]
         if info.begin >= self._pos:
             data = self._advance(info.end, keep_from=info.begin)
+            assert data is not None
         else:
             data = bytearray(self.store.read_range(self.uri, info.begin, info.nbytes))
         return to_tensor(info, data)
 
     def finish(self) -> str:
-        """The file's sha256 (reads what was not read yet)."""
+        """The file's sha256 (reads what was not read yet, unless it was known)."""
+        if self._known is not None:
+            self.close()
+            return self._known
         self._advance(self.header.file_size)
+        for pending, _size in self._pending:
+            pending.result()
         self.close()
         return self._digest.hexdigest()
 
     def close(self) -> None:
+        self._hasher.shutdown(wait=True)
         if self._stream is not None:
             self._stream.close()
             self._stream = None
@@ -191,7 +221,13 @@ class StreamingWriter:
     placeholders that are patched in place once known (``patch``), keeping the header's length.
     """
 
-    def __init__(self, path: Path, layout: Iterable[OutputTensor], metadata: dict[str, str]):
+    def __init__(
+        self,
+        path: Path,
+        layout: Iterable[OutputTensor],
+        metadata: dict[str, str],
+        hash_inline: bool = False,
+    ) -> None:
         self.path = path
         self.layout = list(layout)
         header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
@@ -207,9 +243,21 @@ class StreamingWriter:
         blob += b" " * (-len(blob) % 8)  # data aligned to 8 bytes, as safetensors writes it
         self.header_bytes = blob
         self._fh = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._fh.write(struct.pack("<Q", len(blob)))
-        self._fh.write(blob)
+        # With a final header the file's sha256 is computed while it is written, on a thread of
+        # its own; with placeholders to patch it has to be hashed afterwards.
+        self._digest = hashlib.sha256() if hash_inline else None
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256-out")
+        self._pending: list[Future[None]] = []
+        self._emit(struct.pack("<Q", len(blob)))
+        self._emit(blob)
         self._next = 0
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        self._fh.write(data)
+        if self._digest is not None:
+            self._pending.append(self._hasher.submit(self._digest.update, data))
+            if len(self._pending) > 8:
+                self._pending.pop(0).result()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """The next tensor of the declared layout."""
@@ -220,7 +268,7 @@ class StreamingWriter:
         if tuple(data.shape) != expected.shape:
             raise ValueError(f"{name}: shape {tuple(data.shape)} != declared {expected.shape}")
         if data.numel():
-            self._fh.write(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._emit(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
         self._next += 1
 
     def patch(self, placeholder: str, value: str) -> None:
@@ -228,6 +276,8 @@ class StreamingWriter:
         old, new = json.dumps(placeholder)[1:-1].encode(), json.dumps(value)[1:-1].encode()
         if len(old) != len(new):
             raise ValueError("a patched metadata value must keep the placeholder's length")
+        if self._digest is not None:
+            raise ValueError("an inline-hashed file cannot be patched")
         at = self.header_bytes.find(old)
         if at < 0:
             raise ValueError(f"placeholder {placeholder!r} not in the header")
@@ -237,9 +287,20 @@ class StreamingWriter:
         self._fh.seek(here)
         self.header_bytes = self.header_bytes.replace(old, new, 1)
 
-    def close(self) -> None:
+    def close(self) -> str | None:
+        """Finish the file; returns its sha256 when it was hashed inline."""
         if self._next != len(self.layout):
             missing = self.layout[self._next].name
-            self._fh.close()
+            self.abort()
             raise ValueError(f"output incomplete: {missing!r} was never written")
         self._fh.close()
+        for pending in self._pending:
+            pending.result()
+        self._hasher.shutdown()
+        return self._digest.hexdigest() if self._digest is not None else None
+
+    def abort(self) -> None:
+        """Stop writing and remove the partial file."""
+        self._fh.close()
+        self._hasher.shutdown(cancel_futures=True)
+        self.path.unlink(missing_ok=True)
