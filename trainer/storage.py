@@ -268,7 +268,7 @@ class S3Store:
         self._call(
             bucket,
             "put",
-            lambda: self.client.fput_object(bucket, key, str(path), part_size=64 << 20),
+            lambda: self.client.fput_object(bucket, key, str(path), part_size=16 << 20),
         )
 
     def put_bytes(self, data: bytes, uri: str) -> None:

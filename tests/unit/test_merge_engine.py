@@ -435,3 +435,15 @@ def test_a_committed_input_contributes_the_sha256_of_its_manifest(tmp_path, tiny
     Path(f"{tiny_sd1['a']}.manifest.json").unlink()
     assert fourth.sha256 == sha256(tmp_path / "out.safetensors")
     assert fourth.input_sha256 == {"models[0]": first.sha256, "models[1]": sha256(tiny_sd1["a"])}
+
+
+def test_epsilon_and_v_prediction_models_are_refused(tmp_path, tiny_sd1):
+    shapes = checkpoint_shapes("sd1", tiny=True)
+    v = write_checkpoint(
+        tmp_path / "v.safetensors", shapes, 5, metadata={"modelspec.prediction_type": "v"}
+    )
+    e = write_checkpoint(
+        tmp_path / "e.safetensors", shapes, 6, metadata={"modelspec.prediction_type": "epsilon"}
+    )
+    with pytest.raises(MergeError, match="epsilon and v-prediction"):
+        merge(spec(tmp_path, [e, v]))

@@ -268,7 +268,7 @@ class StreamingWriter:
         if tuple(data.shape) != expected.shape:
             raise ValueError(f"{name}: shape {tuple(data.shape)} != declared {expected.shape}")
         if data.numel():
-            self._emit(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            self._emit(data.reshape(-1).view(torch.uint8).numpy().data)
         self._next += 1
 
     def patch(self, placeholder: str, value: str) -> None:
