@@ -146,7 +146,8 @@ class LocalStore:
         if root.is_file():
             yield str(root)
             return
-        yield from sorted(str(p) for p in root.rglob("*") if p.is_file())
+        if root.is_dir():
+            yield from sorted(str(p) for p in root.rglob("*") if p.is_file())
 
     def exists(self, uri: str) -> bool:
         return Path(uri).is_file()

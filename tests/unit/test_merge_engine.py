@@ -447,3 +447,13 @@ def test_epsilon_and_v_prediction_models_are_refused(tmp_path, tiny_sd1):
     )
     with pytest.raises(MergeError, match="epsilon and v-prediction"):
         merge(spec(tmp_path, [e, v]))
+
+
+def test_folders_and_missing_inputs_are_refused_by_name(tmp_path, tiny_sd1):
+    folder = tmp_path / "sd15-diffusers"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    with pytest.raises(MergeError, match="is a folder"):
+        merge(spec(tmp_path, [tiny_sd1["a"], folder]))
+    with pytest.raises(MergeError, match=r"models\[1\] .*nope.safetensors does not exist"):
+        merge(spec(tmp_path, [tiny_sd1["a"], tmp_path / "nope.safetensors"]))

@@ -44,6 +44,7 @@ class MergeInput:
 
 
 def open_input(role: str, uri: str, config: StoreConfig | None, allow_pickle: bool) -> MergeInput:
+    """Open one input and read its header; refuse pickles, folders and non-safetensors files."""
     if uri.lower().endswith(PICKLE_SUFFIXES):
         if not allow_pickle:
             raise MergeError(
@@ -55,6 +56,13 @@ def open_input(role: str, uri: str, config: StoreConfig | None, allow_pickle: bo
             f"{role} {uri}: pickle inputs cannot be streamed; convert it to .safetensors first"
         )
     store = open_store(uri, config)
+    if not store.exists(uri):
+        if any(True for _ in store.list(uri.rstrip("/") + "/")):
+            raise MergeError(
+                f"{role} {uri} is a folder (a diffusers model?); merges read single-file "
+                ".safetensors checkpoints: export or convert it to one file first"
+            )
+        raise MergeError(f"{role} {uri} does not exist")
     try:
         header = read_header(store, uri)
     except SafetensorsError as exc:
