@@ -133,11 +133,16 @@ def _merge_spec_from_args(args: argparse.Namespace) -> object:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from difftrain import api
 
+    def report(message: str) -> None:
+        if args.termination_log:
+            Path(args.termination_log).write_text(message[:4000], encoding="utf-8")
+
     try:
         spec = _merge_spec_from_args(args)
     except api.SpecError as exc:
         print(exc, file=sys.stderr)
-        return 2
+        report(str(exc))
+        return api.EXIT_CONFIG_ERROR
     assert isinstance(spec, api.ModelMergeSpec)
     from tqdm import tqdm
 
@@ -156,10 +161,17 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     try:
         result = merge(spec, config, progress=progress)
-    except (MergeError, LoraError, SafetensorsError, StorageError) as exc:
+    except (MergeError, LoraError, SafetensorsError) as exc:
         bar.close()
         print(f"merge refused: {exc}", file=sys.stderr)
-        return 1
+        report(f"merge refused: {exc}")
+        return api.EXIT_CONFIG_ERROR
+    except StorageError as exc:
+        bar.close()
+        verdict = "merge refused" if exc.permanent else "merge failed"
+        print(f"{verdict}: {exc}", file=sys.stderr)
+        report(f"{verdict}: {exc}")
+        return api.EXIT_CONFIG_ERROR if exc.permanent else 1
     bar.close()
     summary = {
         "outputUri": result.output_uri,
@@ -170,6 +182,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         "durationSeconds": result.duration_seconds,
     }
     print(json.dumps(summary, indent=1))
+    report(json.dumps(summary))
     return 0
 
 
@@ -214,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--lora-mode", choices=["sum", "concat", "svd"], help="lora_merge mode")
     merge.add_argument("--lora-rank", type=int, help="lora_merge svd: output rank")
     merge.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    merge.add_argument(
+        "--termination-log",
+        metavar="PATH",
+        help="also write the result (JSON) or the error here; in a pod, /dev/termination-log",
+    )
     merge.set_defaults(func=_cmd_merge)
     return parser
 

@@ -31,7 +31,15 @@ T = TypeVar("T")
 
 
 class StorageError(RuntimeError):
-    """A storage failure the user can act on; the message names the location and the fix."""
+    """A storage failure the user can act on; the message names the location and the fix.
+
+    ``permanent`` is true when retrying cannot help (missing bucket or object, refused
+    credentials), false when the store may come back (unreachable, overloaded).
+    """
+
+    def __init__(self, message: str, permanent: bool = True) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 @dataclass(frozen=True)
@@ -224,10 +232,11 @@ class S3Store:
                 )
             if exc.code == "NoSuchKey":
                 return StorageError(f"{where}: no object {exc.object_name!r}")
-            return StorageError(f"{where}: {exc.code}: {exc.message}")
+            return StorageError(f"{where}: {exc.code}: {exc.message}", permanent=False)
         return StorageError(
             f"cannot reach the object store at {self.config.endpoint} ({type(exc).__name__}: "
-            f"{exc}); check storage.endpoint and storage.secure"
+            f"{exc}); check storage.endpoint and storage.secure",
+            permanent=False,
         )
 
     def _call(self, bucket: str, what: str, call: Callable[[], T]) -> T:

@@ -122,6 +122,23 @@ def test_cli_merges_a_model_merge_resource(s3, uploaded, tmp_path):
         text=True,
         timeout=300,
     )
-    assert result.returncode == 1
+    assert result.returncode == api.EXIT_CONFIG_ERROR  # no retry can fix refused credentials
     assert "merge refused" in result.stderr and "access refused" in result.stderr
+    termination = tmp_path / "termination-log"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "difftrain.cli",
+            "merge",
+            str(path),
+            "--termination-log",
+            str(termination),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "access refused" in termination.read_text()
     assert "Traceback" not in result.stderr

@@ -98,7 +98,7 @@ def test_resolved_spec_fills_every_method_dependent_default():
         (minimal_job(dataset={"uri": "s3://data/pets"}), "storage", "needed when a uri is s3://"),
         (minimal_job(output={"uri": "/o", "formats": ["lora_kohya"]}), "lora_kohya", "method"),
         (minimal_job(preprocessing={"resolution": 500}), "preprocessing.resolution", "multiple"),
-        (minimal_job(dataset={"uri": "http://x/y"}), "spec.dataset.uri", "pattern"),
+        (minimal_job(dataset={"uri": "http://x/y"}), "spec.dataset.uri", "neither s3://bucket"),
     ],
 )
 def test_invalid_training_specs_are_refused_naming_the_field(spec, field, words):

@@ -19,6 +19,8 @@ from pydantic import ValidationError
 from difftrain.api.base import (
     API_VERSION,
     DNS_LABEL_PATTERN,
+    EXIT_CONFIG_ERROR,
+    EXIT_INTERRUPTED,
     GROUP,
     QUANTITY_PATTERN,
     URI_PATTERN,
@@ -139,6 +141,8 @@ __all__ = [
     "DEFAULT_MAX_STEPS",
     "DIFFERENCE_METHODS",
     "DNS_LABEL_PATTERN",
+    "EXIT_CONFIG_ERROR",
+    "EXIT_INTERRUPTED",
     "GROUP",
     "QUANTITY_PATTERN",
     "RESOURCES",

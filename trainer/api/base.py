@@ -8,6 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 from pydantic.alias_generators import to_camel
 
 GROUP = "difftrain.dev"
+
+# Exit codes of the trainer's commands that the operator's pod failure policy tells apart.
+EXIT_CONFIG_ERROR = 3  # the spec cannot work (incompatible inputs, missing model): no retry helps
+EXIT_INTERRUPTED = 75  # SIGTERM handled and the work saved: not a failure, uses no retry
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
@@ -175,5 +179,13 @@ def format_validation_error(exc: ValidationError) -> list[str]:
             msg = "unknown field (check its spelling and indentation)"
         elif err["type"] == "missing":
             msg = "required field is missing"
+        elif (
+            err["type"] == "string_pattern_mismatch"
+            and err.get("ctx", {}).get("pattern") == URI_PATTERN
+        ):
+            msg = (
+                f"{err['input']!r} is neither s3://bucket/prefix (bucket names: 3-63 lowercase "
+                "letters, digits, dots and dashes) nor a local path"
+            )
         lines.append(f"{_field_path(tuple(err['loc']))}: {msg}")
     return lines

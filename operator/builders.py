@@ -1,0 +1,423 @@
+"""Pure functions: a resource's spec -> the Kubernetes objects that run it.
+
+No API calls here: the handlers apply what these functions return, idempotently (deterministic
+names, owner references, 409 means already there). Objects are plain dicts in the API's own shape,
+so a test can compare them field by field and the API server can validate them as they are.
+
+Pods meet the Pod Security Standards *restricted* profile: non-root, no privilege escalation, all
+capabilities dropped, the runtime's default seccomp profile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from difftrain import api
+
+Obj = dict[str, Any]
+
+MANAGED_BY = "difftrain-operator"
+JOB_LABEL = f"{api.GROUP}/job"
+MERGE_LABEL = f"{api.GROUP}/merge"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+CONFIG_MOUNT = "/etc/difftrain"
+CONTAINER = "trainer"
+COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+
+EXIT_CONFIG_ERROR = api.EXIT_CONFIG_ERROR
+EXIT_INTERRUPTED = api.EXIT_INTERRUPTED
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Settings of one operator deployment (from the Helm chart's values)."""
+
+    trainer_image: str = "difftrain/trainer:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    metrics_port: int = 9090
+    rendezvous_port: int = 29500
+    price_per_gpu_hour: float = 0.0
+    run_as_user: int = 1000
+
+
+def child_name(name: str, suffix: str = "", limit: int = 63) -> str:
+    """A deterministic DNS-label name for a child object, shortened with a hash when too long."""
+    full = f"{name}-{suffix}" if suffix else name
+    if len(full) <= limit:
+        return full
+    digest = hashlib.sha256(full.encode()).hexdigest()[:8]
+    keep = limit - len(suffix) - len(digest) - 2 if suffix else limit - len(digest) - 1
+    head = name[:keep].rstrip("-")
+    return f"{head}-{digest}-{suffix}" if suffix else f"{head}-{digest}"
+
+
+def owner_reference(kind: str, name: str, uid: str) -> Obj:
+    """The controller owner reference that makes a child garbage-collected with its resource."""
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": kind,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _labels(name: str, component: str, key: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "difftrain",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        key: name,
+    }
+
+
+def _meta(name: str, namespace: str, labels: dict[str, str], owner: Obj) -> Obj:
+    return {"name": name, "namespace": namespace, "labels": labels, "ownerReferences": [owner]}
+
+
+@dataclass(frozen=True)
+class TrainingChildren:
+    """Every object one DiffusionTrainingJob needs, in the order they are applied."""
+
+    config_map: Obj
+    service_account: Obj
+    role: Obj
+    role_binding: Obj
+    service: Obj | None
+    job: Obj
+
+    def all(self) -> list[Obj]:
+        objs = [self.config_map, self.service_account, self.role, self.role_binding]
+        if self.service is not None:
+            objs.append(self.service)
+        objs.append(self.job)
+        return objs
+
+
+def _pod_security(settings: OperatorSettings) -> tuple[Obj, Obj]:
+    pod = {
+        "runAsNonRoot": True,
+        "runAsUser": settings.run_as_user,
+        "runAsGroup": settings.run_as_user,
+        "fsGroup": settings.run_as_user,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    container = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+    }
+    return pod, container
+
+
+def _store_env(storage: api.StorageSpec | None) -> list[Obj]:
+    if storage is None or storage.secret_ref is None:
+        return []
+    ref = storage.secret_ref
+    return [
+        {
+            "name": "DIFFTRAIN_STORE_ACCESS_KEY",
+            "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.access_key_key}},
+        },
+        {
+            "name": "DIFFTRAIN_STORE_SECRET_KEY",
+            "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.secret_key_key}},
+        },
+    ]
+
+
+def _pod_failure_policy() -> Obj:
+    return {
+        "rules": [
+            # preemption, node drain, eviction: the pod is replaced without using a retry
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            {
+                "action": "Ignore",
+                "onExitCodes": {
+                    "containerName": CONTAINER,
+                    "operator": "In",
+                    "values": [EXIT_INTERRUPTED],
+                },
+            },
+            # a configuration error cannot be fixed by retrying
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": CONTAINER,
+                    "operator": "In",
+                    "values": [EXIT_CONFIG_ERROR],
+                },
+            },
+        ]
+    }
+
+
+def _quantity(value: int | str) -> str:
+    return str(value)
+
+
+def build_training_children(
+    job: api.DiffusionTrainingJob, uid: str, settings: OperatorSettings
+) -> TrainingChildren:
+    """The ConfigMap, RBAC, optional headless Service and Job of one training job."""
+    name = job.metadata.name
+    namespace = job.metadata.namespace
+    if not name or not namespace:
+        raise ValueError("the resource needs metadata.name and metadata.namespace")
+    spec = job.spec.resolved()
+    owner = owner_reference("DiffusionTrainingJob", name, uid)
+    labels = _labels(name, "trainer", JOB_LABEL)
+    sa_name = child_name(name, "trainer")
+    config_name = child_name(name, "config")
+    job_name = child_name(name, limit=52)  # pods of an Indexed Job are <job>-<index>-<random>
+
+    resolved = {
+        "apiVersion": api.API_VERSION,
+        "kind": "DiffusionTrainingJob",
+        "metadata": {"name": name, "namespace": namespace, "uid": uid},
+        "spec": spec.to_wire(),
+    }
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(config_name, namespace, labels, owner),
+        "data": {"job.yaml": yaml.safe_dump(resolved, sort_keys=False)},
+    }
+    service_account = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(sa_name, namespace, labels, owner),
+    }
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _meta(sa_name, namespace, labels, owner),
+        "rules": [
+            {
+                "apiGroups": [api.GROUP],
+                "resources": ["diffusiontrainingjobs/status"],
+                "resourceNames": [name],
+                "verbs": ["get", "patch"],
+            }
+        ],
+    }
+    role_binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(sa_name, namespace, labels, owner),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa_name},
+        "subjects": [{"kind": "ServiceAccount", "name": sa_name, "namespace": namespace}],
+    }
+
+    res = spec.resources
+    workers = res.workers
+    service = None
+    env: list[Obj] = [
+        {"name": "DIFFTRAIN_JOB_NAME", "value": name},
+        {"name": "DIFFTRAIN_NAMESPACE", "value": namespace},
+        {"name": "DIFFTRAIN_METRICS_PORT", "value": str(settings.metrics_port)},
+        {"name": "DIFFTRAIN_NUM_MACHINES", "value": str(workers)},
+        {
+            "name": "DIFFTRAIN_NUM_PROCESSES",
+            "value": str(workers * max(res.gpus_per_worker, 1)),
+        },
+        *_store_env(spec.storage),
+    ]
+    pod_extra: Obj = {}
+    if workers > 1:
+        service_name = child_name(name, "workers")
+        service = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(service_name, namespace, labels, owner),
+            "spec": {
+                "clusterIP": "None",
+                "selector": {JOB_LABEL: name},
+                "publishNotReadyAddresses": True,
+                "ports": [{"name": "rendezvous", "port": settings.rendezvous_port}],
+            },
+        }
+        pod_extra["subdomain"] = service_name
+        env += [
+            {
+                "name": "DIFFTRAIN_MAIN_ADDRESS",
+                "value": f"{job_name}-0.{service_name}.{namespace}.svc",
+            },
+            {"name": "DIFFTRAIN_MAIN_PORT", "value": str(settings.rendezvous_port)},
+            {
+                "name": "DIFFTRAIN_MACHINE_RANK",
+                "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX_FIELD}},
+            },
+        ]
+    else:
+        env.append({"name": "DIFFTRAIN_MACHINE_RANK", "value": "0"})
+
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.cpu is not None:
+        requests["cpu"] = _quantity(res.cpu)
+    if res.memory is not None:
+        requests["memory"] = limits["memory"] = _quantity(res.memory)
+    if res.gpus_per_worker:
+        limits[res.gpu_resource_name] = str(res.gpus_per_worker)
+    pod_sc, container_sc = _pod_security(settings)
+    container = {
+        "name": CONTAINER,
+        "image": res.image or settings.trainer_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": ["run", f"{CONFIG_MOUNT}/job.yaml"],
+        "env": env,
+        "ports": [{"name": "metrics", "containerPort": settings.metrics_port}],
+        "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
+        "securityContext": container_sc,
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "scratch", "mountPath": "/tmp"},
+        ],
+    }
+    pod_spec: Obj = {
+        "restartPolicy": "Never",
+        "serviceAccountName": sa_name,
+        "securityContext": pod_sc,
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_name}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(res.shm_size)}},
+            {"name": "scratch", "emptyDir": {}},
+        ],
+        **pod_extra,
+    }
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod_spec["tolerations"] = [t.to_wire() for t in res.tolerations]
+    if res.affinity:
+        pod_spec["affinity"] = res.affinity
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+
+    job_labels = dict(labels)
+    if spec.queue_name:
+        job_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
+    job_spec: Obj = {
+        "completions": workers,
+        "parallelism": workers,
+        "backoffLimit": spec.backoff_limit,
+        "suspend": spec.suspend,
+        "podFailurePolicy": _pod_failure_policy(),
+        "template": {
+            "metadata": {
+                "labels": labels,
+                "annotations": {
+                    "prometheus.io/scrape": "true",
+                    "prometheus.io/port": str(settings.metrics_port),
+                },
+            },
+            "spec": pod_spec,
+        },
+    }
+    if workers > 1:
+        job_spec["completionMode"] = "Indexed"
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    job_obj = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(job_name, namespace, job_labels, owner),
+        "spec": job_spec,
+    }
+    return TrainingChildren(config_map, service_account, role, role_binding, service, job_obj)
+
+
+def build_merge_children(
+    merge: api.ModelMerge, uid: str, settings: OperatorSettings
+) -> tuple[Obj, Obj]:
+    """The ConfigMap and Job that run one ModelMerge (CPU unless the spec asks for a GPU).
+
+    The merge reports its result through the container's termination message, which the
+    operator reads from the pod; the pod needs no API access and gets no token.
+    """
+    name = merge.metadata.name
+    namespace = merge.metadata.namespace
+    if not name or not namespace:
+        raise ValueError("the resource needs metadata.name and metadata.namespace")
+    spec = merge.spec
+    owner = owner_reference("ModelMerge", name, uid)
+    labels = _labels(name, "merge", MERGE_LABEL)
+    config_name = child_name(name, "merge-config")
+    resolved = {
+        "apiVersion": api.API_VERSION,
+        "kind": "ModelMerge",
+        "metadata": {"name": name, "namespace": namespace, "uid": uid},
+        "spec": spec.to_wire(),
+    }
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(config_name, namespace, labels, owner),
+        "data": {"merge.yaml": yaml.safe_dump(resolved, sort_keys=False)},
+    }
+    res = spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.cpu is not None:
+        requests["cpu"] = _quantity(res.cpu)
+    if res.memory is not None:
+        requests["memory"] = limits["memory"] = _quantity(res.memory)
+    if res.gpu:
+        limits[res.gpu_resource_name] = "1"
+    pod_sc, container_sc = _pod_security(settings)
+    container = {
+        "name": CONTAINER,
+        "image": res.image or settings.trainer_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": [
+            "merge",
+            f"{CONFIG_MOUNT}/merge.yaml",
+            "--termination-log",
+            "/dev/termination-log",
+        ],
+        "env": _store_env(spec.storage),
+        "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
+        "securityContext": container_sc,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "scratch", "mountPath": "/tmp"},
+        ],
+    }
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(child_name(name, "merge", limit=52), namespace, labels, owner),
+        "spec": {
+            "completions": 1,
+            "parallelism": 1,
+            "backoffLimit": 2,
+            "podFailurePolicy": _pod_failure_policy(),
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "securityContext": pod_sc,
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "config", "configMap": {"name": config_name}},
+                        {"name": "scratch", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }
+    return config_map, job

@@ -1,0 +1,234 @@
+"""Spec -> child objects: every field lands where it should."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from difftrain import api
+from difftrain_operator.builders import (
+    EXIT_CONFIG_ERROR,
+    EXIT_INTERRUPTED,
+    JOB_LABEL,
+    KUEUE_QUEUE_LABEL,
+    OperatorSettings,
+    build_merge_children,
+    build_training_children,
+    child_name,
+)
+
+SETTINGS = OperatorSettings(trainer_image="registry.local/difftrain/trainer:test")
+
+
+def training_job(**spec: Any) -> api.DiffusionTrainingJob:
+    body: dict[str, Any] = {
+        "baseModel": {"uri": "s3://models/sd15"},
+        "dataset": {"uri": "s3://data/pets"},
+        "output": {"uri": "s3://runs/pets"},
+        "storage": {"endpoint": "minio:9000", "secretRef": {"name": "minio-creds"}},
+    }
+    body.update(spec)
+    res = api.parse_resource(
+        {
+            "apiVersion": api.API_VERSION,
+            "kind": "DiffusionTrainingJob",
+            "metadata": {"name": "pets", "namespace": "ml"},
+            "spec": body,
+        }
+    )
+    assert isinstance(res, api.DiffusionTrainingJob)
+    return res
+
+
+def container(job_obj: dict[str, Any]) -> dict[str, Any]:
+    c: dict[str, Any] = job_obj["spec"]["template"]["spec"]["containers"][0]
+    return c
+
+
+def env_of(c: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
+
+
+def test_single_worker_job_carries_the_spec():
+    children = build_training_children(
+        training_job(
+            resources={
+                "gpusPerWorker": 2,
+                "cpu": 8,
+                "memory": "64Gi",
+                "shmSize": "16Gi",
+                "nodeSelector": {"pool": "h100"},
+                "tolerations": [
+                    {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+                ],
+                "affinity": {"nodeAffinity": {"x": 1}},
+                "priorityClassName": "high",
+                "image": "my/trainer:1",
+            },
+            backoffLimit=5,
+            activeDeadlineSeconds=3600,
+            ttlSecondsAfterFinished=600,
+            suspend=True,
+            queueName="gpu-queue",
+        ),
+        uid="u-1",
+        settings=SETTINGS,
+    )
+    job = children.job
+    assert children.service is None
+    assert job["metadata"]["name"] == "pets"
+    assert job["metadata"]["ownerReferences"][0] == {
+        "apiVersion": api.API_VERSION,
+        "kind": "DiffusionTrainingJob",
+        "name": "pets",
+        "uid": "u-1",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    assert job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "gpu-queue"
+    spec = job["spec"]
+    assert (
+        spec["backoffLimit"],
+        spec["activeDeadlineSeconds"],
+        spec["ttlSecondsAfterFinished"],
+        spec["suspend"],
+    ) == (5, 3600, 600, True)
+    assert spec["completions"] == spec["parallelism"] == 1
+    assert "completionMode" not in spec
+    pod = spec["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "h100"}
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert pod["affinity"] == {"nodeAffinity": {"x": 1}}
+    assert pod["priorityClassName"] == "high"
+    assert pod["restartPolicy"] == "Never"
+    assert pod["serviceAccountName"] == "pets-trainer"
+    c = container(job)
+    assert c["image"] == "my/trainer:1"
+    assert c["resources"] == {
+        "requests": {"cpu": "8", "memory": "64Gi"},
+        "limits": {"memory": "64Gi", "nvidia.com/gpu": "2"},
+    }
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    env = env_of(c)
+    assert env["DIFFTRAIN_STORE_ACCESS_KEY"] == {
+        "secretKeyRef": {"name": "minio-creds", "key": "accessKey"}
+    }
+    assert env["DIFFTRAIN_STORE_SECRET_KEY"]["secretKeyRef"]["key"] == "secretKey"
+    assert env["DIFFTRAIN_NUM_PROCESSES"] == "2"
+    assert env["DIFFTRAIN_MACHINE_RANK"] == "0"
+    assert c["ports"] == [{"name": "metrics", "containerPort": 9090}]
+    assert all("secretKey" not in str(e.get("value", "")) for e in c["env"])
+
+
+def test_several_workers_get_an_indexed_job_and_a_headless_service():
+    children = build_training_children(
+        training_job(resources={"workers": 3, "gpusPerWorker": 4}), uid="u", settings=SETTINGS
+    )
+    job, svc = children.job, children.service
+    assert svc is not None
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["selector"] == {JOB_LABEL: "pets"}
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 3
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == svc["metadata"]["name"]
+    env = env_of(container(job))
+    assert env["DIFFTRAIN_MAIN_ADDRESS"] == f"pets-0.{svc['metadata']['name']}.ml.svc"
+    assert env["DIFFTRAIN_NUM_MACHINES"] == "3"
+    assert env["DIFFTRAIN_NUM_PROCESSES"] == "12"
+    assert "job-completion-index" in env["DIFFTRAIN_MACHINE_RANK"]["fieldRef"]["fieldPath"]
+
+
+def test_pods_meet_the_restricted_profile():
+    for obj in (
+        build_training_children(training_job(), "u", SETTINGS).job,
+        build_merge_children(_merge(), "u", SETTINGS)[1],
+    ):
+        pod = obj["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        sc = pod["containers"][0]["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_failure_policy_ignores_preemption_and_fails_fast_on_config_errors():
+    policy = build_training_children(training_job(), "u", SETTINGS).job["spec"]["podFailurePolicy"][
+        "rules"
+    ]
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in policy
+    actions = {r["action"]: r.get("onExitCodes", {}).get("values") for r in policy[1:]}
+    assert actions == {"Ignore": [EXIT_INTERRUPTED], "FailJob": [EXIT_CONFIG_ERROR]}
+
+
+def test_rbac_lets_the_trainer_patch_only_its_own_status():
+    children = build_training_children(training_job(), "u", SETTINGS)
+    assert children.role["rules"] == [
+        {
+            "apiGroups": [api.GROUP],
+            "resources": ["diffusiontrainingjobs/status"],
+            "resourceNames": ["pets"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    assert children.role_binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "pets-trainer", "namespace": "ml"}
+    ]
+
+
+def test_config_map_holds_the_resolved_spec():
+    children = build_training_children(training_job(method="lora", lora={}), "u", SETTINGS)
+    doc = yaml.safe_load(children.config_map["data"]["job.yaml"])
+    assert doc["spec"]["hyperparameters"]["learningRate"] == 1e-4
+    assert doc["spec"]["output"]["formats"] == ["lora_peft", "lora_kohya"]
+    assert api.parse_resource(doc).spec == training_job(method="lora", lora={}).spec.resolved()
+
+
+def test_children_are_deterministic():
+    first = build_training_children(training_job(), "u", SETTINGS).all()
+    again = build_training_children(training_job(), "u", SETTINGS).all()
+    assert first == again
+
+
+@pytest.mark.parametrize("length", [10, 52, 63, 120])
+def test_child_names_fit_dns_labels_and_stay_unique(length):
+    name = "x" * length
+    for suffix in ("", "trainer", "workers"):
+        short = child_name(name, suffix)
+        assert len(short) <= 63
+        assert short == child_name(name, suffix)
+    assert child_name("a" * 70, "trainer") != child_name("a" * 71, "trainer")
+
+
+def _merge(**spec: Any) -> api.ModelMerge:
+    body = {
+        "models": [{"uri": "s3://models/a.safetensors"}, {"uri": "s3://models/b.safetensors"}],
+        "output": {"uri": "s3://models/out.safetensors"},
+        "storage": {"endpoint": "minio:9000", "secretRef": {"name": "creds"}},
+        **spec,
+    }
+    res = api.parse_resource(
+        {
+            "apiVersion": api.API_VERSION,
+            "kind": "ModelMerge",
+            "metadata": {"name": "mix", "namespace": "ml"},
+            "spec": body,
+        }
+    )
+    assert isinstance(res, api.ModelMerge)
+    return res
+
+
+def test_merge_runs_on_cpu_unless_a_gpu_is_asked_for():
+    _, cpu_job = build_merge_children(_merge(resources={"memory": "4Gi"}), "u", SETTINGS)
+    c = container(cpu_job)
+    assert c["args"][:2] == ["merge", "/etc/difftrain/merge.yaml"]
+    assert c["resources"] == {"requests": {"memory": "4Gi"}, "limits": {"memory": "4Gi"}}
+    assert cpu_job["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    _, gpu_job = build_merge_children(_merge(resources={"gpu": True}), "u", SETTINGS)
+    assert container(gpu_job)["resources"]["limits"] == {"nvidia.com/gpu": "1"}
