@@ -1,0 +1,198 @@
+"""Pure: the child Job and its pods -> a resource's phase, conditions and accounting.
+
+The trainer writes its own progress (step, loss, images/s, samples) into the status; the operator
+folds in what only the cluster knows: whether pods run, were preempted, failed or finished.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+Obj = dict[str, Any]
+
+CONDITION_TYPES = ("Running", "Suspended", "Succeeded", "Failed")
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def rfc3339(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+
+
+def _job_condition(job: Obj, kind: str) -> Obj | None:
+    for cond in job.get("status", {}).get("conditions") or []:
+        if cond.get("type") == kind and cond.get("status") == "True":
+            found: Obj = cond
+            return found
+    return None
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the operator saw of one resource's children."""
+
+    job: Obj | None
+    pods: list[Obj]
+    suspend: bool
+    trainer_step: int | None
+    gpus_per_pod: int
+
+
+@dataclass(frozen=True)
+class Folded:
+    """The status fields the operator owns, and why the phase is what it is."""
+
+    phase: str
+    reason: str
+    message: str
+    restarts: int
+    start_time: str | None
+    completion_time: str | None
+    gpu_hours: float
+
+
+def fold(observed: Observed, at: dt.datetime | None = None) -> Folded:
+    """Phase and accounting from the Job and pods (level-triggered: no memory of the past)."""
+    at = at or now()
+    job = observed.job
+    pods = observed.pods
+    restarts = sum(
+        int(cs.get("restartCount", 0))
+        for pod in pods
+        for cs in pod.get("status", {}).get("containerStatuses") or []
+    )
+    if job is None:
+        return Folded("Pending", "Creating", "creating the child Job", restarts, None, None, 0.0)
+    status = job.get("status", {})
+    restarts += int(status.get("failed", 0))
+    start = status.get("startTime")
+    completion = status.get("completionTime")
+    hours = gpu_hours(pods, observed.gpus_per_pod, at)
+
+    if cond := _job_condition(job, "Complete"):
+        return Folded(
+            "Succeeded",
+            "Completed",
+            cond.get("message") or "training finished",
+            restarts,
+            start,
+            completion or cond.get("lastTransitionTime"),
+            hours,
+        )
+    if cond := _job_condition(job, "Failed"):
+        reason = cond.get("reason") or "Failed"
+        return Folded(
+            "Failed",
+            reason,
+            cond.get("message") or "the Job failed",
+            restarts,
+            start,
+            cond.get("lastTransitionTime"),
+            hours,
+        )
+    if observed.suspend or job.get("spec", {}).get("suspend"):
+        return Folded(
+            "Suspended",
+            "Suspended",
+            "suspended: pods stopped, resumes from the newest checkpoint",
+            restarts,
+            start,
+            None,
+            hours,
+        )
+    running = [p for p in pods if p.get("status", {}).get("phase") == "Running"]
+    if running:
+        if observed.trainer_step:
+            return Folded(
+                "Running",
+                "Training",
+                f"{len(running)} worker pod(s) running",
+                restarts,
+                start,
+                None,
+                hours,
+            )
+        return Folded(
+            "Preparing",
+            "PreparingData",
+            "pods running; loading model and data",
+            restarts,
+            start,
+            None,
+            hours,
+        )
+    waiting = _waiting_reason(pods)
+    return Folded("Pending", waiting[0], waiting[1], restarts, start, None, hours)
+
+
+def _waiting_reason(pods: list[Obj]) -> tuple[str, str]:
+    for pod in pods:
+        for cond in pod.get("status", {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                return "Unschedulable", cond.get("message") or "waiting for a node"
+        for cs in pod.get("status", {}).get("containerStatuses") or []:
+            waiting = cs.get("state", {}).get("waiting")
+            if waiting:
+                return waiting.get("reason") or "Waiting", waiting.get("message") or ""
+    if not pods:
+        return "WaitingForPods", "the Job has not created its pods yet"
+    return "PodsPending", "waiting for the pods to start"
+
+
+def gpu_hours(pods: list[Obj], gpus_per_pod: int, at: dt.datetime) -> float:
+    """GPU-hours held by the pods: from each pod's start to its end (or now)."""
+    total = 0.0
+    for pod in pods:
+        status = pod.get("status", {})
+        start = parse_time(status.get("startTime"))
+        if start is None:
+            continue
+        end = at
+        for cs in status.get("containerStatuses") or []:
+            finished = parse_time((cs.get("state", {}).get("terminated") or {}).get("finishedAt"))
+            if finished is not None:
+                end = min(end, finished)
+        total += max(0.0, (end - start).total_seconds()) / 3600 * gpus_per_pod
+    return round(total, 4)
+
+
+def merge_conditions(
+    existing: list[Obj], folded: Folded, generation: int | None, at: dt.datetime | None = None
+) -> list[Obj]:
+    """Standard conditions for the folded phase, keeping lastTransitionTime when unchanged."""
+    at = at or now()
+    by_type = {c.get("type"): c for c in existing}
+    wanted = {
+        "Running": folded.phase in ("Preparing", "Running"),
+        "Suspended": folded.phase == "Suspended",
+        "Succeeded": folded.phase == "Succeeded",
+        "Failed": folded.phase == "Failed",
+    }
+    out = []
+    for kind in CONDITION_TYPES:
+        value = "True" if wanted[kind] else "False"
+        old = by_type.get(kind)
+        changed = old is None or old.get("status") != value
+        out.append(
+            {
+                "type": kind,
+                "status": value,
+                "reason": folded.reason if wanted[kind] else f"Not{kind}",
+                "message": folded.message if wanted[kind] else "",
+                "lastTransitionTime": rfc3339(at) if changed else old["lastTransitionTime"],
+                **({"observedGeneration": generation} if generation is not None else {}),
+            }
+        )
+    # conditions other parties own (the trainer's, for instance) are kept as they are
+    out += [c for c in existing if c.get("type") not in CONDITION_TYPES]
+    return out

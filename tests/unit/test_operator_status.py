@@ -1,0 +1,117 @@
+"""Folding a Job and its pods into a resource's phase, conditions and GPU-hours."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from difftrain_operator.status import Folded, Observed, fold, gpu_hours, merge_conditions
+
+T0 = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
+
+
+def job(conditions=(), suspend=False, **status):
+    return {
+        "spec": {"suspend": suspend},
+        "status": {"conditions": [dict(c) for c in conditions], **status},
+    }
+
+
+def pod(
+    phase="Running", restarts=0, start="2026-11-26T11:00:00Z", finished=None, unschedulable=None
+):
+    state = {"terminated": {"finishedAt": finished}} if finished else {"running": {}}
+    conditions = []
+    if unschedulable:
+        conditions.append({"type": "PodScheduled", "status": "False", "message": unschedulable})
+    return {
+        "status": {
+            "phase": phase,
+            "startTime": start,
+            "conditions": conditions,
+            "containerStatuses": [{"restartCount": restarts, "state": state}],
+        }
+    }
+
+
+def observed(j, pods=(), suspend=False, step=None, gpus=1):
+    return Observed(job=j, pods=list(pods), suspend=suspend, trainer_step=step, gpus_per_pod=gpus)
+
+
+@pytest.mark.parametrize(
+    ("obs", "phase", "reason"),
+    [
+        (observed(None), "Pending", "Creating"),
+        (observed(job(), []), "Pending", "WaitingForPods"),
+        (
+            observed(job(), [pod("Pending", start=None, unschedulable="0/3 nodes have GPUs")]),
+            "Pending",
+            "Unschedulable",
+        ),
+        (observed(job(), [pod()]), "Preparing", "PreparingData"),
+        (observed(job(), [pod()], step=10), "Running", "Training"),
+        (observed(job(suspend=True), []), "Suspended", "Suspended"),
+        (
+            observed(job([{"type": "Complete", "status": "True"}]), [pod("Succeeded")]),
+            "Succeeded",
+            "Completed",
+        ),
+        (
+            observed(job([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}])),
+            "Failed",
+            "BackoffLimitExceeded",
+        ),
+        (
+            observed(job([{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}])),
+            "Failed",
+            "PodFailurePolicy",
+        ),
+    ],
+)
+def test_phase_follows_the_job_and_pods(obs, phase, reason):
+    folded = fold(obs, at=T0)
+    assert (folded.phase, folded.reason) == (phase, reason)
+
+
+def test_restarts_count_failed_pods_and_container_restarts():
+    folded = fold(observed(job(failed=2), [pod(restarts=1), pod(restarts=3)]), at=T0)
+    assert folded.restarts == 6
+
+
+def test_gpu_hours_run_from_pod_start_to_end_or_now():
+    pods = [
+        pod(start="2026-11-26T10:00:00Z"),  # 2 h so far
+        pod(start="2026-11-26T10:00:00Z", finished="2026-11-26T10:30:00Z"),
+    ]  # 0.5 h
+    assert gpu_hours(pods, gpus_per_pod=4, at=T0) == pytest.approx(10.0)
+
+
+def test_conditions_keep_their_transition_time_until_they_change():
+    running = Folded("Running", "Training", "1 pod", 0, None, None, 0.0)
+    first = merge_conditions([], running, generation=1, at=T0)
+    by_type = {c["type"]: c for c in first}
+    assert by_type["Running"]["status"] == "True"
+    assert by_type["Succeeded"]["status"] == "False"
+    later = T0 + dt.timedelta(hours=1)
+    again = {c["type"]: c for c in merge_conditions(first, running, generation=1, at=later)}
+    assert again["Running"]["lastTransitionTime"] == "2026-11-26T12:00:00Z"
+    done = Folded("Succeeded", "Completed", "done", 0, None, None, 0.0)
+    final = {c["type"]: c for c in merge_conditions(first, done, generation=1, at=later)}
+    assert final["Succeeded"]["status"] == "True"
+    assert final["Succeeded"]["lastTransitionTime"] == "2026-11-26T13:00:00Z"
+    assert final["Running"]["status"] == "False"
+
+
+def test_conditions_of_other_owners_are_kept():
+    trainer = {
+        "type": "DatasetReady",
+        "status": "True",
+        "reason": "Cleaned",
+        "message": "",
+        "lastTransitionTime": "2026-11-26T11:00:00Z",
+    }
+    merged = merge_conditions(
+        [trainer], Folded("Running", "Training", "", 0, None, None, 0.0), generation=None, at=T0
+    )
+    assert trainer in merged
