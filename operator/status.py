@@ -189,7 +189,9 @@ def merge_conditions(
                 "status": value,
                 "reason": folded.reason if wanted[kind] else f"Not{kind}",
                 "message": folded.message if wanted[kind] else "",
-                "lastTransitionTime": rfc3339(at) if changed else old["lastTransitionTime"],
+                "lastTransitionTime": (
+                    rfc3339(at) if changed or old is None else old["lastTransitionTime"]
+                ),
                 **({"observedGeneration": generation} if generation is not None else {}),
             }
         )
