@@ -186,6 +186,38 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_operator(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    import kopf
+
+    from difftrain_operator import handlers
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    assert handlers.reconcile_training_job  # importing the module registers the handlers
+    settings = kopf.OperatorSettings()
+    # without peering objects (a single replica), run at once instead of waiting for them
+    settings.peering.standalone = args.standalone
+    settings.peering.mandatory = not args.standalone
+    settings.peering.name = args.peering
+    settings.peering.priority = args.priority
+    settings.peering.clusterwide = not args.namespace
+    asyncio.run(
+        kopf.operator(
+            clusterwide=not args.namespace,
+            namespaces=args.namespace or (),
+            liveness_endpoint=args.liveness,
+            settings=settings,
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -233,6 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the result (JSON) or the error here; in a pod, /dev/termination-log",
     )
     merge.set_defaults(func=_cmd_merge)
+
+    operator = sub.add_parser(
+        "operator", help="run the Kubernetes operator (in a cluster or against a kubeconfig)"
+    )
+    operator.add_argument(
+        "--namespace", action="append", help="watch this namespace (repeatable); default: all"
+    )
+    operator.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    operator.add_argument("--priority", type=int, default=0, help="peering priority")
+    operator.add_argument("--peering", default="difftrain", help="peering object name")
+    operator.add_argument("--standalone", action="store_true", help="no peering (a single replica)")
+    operator.add_argument("-v", "--verbose", action="store_true")
+    operator.set_defaults(func=_cmd_operator)
     return parser
 
 

@@ -157,7 +157,7 @@ def test_wrong_kind_and_api_version_are_named():
     with pytest.raises(api.SpecError, match=r"apiVersion: expected difftrain.dev/v1alpha1"):
         api.parse_resource({"kind": "ModelMerge", "apiVersion": "v1", "spec": merge_spec()})
     with pytest.raises(api.SpecError, match="expected a mapping"):
-        api.parse_resource(["not", "a", "mapping"])
+        api.parse_resource(["not", "a", "mapping"])  # type: ignore[arg-type]
 
 
 def test_api_imports_no_torch_and_no_kubernetes_client():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tests.sd_checkpoints import write_checkpoint
+from tests.sd_checkpoints import Shapes, write_checkpoint
 
 CHILD = """
 import json, resource, sys
@@ -25,7 +25,7 @@ print(json.dumps({"before_kib": before, "peak_kib": after}))
 
 def _peak_mib(tmp_path: Path, tensors: int, tag: str) -> float:
     # tensors of 4 MiB each (fp16 1024x2048): inputs of `tensors` x 4 MiB
-    shapes = {
+    shapes: Shapes = {
         f"model.diffusion_model.t{i}.weight": ((1024, 2048), torch.float16) for i in range(tensors)
     }
     a = write_checkpoint(tmp_path / f"a{tag}.safetensors", shapes, 1)

@@ -1,0 +1,244 @@
+"""Kopf handlers: thin, idempotent, level-triggered.
+
+Each handler reads the resource, asks a pure function for the desired objects (``builders``) or
+status (``status``), applies the result and returns. State lives on the objects: deterministic
+child names and owner references make every handler safe to run twice and after a restart.
+Kopf's own bookkeeping is kept in annotations under ``difftrain.dev/`` (the status schema is
+structural, so a ``status.kopf`` field would be pruned).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from difftrain import api
+from difftrain_operator import builders, status
+
+logger = logging.getLogger(__name__)
+PLURAL = "diffusiontrainingjobs"
+SETTINGS_KEY = "difftrain_settings"
+
+
+def operator_settings() -> builders.OperatorSettings:
+    """Operator settings from its Deployment's environment (set by the Helm chart)."""
+    defaults = builders.OperatorSettings()
+    return builders.OperatorSettings(
+        trainer_image=os.environ.get("DIFFTRAIN_TRAINER_IMAGE", defaults.trainer_image),
+        price_per_gpu_hour=float(os.environ.get("DIFFTRAIN_PRICE_PER_GPU_HOUR", "0") or 0),
+    )
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Annotation storage under our prefix, watch timeouts, peering."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=api.GROUP, key="last-handled-configuration"
+    )
+    # a stalled watch stream is dropped and re-established instead of hanging forever
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    settings.posting.level = logging.INFO
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    memo[SETTINGS_KEY] = operator_settings()
+
+
+def _apply(obj: dict[str, Any]) -> None:
+    """Create a child; if it exists, leave it (Jobs' templates are immutable) but sync suspend."""
+    api_client = client.ApiClient()
+    kind = obj["kind"]
+    ns = obj["metadata"]["namespace"]
+    name = obj["metadata"]["name"]
+    creators = {
+        "ConfigMap": lambda: client.CoreV1Api(api_client).create_namespaced_config_map(ns, obj),
+        "ServiceAccount": lambda: client.CoreV1Api(api_client).create_namespaced_service_account(
+            ns, obj
+        ),
+        "Service": lambda: client.CoreV1Api(api_client).create_namespaced_service(ns, obj),
+        "Role": lambda: client.RbacAuthorizationV1Api(api_client).create_namespaced_role(ns, obj),
+        "RoleBinding": lambda: client.RbacAuthorizationV1Api(
+            api_client
+        ).create_namespaced_role_binding(ns, obj),
+        "Job": lambda: client.BatchV1Api(api_client).create_namespaced_job(ns, obj),
+    }
+    try:
+        creators[kind]()
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        if kind == "Job":
+            client.BatchV1Api(api_client).patch_namespaced_job(
+                name, ns, {"spec": {"suspend": obj["spec"]["suspend"]}}
+            )
+
+
+def _secret_missing(namespace: str, spec: api.DiffusionTrainingJobSpec) -> str | None:
+    if spec.storage is None or spec.storage.secret_ref is None:
+        return None
+    ref = spec.storage.secret_ref
+    try:
+        secret = client.CoreV1Api().read_namespaced_secret(ref.name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return f"Secret {ref.name!r} (storage.secretRef) does not exist in {namespace}"
+        raise
+    missing = [k for k in (ref.access_key_key, ref.secret_key_key) if k not in (secret.data or {})]
+    if missing:
+        return f"Secret {ref.name!r} has no key {missing[0]!r} (storage.secretRef)"
+    return None
+
+
+def _patch_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
+    client.CustomObjectsApi().patch_namespaced_custom_object_status(
+        api.GROUP, api.VERSION, namespace, PLURAL, name, {"status": patch}
+    )
+
+
+@kopf.on.resume(api.GROUP, api.VERSION, PLURAL)
+@kopf.on.create(api.GROUP, api.VERSION, PLURAL)
+@kopf.on.update(api.GROUP, api.VERSION, PLURAL, field="spec")
+def reconcile_training_job(
+    body: kopf.Body, name: str, namespace: str, uid: str, memo: kopf.Memo, **_: Any
+) -> None:
+    """Make the children match the spec, then fold their state into the status."""
+    try:
+        resource = api.parse_resource(dict(body))
+    except api.SpecError as exc:
+        _fail(body, namespace, name, "InvalidSpec", str(exc))
+        raise kopf.PermanentError(str(exc)) from None
+    assert isinstance(resource, api.DiffusionTrainingJob)
+    problem = _secret_missing(namespace, resource.spec)
+    if problem:
+        _wait(body, namespace, name, "SecretMissing", problem)
+        raise kopf.TemporaryError(problem, delay=30)
+    children = builders.build_training_children(resource, uid, memo[SETTINGS_KEY])
+    for obj in children.all():
+        _apply(obj)
+    refresh_status(namespace, name)
+
+
+def _fail(body: kopf.Body, namespace: str, name: str, reason: str, message: str) -> None:
+    kopf.event(body, type="Warning", reason=reason, message=message[:1024])
+    folded = status.Folded("Failed", reason, message, 0, None, None, 0.0)
+    current = body.get("status") or {}
+    _patch_status(
+        namespace,
+        name,
+        {
+            "phase": "Failed",
+            "conditions": status.merge_conditions(
+                list(current.get("conditions") or []),
+                folded,
+                body.get("metadata", {}).get("generation"),
+            ),
+        },
+    )
+
+
+def _wait(body: kopf.Body, namespace: str, name: str, reason: str, message: str) -> None:
+    kopf.event(body, type="Warning", reason=reason, message=message[:1024])
+    current = body.get("status") or {}
+    conditions = [c for c in current.get("conditions") or [] if c.get("type") != "Ready"]
+    conditions.append(
+        {
+            "type": "Ready",
+            "status": "False",
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": status.rfc3339(status.now()),
+        }
+    )
+    _patch_status(namespace, name, {"phase": "Pending", "conditions": conditions})
+
+
+def refresh_status(namespace: str, name: str) -> None:
+    """Re-read the resource, its Job and pods, and write the folded status."""
+    objects = client.CustomObjectsApi()
+    try:
+        body = objects.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, PLURAL, name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return  # deleted; its children go with it (owner references)
+        raise
+    resource = api.parse_resource(body)
+    assert isinstance(resource, api.DiffusionTrainingJob)
+    job_name = builders.child_name(name, limit=52)
+    try:
+        job = client.ApiClient().sanitize_for_serialization(
+            client.BatchV1Api().read_namespaced_job(job_name, namespace)
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        job = None
+    pods = client.ApiClient().sanitize_for_serialization(
+        client.CoreV1Api().list_namespaced_pod(
+            namespace, label_selector=f"{builders.JOB_LABEL}={name}"
+        )
+    )["items"]
+    current = body.get("status") or {}
+    folded = status.fold(
+        status.Observed(
+            job=job,
+            pods=pods,
+            suspend=resource.spec.suspend,
+            trainer_step=current.get("step"),
+            gpus_per_pod=resource.spec.resources.gpus_per_worker,
+        )
+    )
+    price = operator_settings().price_per_gpu_hour
+    patch: dict[str, Any] = {
+        "phase": folded.phase,
+        "restarts": folded.restarts,
+        "gpuHours": folded.gpu_hours,
+        "estimatedCost": round(folded.gpu_hours * price, 2),
+        "observedGeneration": body["metadata"].get("generation"),
+        "conditions": status.merge_conditions(
+            list(current.get("conditions") or []), folded, body["metadata"].get("generation")
+        ),
+    }
+    if folded.start_time:
+        patch["startTime"] = folded.start_time
+    if folded.completion_time:
+        patch["completionTime"] = folded.completion_time
+    if current.get("phase") != folded.phase:
+        kind = "Warning" if folded.phase == "Failed" else "Normal"
+        kopf.event(body, type=kind, reason=folded.phase, message=folded.message[:1024])
+    _patch_status(namespace, name, patch)
+
+
+def _owner_of(labels: dict[str, str] | None) -> str | None:
+    return (labels or {}).get(builders.JOB_LABEL)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={builders.JOB_LABEL: kopf.PRESENT})
+async def job_changed(namespace: str, labels: dict[str, str], **_: Any) -> None:
+    """The child Job moved: fold it into the resource's status."""
+    owner = _owner_of(labels)
+    if owner:
+        await asyncio.to_thread(refresh_status, namespace, owner)
+
+
+@kopf.on.event("", "v1", "pods", labels={builders.JOB_LABEL: kopf.PRESENT})
+async def pod_changed(namespace: str, labels: dict[str, str], **_: Any) -> None:
+    """A worker pod moved (scheduled, running, preempted, finished)."""
+    owner = _owner_of(labels)
+    if owner:
+        await asyncio.to_thread(refresh_status, namespace, owner)
+
+
+@kopf.on.field(api.GROUP, api.VERSION, PLURAL, field="status.step")
+async def trainer_reported(namespace: str, name: str, **_: Any) -> None:
+    """The trainer's first step report moves Preparing to Running."""
+    await asyncio.to_thread(refresh_status, namespace, name)

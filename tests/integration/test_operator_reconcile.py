@@ -1,0 +1,168 @@
+"""The operator, run as `difftrain operator`, against the real API server and controller-manager.
+
+Pods are never scheduled here (no scheduler, no kubelet): the test moves their phases itself
+through the status subresource, the way a kubelet would.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from kubernetes import client
+
+from difftrain import api
+from tests.integration.resources import create, training_job
+
+pytestmark = pytest.mark.usefixtures("crds_installed")
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last})")
+
+
+@pytest.fixture
+def operator(control_plane, namespace, tmp_path):
+    log = (tmp_path / "operator.log").open("wb")
+    env = dict(os.environ, KUBECONFIG=str(control_plane.kubeconfig))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "difftrain.cli",
+            "operator",
+            "--standalone",
+            "--namespace",
+            namespace,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    yield proc
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    print((tmp_path / "operator.log").read_text()[-6000:])  # shown when the test fails
+
+
+def status_of(kube_api, namespace, name):
+    obj = client.CustomObjectsApi(kube_api).get_namespaced_custom_object(
+        api.GROUP, api.VERSION, namespace, "diffusiontrainingjobs", name
+    )
+    return obj.get("status") or {}
+
+
+def set_pod_phase(kube_api, namespace, pod_name, phase, exit_code=None):
+    status = {"phase": phase}
+    if exit_code is not None:
+        status["containerStatuses"] = [
+            {
+                "name": "trainer",
+                "image": "t",
+                "imageID": "",
+                "ready": False,
+                "restartCount": 0,
+                "state": {
+                    "terminated": {
+                        "exitCode": exit_code,
+                        "reason": "Completed",
+                        "startedAt": "2026-11-26T12:00:00Z",
+                        "finishedAt": "2026-11-26T12:30:00Z",
+                    }
+                },
+            }
+        ]
+    client.CoreV1Api(kube_api).patch_namespaced_pod_status(pod_name, namespace, {"status": status})
+
+
+def test_training_job_lifecycle(kube_api, namespace, operator):
+    core = client.CoreV1Api(kube_api)
+    core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "minio-credentials"},
+            "stringData": {"accessKey": "a", "secretKey": "b"},
+        },
+    )
+    create(
+        kube_api,
+        namespace,
+        training_job(
+            "pets", storage={"endpoint": "minio:9000", "secretRef": {"name": "minio-credentials"}}
+        ),
+    )
+
+    batch = client.BatchV1Api(kube_api)
+    job = wait_for(
+        lambda: next(iter(batch.list_namespaced_job(namespace).items), None), what="the child Job"
+    )
+    assert job.metadata.owner_references[0].name == "pets"
+    assert core.read_namespaced_config_map("pets-config", namespace).data["job.yaml"]
+    assert client.RbacAuthorizationV1Api(kube_api).read_namespaced_role("pets-trainer", namespace)
+    pods = wait_for(lambda: core.list_namespaced_pod(namespace).items, what="the Job's pod")
+
+    set_pod_phase(kube_api, namespace, pods[0].metadata.name, "Running")
+    wait_for(
+        lambda: status_of(kube_api, namespace, "pets").get("phase") == "Preparing",
+        what="phase Preparing",
+    )
+    client.CustomObjectsApi(kube_api).patch_namespaced_custom_object_status(
+        api.GROUP,
+        api.VERSION,
+        namespace,
+        "diffusiontrainingjobs",
+        "pets",
+        {"status": {"step": 5, "totalSteps": 1000}},
+    )
+    wait_for(
+        lambda: status_of(kube_api, namespace, "pets").get("phase") == "Running",
+        what="phase Running",
+    )
+
+    set_pod_phase(kube_api, namespace, pods[0].metadata.name, "Succeeded", exit_code=0)
+    final = wait_for(
+        lambda: (s := status_of(kube_api, namespace, "pets")).get("phase") == "Succeeded" and s,
+        timeout=90,
+        what="phase Succeeded",
+    )
+    conditions = {c["type"]: c["status"] for c in final["conditions"]}
+    assert conditions["Succeeded"] == "True"
+    assert conditions["Running"] == "False"
+    assert final["step"] == 5  # the trainer's fields are kept
+    events = core.list_namespaced_event(namespace).items
+    assert {"Preparing", "Running", "Succeeded"} <= {e.reason for e in events}
+
+
+def test_missing_secret_gives_a_waiting_condition_and_an_event(kube_api, namespace, operator):
+    create(
+        kube_api,
+        namespace,
+        training_job(
+            "nosecret", storage={"endpoint": "minio:9000", "secretRef": {"name": "does-not-exist"}}
+        ),
+    )
+    status = wait_for(
+        lambda: (s := status_of(kube_api, namespace, "nosecret")).get("conditions") and s,
+        what="a condition",
+    )
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False"
+    assert ready["reason"] == "SecretMissing"
+    assert "does-not-exist" in ready["message"]
+    events = client.CoreV1Api(kube_api).list_namespaced_event(namespace).items
+    assert any(e.reason == "SecretMissing" for e in events)
+    assert not client.BatchV1Api(kube_api).list_namespaced_job(namespace).items
