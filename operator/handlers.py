@@ -10,6 +10,7 @@ structural, so a ``status.kopf`` field would be pruned).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from typing import Any
@@ -218,24 +219,144 @@ def refresh_status(namespace: str, name: str) -> None:
     _patch_status(namespace, name, patch)
 
 
-def _owner_of(labels: dict[str, str] | None) -> str | None:
-    return (labels or {}).get(builders.JOB_LABEL)
+async def _child_changed(namespace: str, labels: dict[str, str] | None) -> None:
+    labels = labels or {}
+    if owner := labels.get(builders.JOB_LABEL):
+        await asyncio.to_thread(refresh_status, namespace, owner)
+    elif owner := labels.get(builders.MERGE_LABEL):
+        await asyncio.to_thread(refresh_merge_status, namespace, owner)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={builders.JOB_LABEL: kopf.PRESENT})
+MANAGED = {"app.kubernetes.io/managed-by": builders.MANAGED_BY}
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
 async def job_changed(namespace: str, labels: dict[str, str], **_: Any) -> None:
-    """The child Job moved: fold it into the resource's status."""
-    owner = _owner_of(labels)
-    if owner:
-        await asyncio.to_thread(refresh_status, namespace, owner)
+    """A child Job moved: fold it into its resource's status."""
+    await _child_changed(namespace, labels)
 
 
-@kopf.on.event("", "v1", "pods", labels={builders.JOB_LABEL: kopf.PRESENT})
+@kopf.on.event("", "v1", "pods", labels=MANAGED)
 async def pod_changed(namespace: str, labels: dict[str, str], **_: Any) -> None:
-    """A worker pod moved (scheduled, running, preempted, finished)."""
-    owner = _owner_of(labels)
-    if owner:
-        await asyncio.to_thread(refresh_status, namespace, owner)
+    """A child pod moved (scheduled, running, preempted, finished)."""
+    await _child_changed(namespace, labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# ModelMerge
+# ---------------------------------------------------------------------------------------------
+
+MERGE_PLURAL = "modelmerges"
+
+
+@kopf.on.resume(api.GROUP, api.VERSION, MERGE_PLURAL)
+@kopf.on.create(api.GROUP, api.VERSION, MERGE_PLURAL)
+def reconcile_merge(
+    body: kopf.Body, name: str, namespace: str, uid: str, memo: kopf.Memo, **_: Any
+) -> None:
+    """Run the merge as a Job (once: a merge is not changed after it started)."""
+    try:
+        resource = api.parse_resource(dict(body))
+    except api.SpecError as exc:
+        kopf.event(body, type="Warning", reason="InvalidSpec", message=str(exc)[:1024])
+        _patch_merge_status(namespace, name, {"phase": "Failed"})
+        raise kopf.PermanentError(str(exc)) from None
+    assert isinstance(resource, api.ModelMerge)
+    ref = resource.spec.storage.secret_ref if resource.spec.storage else None
+    if ref is not None:
+        try:
+            client.CoreV1Api().read_namespaced_secret(ref.name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            message = f"Secret {ref.name!r} (storage.secretRef) does not exist in {namespace}"
+            kopf.event(body, type="Warning", reason="SecretMissing", message=message)
+            raise kopf.TemporaryError(message, delay=30) from None
+    for obj in builders.build_merge_children(resource, uid, memo[SETTINGS_KEY]):
+        _apply(obj)
+    refresh_merge_status(namespace, name)
+
+
+def _patch_merge_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
+    client.CustomObjectsApi().patch_namespaced_custom_object_status(
+        api.GROUP, api.VERSION, namespace, MERGE_PLURAL, name, {"status": patch}
+    )
+
+
+def _termination_message(pods: list[dict[str, Any]]) -> str | None:
+    for pod in pods:
+        for cs in pod.get("status", {}).get("containerStatuses") or []:
+            message = (cs.get("state", {}).get("terminated") or {}).get("message")
+            if message:
+                found: str = message
+                return found
+    return None
+
+
+def refresh_merge_status(namespace: str, name: str) -> None:
+    """Fold the merge Job into the ModelMerge status; on success, the merge's own report."""
+    try:
+        body = client.CustomObjectsApi().get_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, MERGE_PLURAL, name
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return
+        raise
+    serialize = client.ApiClient().sanitize_for_serialization
+    try:
+        job = serialize(
+            client.BatchV1Api().read_namespaced_job(
+                builders.child_name(name, "merge", limit=52), namespace
+            )
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        job = None
+    pods = serialize(
+        client.CoreV1Api().list_namespaced_pod(
+            namespace, label_selector=f"{builders.MERGE_LABEL}={name}"
+        )
+    )["items"]
+    folded = status.fold(status.Observed(job, pods, False, trainer_step=1, gpus_per_pod=0))
+    phase = {"Preparing": "Running", "Suspended": "Pending"}.get(folded.phase, folded.phase)
+    current = body.get("status") or {}
+    generation = body["metadata"].get("generation")
+    message = _termination_message(pods)
+    detail = message if phase == "Failed" and message else folded.message
+    folded = status.Folded(
+        phase,
+        folded.reason,
+        detail,
+        folded.restarts,
+        folded.start_time,
+        folded.completion_time,
+        0.0,
+    )
+    patch: dict[str, Any] = {
+        "phase": phase,
+        "observedGeneration": generation,
+        "conditions": status.merge_conditions(
+            list(current.get("conditions") or []), folded, generation
+        ),
+    }
+    if folded.start_time:
+        patch["startTime"] = folded.start_time
+    if folded.completion_time:
+        patch["completionTime"] = folded.completion_time
+    if phase == "Succeeded" and message:
+        try:
+            report = json.loads(message)
+        except json.JSONDecodeError:
+            report = {}
+        for key in ("outputUri", "sha256", "shortHash", "sizeBytes", "tensors", "durationSeconds"):
+            if key in report:
+                patch[key] = report[key]
+    if current.get("phase") != phase:
+        kind = "Warning" if phase == "Failed" else "Normal"
+        kopf.event(body, type=kind, reason=phase, message=detail[:1024])
+    _patch_merge_status(namespace, name, patch)
 
 
 @kopf.on.field(api.GROUP, api.VERSION, PLURAL, field="status.step")

@@ -6,6 +6,7 @@ through the status subresource, the way a kubelet would.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 from kubernetes import client
 
 from difftrain import api
-from tests.integration.resources import create, training_job
+from tests.integration.resources import create, model_merge, training_job
 
 pytestmark = pytest.mark.usefixtures("crds_installed")
 
@@ -66,9 +67,17 @@ def status_of(kube_api, namespace, name):
     return obj.get("status") or {}
 
 
-def set_pod_phase(kube_api, namespace, pod_name, phase, exit_code=None):
+def set_pod_phase(kube_api, namespace, pod_name, phase, exit_code=None, message=None):
     status = {"phase": phase}
     if exit_code is not None:
+        terminated = {
+            "exitCode": exit_code,
+            "reason": "Completed",
+            "startedAt": "2026-11-26T12:00:00Z",
+            "finishedAt": "2026-11-26T12:30:00Z",
+        }
+        if message:
+            terminated["message"] = message
         status["containerStatuses"] = [
             {
                 "name": "trainer",
@@ -76,14 +85,7 @@ def set_pod_phase(kube_api, namespace, pod_name, phase, exit_code=None):
                 "imageID": "",
                 "ready": False,
                 "restartCount": 0,
-                "state": {
-                    "terminated": {
-                        "exitCode": exit_code,
-                        "reason": "Completed",
-                        "startedAt": "2026-11-26T12:00:00Z",
-                        "finishedAt": "2026-11-26T12:30:00Z",
-                    }
-                },
+                "state": {"terminated": terminated},
             }
         ]
     client.CoreV1Api(kube_api).patch_namespaced_pod_status(pod_name, namespace, {"status": status})
@@ -166,3 +168,50 @@ def test_missing_secret_gives_a_waiting_condition_and_an_event(kube_api, namespa
     events = client.CoreV1Api(kube_api).list_namespaced_event(namespace).items
     assert any(e.reason == "SecretMissing" for e in events)
     assert not client.BatchV1Api(kube_api).list_namespaced_job(namespace).items
+
+
+def status_of_merge(kube_api, namespace, name):
+    obj = client.CustomObjectsApi(kube_api).get_namespaced_custom_object(
+        api.GROUP, api.VERSION, namespace, "modelmerges", name
+    )
+    return obj.get("status") or {}
+
+
+def test_model_merge_runs_as_a_job_and_reports_its_result(kube_api, namespace, operator):
+    create(kube_api, namespace, model_merge("mix"))
+    core = client.CoreV1Api(kube_api)
+    job = wait_for(
+        lambda: next(iter(client.BatchV1Api(kube_api).list_namespaced_job(namespace).items), None),
+        what="the merge Job",
+    )
+    assert job.spec.template.spec.containers[0].args[0] == "merge"
+    pods = wait_for(lambda: core.list_namespaced_pod(namespace).items, what="the merge pod")
+    set_pod_phase(kube_api, namespace, pods[0].metadata.name, "Running")
+    wait_for(
+        lambda: status_of_merge(kube_api, namespace, "mix").get("phase") == "Running",
+        what="phase Running",
+    )
+    report = json.dumps(
+        {
+            "outputUri": "/m/out.safetensors",
+            "sha256": "ab" * 32,
+            "shortHash": "ab" * 5,
+            "sizeBytes": 2132624110,
+            "tensors": 1131,
+            "durationSeconds": 7.7,
+        }
+    )
+    set_pod_phase(
+        kube_api, namespace, pods[0].metadata.name, "Succeeded", exit_code=0, message=report
+    )
+    final = wait_for(
+        lambda: (
+            (s := status_of_merge(kube_api, namespace, "mix")).get("phase") == "Succeeded" and s
+        ),
+        timeout=90,
+        what="phase Succeeded",
+    )
+    assert final["sha256"] == "ab" * 32
+    assert final["shortHash"] == "ababababab"
+    assert final["tensors"] == 1131
+    assert final["outputUri"] == "/m/out.safetensors"
