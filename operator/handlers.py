@@ -20,7 +20,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from difftrain import api
-from difftrain_operator import builders, status
+from difftrain_operator import builders, metrics, status
 
 logger = logging.getLogger(__name__)
 PLURAL = "diffusiontrainingjobs"
@@ -110,9 +110,18 @@ def _patch_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
 @kopf.on.create(api.GROUP, api.VERSION, PLURAL)
 @kopf.on.update(api.GROUP, api.VERSION, PLURAL, field="spec")
 def reconcile_training_job(
-    body: kopf.Body, name: str, namespace: str, uid: str, memo: kopf.Memo, **_: Any
+    body: kopf.Body, name: str, namespace: str, uid: str, memo: kopf.Memo, reason: str, **_: Any
 ) -> None:
     """Make the children match the spec, then fold their state into the status."""
+    if reason == "create":
+        metrics.CREATED.labels("DiffusionTrainingJob").inc()
+    with metrics.reconcile_timer("DiffusionTrainingJob"):
+        _reconcile_training_job(body, name, namespace, uid, memo)
+
+
+def _reconcile_training_job(
+    body: kopf.Body, name: str, namespace: str, uid: str, memo: kopf.Memo
+) -> None:
     try:
         resource = api.parse_resource(dict(body))
     except api.SpecError as exc:
@@ -170,6 +179,7 @@ def refresh_status(namespace: str, name: str) -> None:
         body = objects.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, PLURAL, name)
     except ApiException as exc:
         if exc.status == 404:
+            metrics.record_phase("DiffusionTrainingJob", namespace, name, None)
             return  # deleted; its children go with it (owner references)
         raise
     resource = api.parse_resource(body)
@@ -217,6 +227,7 @@ def refresh_status(namespace: str, name: str) -> None:
         kind = "Warning" if folded.phase == "Failed" else "Normal"
         kopf.event(body, type=kind, reason=folded.phase, message=folded.message[:1024])
     _patch_status(namespace, name, patch)
+    metrics.record_phase("DiffusionTrainingJob", namespace, name, folded.phase, folded.reason)
 
 
 async def _child_changed(namespace: str, labels: dict[str, str] | None) -> None:
@@ -252,9 +263,16 @@ MERGE_PLURAL = "modelmerges"
 @kopf.on.resume(api.GROUP, api.VERSION, MERGE_PLURAL)
 @kopf.on.create(api.GROUP, api.VERSION, MERGE_PLURAL)
 def reconcile_merge(
-    body: kopf.Body, name: str, namespace: str, uid: str, memo: kopf.Memo, **_: Any
+    body: kopf.Body, name: str, namespace: str, uid: str, memo: kopf.Memo, reason: str, **_: Any
 ) -> None:
     """Run the merge as a Job (once: a merge is not changed after it started)."""
+    if reason == "create":
+        metrics.CREATED.labels("ModelMerge").inc()
+    with metrics.reconcile_timer("ModelMerge"):
+        _reconcile_merge(body, name, namespace, uid, memo)
+
+
+def _reconcile_merge(body: kopf.Body, name: str, namespace: str, uid: str, memo: kopf.Memo) -> None:
     try:
         resource = api.parse_resource(dict(body))
     except api.SpecError as exc:
@@ -357,6 +375,7 @@ def refresh_merge_status(namespace: str, name: str) -> None:
         kind = "Warning" if phase == "Failed" else "Normal"
         kopf.event(body, type=kind, reason=phase, message=detail[:1024])
     _patch_merge_status(namespace, name, patch)
+    metrics.record_phase("ModelMerge", namespace, name, phase, folded.reason)
 
 
 @kopf.on.field(api.GROUP, api.VERSION, PLURAL, field="status.step")

@@ -200,6 +200,10 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     )
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     assert handlers.reconcile_training_job  # importing the module registers the handlers
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port)
     settings = kopf.OperatorSettings()
     # without peering objects (a single replica), run at once instead of waiting for them
     settings.peering.standalone = args.standalone
@@ -274,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     operator.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     operator.add_argument("--priority", type=int, default=0, help="peering priority")
+    operator.add_argument(
+        "--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port"
+    )
     operator.add_argument("--peering", default="difftrain", help="peering object name")
     operator.add_argument("--standalone", action="store_true", help="no peering (a single replica)")
     operator.add_argument("-v", "--verbose", action="store_true")

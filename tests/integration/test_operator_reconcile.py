@@ -11,11 +11,13 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 from kubernetes import client
 
 from difftrain import api
+from tests.infra.processes import free_port
 from tests.integration.resources import create, model_merge, training_job
 
 pytestmark = pytest.mark.usefixtures("crds_installed")
@@ -36,6 +38,7 @@ def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
 def operator(control_plane, namespace, tmp_path):
     log = (tmp_path / "operator.log").open("wb")
     env = dict(os.environ, KUBECONFIG=str(control_plane.kubeconfig))
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -45,11 +48,14 @@ def operator(control_plane, namespace, tmp_path):
             "--standalone",
             "--namespace",
             namespace,
+            "--metrics-port",
+            str(port),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
     )
+    proc.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
     yield proc
     proc.terminate()
     try:
@@ -148,6 +154,20 @@ def test_training_job_lifecycle(kube_api, namespace, operator):
     events = core.list_namespaced_event(namespace).items
     assert {"Preparing", "Running", "Succeeded"} <= {e.reason for e in events}
 
+    scraped = urllib.request.urlopen(operator.metrics_url, timeout=5).read().decode()
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in scraped.splitlines()
+        if line and not line.startswith("#")
+    }
+    kind = '{kind="DiffusionTrainingJob"}'
+    assert samples[f"difftrain_operator_resources_created_total{kind}"] == 1
+    assert samples[f"difftrain_operator_resources_succeeded_total{kind}"] == 1
+    assert samples[f"difftrain_operator_reconcile_duration_seconds_count{kind}"] >= 1
+    by_phase = 'difftrain_operator_resources{kind="DiffusionTrainingJob",phase="%s"}'
+    assert samples[by_phase % "Succeeded"] == 1
+    assert samples[by_phase % "Running"] == 0
+
 
 def test_missing_secret_gives_a_waiting_condition_and_an_event(kube_api, namespace, operator):
     create(
@@ -215,3 +235,142 @@ def test_model_merge_runs_as_a_job_and_reports_its_result(kube_api, namespace, o
     assert final["shortHash"] == "ababababab"
     assert final["tensors"] == 1131
     assert final["outputUri"] == "/m/out.safetensors"
+
+
+def _start_job(kube_api, namespace, name):
+    client.CoreV1Api(kube_api).create_namespaced_secret(
+        namespace,
+        {"metadata": {"name": "creds"}, "stringData": {"accessKey": "a", "secretKey": "b"}},
+    )
+    create(
+        kube_api,
+        namespace,
+        training_job(name, storage={"endpoint": "minio:9000", "secretRef": {"name": "creds"}}),
+    )
+    return wait_for(
+        lambda: next(iter(client.BatchV1Api(kube_api).list_namespaced_job(namespace).items), None),
+        what="the child Job",
+    )
+
+
+def test_suspend_and_resume_map_to_the_child_job(kube_api, namespace, operator):
+    job = _start_job(kube_api, namespace, "susp")
+    objects = client.CustomObjectsApi(kube_api)
+    batch = client.BatchV1Api(kube_api)
+
+    def set_suspend(value: bool) -> None:
+        objects.patch_namespaced_custom_object(
+            api.GROUP,
+            api.VERSION,
+            namespace,
+            "diffusiontrainingjobs",
+            "susp",
+            {"spec": {"suspend": value}},
+        )
+
+    set_suspend(True)
+    wait_for(
+        lambda: batch.read_namespaced_job(job.metadata.name, namespace).spec.suspend,
+        what="the Job to be suspended",
+    )
+    wait_for(
+        lambda: status_of(kube_api, namespace, "susp").get("phase") == "Suspended",
+        what="phase Suspended",
+    )
+    set_suspend(False)
+    wait_for(
+        lambda: not batch.read_namespaced_job(job.metadata.name, namespace).spec.suspend,
+        what="the Job to resume",
+    )
+    wait_for(
+        lambda: status_of(kube_api, namespace, "susp").get("phase") != "Suspended",
+        what="phase after resume",
+    )
+
+
+def test_preempted_pod_does_not_fail_the_job(kube_api, namespace, operator):
+    job = _start_job(kube_api, namespace, "pre")
+    core = client.CoreV1Api(kube_api)
+    pod = wait_for(lambda: core.list_namespaced_pod(namespace).items, what="a pod")[0]
+    core.patch_namespaced_pod_status(
+        pod.metadata.name,
+        namespace,
+        {
+            "status": {
+                "phase": "Failed",
+                "conditions": [
+                    {
+                        "type": "DisruptionTarget",
+                        "status": "True",
+                        "reason": "PreemptionByScheduler",
+                        "message": "preempted",
+                        "lastTransitionTime": "2026-11-26T12:00:00Z",
+                    }
+                ],
+            }
+        },
+    )
+    # the Job replaces the pod without counting a failure, and the resource is not Failed
+    wait_for(
+        lambda: any(
+            p.metadata.name != pod.metadata.name for p in core.list_namespaced_pod(namespace).items
+        ),
+        what="a replacement pod",
+    )
+    batch_job = client.BatchV1Api(kube_api).read_namespaced_job(job.metadata.name, namespace)
+    assert not batch_job.status.failed
+    assert status_of(kube_api, namespace, "pre").get("phase") != "Failed"
+
+
+def test_operator_restart_creates_no_duplicates(
+    kube_api, namespace, control_plane, operator, tmp_path
+):
+    _start_job(kube_api, namespace, "again")
+    operator.terminate()
+    operator.wait(timeout=20)
+    env = dict(os.environ, KUBECONFIG=str(control_plane.kubeconfig))
+    second = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "difftrain.cli",
+            "operator",
+            "--standalone",
+            "--namespace",
+            namespace,
+        ],
+        stdout=(tmp_path / "second.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        time.sleep(6)  # the new operator resumes every resource it finds
+        objects = client.CustomObjectsApi(kube_api)
+        objects.patch_namespaced_custom_object_status(
+            api.GROUP,
+            api.VERSION,
+            namespace,
+            "diffusiontrainingjobs",
+            "again",
+            {"status": {"step": 3}},
+        )
+        core = client.CoreV1Api(kube_api)
+        pod = wait_for(lambda: core.list_namespaced_pod(namespace).items, what="a pod")[0]
+        set_pod_phase(kube_api, namespace, pod.metadata.name, "Running")
+        wait_for(
+            lambda: status_of(kube_api, namespace, "again").get("phase") == "Running",
+            what="the restarted operator to fold status",
+        )
+        assert len(client.BatchV1Api(kube_api).list_namespaced_job(namespace).items) == 1
+        assert (
+            len(
+                core.list_namespaced_config_map(
+                    namespace, label_selector="difftrain.dev/job=again"
+                ).items
+            )
+            == 1
+        )
+        assert status_of(kube_api, namespace, "again")["step"] == 3
+    finally:
+        second.terminate()
+        second.wait(timeout=20)
