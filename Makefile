@@ -33,6 +33,7 @@ typecheck: install
 
 crds: install
 	$(BIN)/difftrain crds --out crds
+	$(BIN)/difftrain crds --out charts/difftrain/crds
 
 # Everything: install, prepare the real test infrastructure, lint, type-check, run the suite.
 test: install

@@ -10,7 +10,9 @@ import yaml
 
 from difftrain import crd
 
-CRD_DIR = Path(__file__).resolve().parents[2] / "crds"
+REPO = Path(__file__).resolve().parents[2]
+CRD_DIR = REPO / "crds"
+CHART_CRD_DIR = REPO / "charts" / "difftrain" / "crds"
 
 
 def schema_of(obj: dict[str, Any]) -> dict[str, Any]:
@@ -28,11 +30,12 @@ def walk(node: dict[str, Any], path: str = ""):
         yield from walk(node["additionalProperties"], f"{path}{{}}")
 
 
+@pytest.mark.parametrize("directory", [CRD_DIR, CHART_CRD_DIR], ids=["crds", "chart"])
 @pytest.mark.parametrize("name", sorted(crd.all_crds()))
-def test_committed_crds_match_the_api(name):
-    committed = (CRD_DIR / name).read_text(encoding="utf-8")
+def test_committed_crds_match_the_api(name, directory):
+    committed = (directory / name).read_text(encoding="utf-8")
     assert committed == crd.render(crd.all_crds()[name]), (
-        f"crds/{name} is stale: run `difftrain crds --out crds`"
+        f"{directory.relative_to(REPO)}/{name} is stale: run `make crds`"
     )
 
 
