@@ -26,6 +26,9 @@ MERGE_LABEL = f"{api.GROUP}/merge"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONFIG_MOUNT = "/etc/difftrain"
 CONTAINER = "trainer"
+# Keeps a finished child Job (and so its final status) until the operator has recorded the result,
+# even when ttlSecondsAfterFinished deletes it at once.
+RESULT_FINALIZER = f"{api.GROUP}/record-result"
 COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
 EXIT_CONFIG_ERROR = api.EXIT_CONFIG_ERROR
@@ -333,7 +336,10 @@ def build_training_children(
     job_obj = {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _meta(job_name, namespace, job_labels, owner),
+        "metadata": {
+            **_meta(job_name, namespace, job_labels, owner),
+            "finalizers": [RESULT_FINALIZER],
+        },
         "spec": job_spec,
     }
     return TrainingChildren(config_map, service_account, role, role_binding, service, job_obj)
@@ -399,7 +405,10 @@ def build_merge_children(
     job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _meta(child_name(name, "merge", limit=52), namespace, labels, owner),
+        "metadata": {
+            **_meta(child_name(name, "merge", limit=52), namespace, labels, owner),
+            "finalizers": [RESULT_FINALIZER],
+        },
         "spec": {
             "completions": 1,
             "parallelism": 1,

@@ -122,6 +122,8 @@ def reconcile_training_job(
 def _reconcile_training_job(
     body: kopf.Body, name: str, namespace: str, uid: str, memo: kopf.Memo
 ) -> None:
+    if (body.get("status") or {}).get("phase") in status.FINISHED:
+        return  # finished is final: a Job removed by its TTL is not run again
     try:
         resource = api.parse_resource(dict(body))
     except api.SpecError as exc:
@@ -199,6 +201,8 @@ def refresh_status(namespace: str, name: str) -> None:
         )
     )["items"]
     current = body.get("status") or {}
+    if job is None and current.get("phase") in status.FINISHED:
+        return  # the Job was deleted after finishing (ttlSecondsAfterFinished): keep the result
     folded = status.fold(
         status.Observed(
             job=job,
@@ -242,9 +246,25 @@ MANAGED = {"app.kubernetes.io/managed-by": builders.MANAGED_BY}
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
-async def job_changed(namespace: str, labels: dict[str, str], **_: Any) -> None:
-    """A child Job moved: fold it into its resource's status."""
+async def job_changed(
+    namespace: str, name: str, labels: dict[str, str], meta: kopf.Meta, **_: Any
+) -> None:
+    """A child Job moved: fold it into its resource's status.
+
+    A Job on its way out (its TTL, or its resource deleted) still holds the result finalizer:
+    the result is recorded first, then the finalizer is released.
+    """
     await _child_changed(namespace, labels)
+    finalizers = list(meta.get("finalizers") or [])
+    if meta.get("deletionTimestamp") and builders.RESULT_FINALIZER in finalizers:
+        index = finalizers.index(builders.RESULT_FINALIZER)
+        path = f"/metadata/finalizers/{index}"
+        # a JSON patch that tests first: only our own finalizer is ever removed
+        patch = [
+            {"op": "test", "path": path, "value": builders.RESULT_FINALIZER},
+            {"op": "remove", "path": path},
+        ]
+        await asyncio.to_thread(client.BatchV1Api().patch_namespaced_job, name, namespace, patch)
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
@@ -273,6 +293,8 @@ def reconcile_merge(
 
 
 def _reconcile_merge(body: kopf.Body, name: str, namespace: str, uid: str, memo: kopf.Memo) -> None:
+    if (body.get("status") or {}).get("phase") in status.FINISHED:
+        return
     try:
         resource = api.parse_resource(dict(body))
     except api.SpecError as exc:
@@ -337,6 +359,8 @@ def refresh_merge_status(namespace: str, name: str) -> None:
             namespace, label_selector=f"{builders.MERGE_LABEL}={name}"
         )
     )["items"]
+    if job is None and (body.get("status") or {}).get("phase") in status.FINISHED:
+        return
     folded = status.fold(status.Observed(job, pods, False, trainer_step=1, gpus_per_pod=0))
     phase = {"Preparing": "Running", "Suspended": "Pending"}.get(folded.phase, folded.phase)
     current = body.get("status") or {}

@@ -13,6 +13,7 @@ from typing import Any
 Obj = dict[str, Any]
 
 CONDITION_TYPES = ("Running", "Suspended", "Succeeded", "Failed")
+FINISHED = ("Succeeded", "Failed")
 
 
 def now() -> dt.datetime:

@@ -374,3 +374,40 @@ def test_operator_restart_creates_no_duplicates(
     finally:
         second.terminate()
         second.wait(timeout=20)
+
+
+def test_ttl_deletion_keeps_the_result_and_runs_nothing_again(kube_api, namespace, operator):
+    core = client.CoreV1Api(kube_api)
+    core.create_namespaced_secret(
+        namespace,
+        {"metadata": {"name": "creds"}, "stringData": {"accessKey": "a", "secretKey": "b"}},
+    )
+    create(
+        kube_api,
+        namespace,
+        training_job(
+            "ttl",
+            ttlSecondsAfterFinished=0,
+            storage={"endpoint": "minio:9000", "secretRef": {"name": "creds"}},
+        ),
+    )
+    batch = client.BatchV1Api(kube_api)
+    job = wait_for(
+        lambda: next(iter(batch.list_namespaced_job(namespace).items), None), what="the child Job"
+    )
+    pod = wait_for(lambda: core.list_namespaced_pod(namespace).items, what="a pod")[0]
+    set_pod_phase(kube_api, namespace, pod.metadata.name, "Succeeded", exit_code=0)
+    wait_for(
+        lambda: status_of(kube_api, namespace, "ttl").get("phase") == "Succeeded",
+        timeout=90,
+        what="phase Succeeded",
+    )
+    wait_for(
+        lambda: not batch.list_namespaced_job(namespace).items,
+        timeout=90,
+        what="the TTL controller to delete the Job",
+    )
+    time.sleep(3)
+    assert status_of(kube_api, namespace, "ttl")["phase"] == "Succeeded"
+    assert not batch.list_namespaced_job(namespace).items, "the finished job ran again"
+    assert job.spec.ttl_seconds_after_finished == 0
