@@ -134,10 +134,62 @@ def _reconcile_training_job(
     if problem:
         _wait(body, namespace, name, "SecretMissing", problem)
         raise kopf.TemporaryError(problem, delay=30)
+    _check_gpu_capacity(body, namespace, name, resource.spec.resources)
     children = builders.build_training_children(resource, uid, memo[SETTINGS_KEY])
     for obj in children.all():
         _apply(obj)
     refresh_status(namespace, name)
+
+
+def gpu_shortfall(nodes: list[Any], resource_name: str, wanted: int) -> str | None:
+    """Why no node can ever hold one worker, or None if one can (pure)."""
+    if wanted <= 0:
+        return None
+    best = 0
+    for node in nodes:
+        allocatable = (node.status.allocatable if node.status else None) or {}
+        try:
+            best = max(best, int(allocatable.get(resource_name, 0)))
+        except ValueError:
+            continue
+    if best >= wanted:
+        return None
+    return (
+        f"no node offers {wanted} {resource_name} per worker (the largest offers {best}); "
+        "the pods wait until such a node joins (e.g. through an autoscaler), or lower "
+        "resources.gpusPerWorker"
+    )
+
+
+def _check_gpu_capacity(body: kopf.Body, namespace: str, name: str, res: api.ResourcesSpec) -> None:
+    """Tell the user early when the cluster has no node that fits one worker."""
+    try:
+        nodes = client.CoreV1Api().list_node().items
+    except ApiException as exc:
+        if exc.status == 403:
+            return  # a namespaced install may not see nodes; the scheduler will say it later
+        raise
+    problem = gpu_shortfall(nodes, res.gpu_resource_name, res.gpus_per_worker)
+    current = body.get("status") or {}
+    conditions = [c for c in current.get("conditions") or [] if c.get("type") != "Schedulable"]
+    old: dict[str, Any] = next(
+        (c for c in current.get("conditions") or [] if c.get("type") == "Schedulable"), {}
+    )
+    value = "False" if problem else "True"
+    conditions.append(
+        {
+            "type": "Schedulable",
+            "status": value,
+            "reason": "InsufficientGPUs" if problem else "CapacityAvailable",
+            "message": problem or "",
+            "lastTransitionTime": old.get("lastTransitionTime")
+            if old.get("status") == value
+            else status.rfc3339(status.now()),
+        }
+    )
+    if problem and old.get("status") != "False":
+        kopf.event(body, type="Warning", reason="InsufficientGPUs", message=problem)
+    _patch_status(namespace, name, {"conditions": conditions})
 
 
 def _fail(body: kopf.Body, namespace: str, name: str, reason: str, message: str) -> None:

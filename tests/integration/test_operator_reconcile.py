@@ -411,3 +411,49 @@ def test_ttl_deletion_keeps_the_result_and_runs_nothing_again(kube_api, namespac
     assert status_of(kube_api, namespace, "ttl")["phase"] == "Succeeded"
     assert not batch.list_namespaced_job(namespace).items, "the finished job ran again"
     assert job.spec.ttl_seconds_after_finished == 0
+
+
+def test_a_gpu_count_no_node_offers_gives_a_condition_and_an_event(kube_api, namespace, operator):
+    core = client.CoreV1Api(kube_api)
+    node = f"gpu-{namespace}"
+    core.create_node({"metadata": {"name": node}})
+    core.patch_node_status(
+        node,
+        {"status": {"allocatable": {"nvidia.com/gpu": "4"}, "capacity": {"nvidia.com/gpu": "4"}}},
+    )
+    try:
+        core.create_namespaced_secret(
+            namespace,
+            {"metadata": {"name": "creds"}, "stringData": {"accessKey": "a", "secretKey": "b"}},
+        )
+        create(
+            kube_api,
+            namespace,
+            training_job(
+                "big",
+                resources={"gpusPerWorker": 16},
+                storage={"endpoint": "minio:9000", "secretRef": {"name": "creds"}},
+            ),
+        )
+        cond = wait_for(
+            lambda: next(
+                (
+                    c
+                    for c in status_of(kube_api, namespace, "big").get("conditions", [])
+                    if c["type"] == "Schedulable"
+                ),
+                None,
+            ),
+            what="Schedulable",
+        )
+        assert cond["status"] == "False"
+        assert cond["reason"] == "InsufficientGPUs"
+        assert "16 nvidia.com/gpu" in cond["message"]
+        events = core.list_namespaced_event(namespace).items
+        assert any(e.reason == "InsufficientGPUs" for e in events)
+        # the Job is still created: an autoscaler needs its pending pods to add a node
+        wait_for(
+            lambda: client.BatchV1Api(kube_api).list_namespaced_job(namespace).items, what="the Job"
+        )
+    finally:
+        core.delete_node(node)

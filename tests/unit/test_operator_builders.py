@@ -232,3 +232,23 @@ def test_merge_runs_on_cpu_unless_a_gpu_is_asked_for():
     assert cpu_job["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
     _, gpu_job = build_merge_children(_merge(resources={"gpu": True}), "u", SETTINGS)
     assert container(gpu_job)["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+
+
+def test_gpu_shortfall_names_what_is_missing():
+    from types import SimpleNamespace
+
+    from difftrain_operator.handlers import gpu_shortfall
+
+    def node(gpus):
+        return SimpleNamespace(status=SimpleNamespace(allocatable={"nvidia.com/gpu": gpus}))
+
+    assert gpu_shortfall([node("4"), node("8")], "nvidia.com/gpu", 8) is None
+    message = gpu_shortfall([node("4")], "nvidia.com/gpu", 8)
+    assert message is not None and "largest offers 4" in message
+    assert gpu_shortfall([], "nvidia.com/gpu", 0) is None  # CPU-only workers need no GPU
+
+
+def test_every_child_is_owned_by_its_resource():
+    children = build_training_children(training_job(resources={"workers": 2}), "u-9", SETTINGS)
+    for obj in children.all():
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == "u-9"
