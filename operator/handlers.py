@@ -55,23 +55,41 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo[SETTINGS_KEY] = operator_settings()
 
 
+_shared: dict[str, client.ApiClient] = {}
+
+
+def _client() -> client.ApiClient:
+    """One API client (one connection pool) for every handler, made after login."""
+    if "api" not in _shared:
+        _shared["api"] = client.ApiClient()
+    return _shared["api"]
+
+
 def _apply(obj: dict[str, Any]) -> None:
     """Create a child; if it exists, leave it (Jobs' templates are immutable) but sync suspend."""
-    api_client = client.ApiClient()
+    api_client = _client()
     kind = obj["kind"]
     ns = obj["metadata"]["namespace"]
     name = obj["metadata"]["name"]
     creators = {
-        "ConfigMap": lambda: client.CoreV1Api(api_client).create_namespaced_config_map(ns, obj),
-        "ServiceAccount": lambda: client.CoreV1Api(api_client).create_namespaced_service_account(
-            ns, obj
+        "ConfigMap": lambda: client.CoreV1Api(api_client).create_namespaced_config_map(
+            ns, obj, _preload_content=False
         ),
-        "Service": lambda: client.CoreV1Api(api_client).create_namespaced_service(ns, obj),
-        "Role": lambda: client.RbacAuthorizationV1Api(api_client).create_namespaced_role(ns, obj),
+        "ServiceAccount": lambda: client.CoreV1Api(api_client).create_namespaced_service_account(
+            ns, obj, _preload_content=False
+        ),
+        "Service": lambda: client.CoreV1Api(api_client).create_namespaced_service(
+            ns, obj, _preload_content=False
+        ),
+        "Role": lambda: client.RbacAuthorizationV1Api(api_client).create_namespaced_role(
+            ns, obj, _preload_content=False
+        ),
         "RoleBinding": lambda: client.RbacAuthorizationV1Api(
             api_client
-        ).create_namespaced_role_binding(ns, obj),
-        "Job": lambda: client.BatchV1Api(api_client).create_namespaced_job(ns, obj),
+        ).create_namespaced_role_binding(ns, obj, _preload_content=False),
+        "Job": lambda: client.BatchV1Api(api_client).create_namespaced_job(
+            ns, obj, _preload_content=False
+        ),
     }
     try:
         creators[kind]()
@@ -89,7 +107,7 @@ def _secret_missing(namespace: str, spec: api.DiffusionTrainingJobSpec) -> str |
         return None
     ref = spec.storage.secret_ref
     try:
-        secret = client.CoreV1Api().read_namespaced_secret(ref.name, namespace)
+        secret = client.CoreV1Api(_client()).read_namespaced_secret(ref.name, namespace)
     except ApiException as exc:
         if exc.status == 404:
             return f"Secret {ref.name!r} (storage.secretRef) does not exist in {namespace}"
@@ -101,7 +119,7 @@ def _secret_missing(namespace: str, spec: api.DiffusionTrainingJobSpec) -> str |
 
 
 def _patch_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
-    client.CustomObjectsApi().patch_namespaced_custom_object_status(
+    client.CustomObjectsApi(_client()).patch_namespaced_custom_object_status(
         api.GROUP, api.VERSION, namespace, PLURAL, name, {"status": patch}
     )
 
@@ -134,10 +152,11 @@ def _reconcile_training_job(
     if problem:
         _wait(body, namespace, name, "SecretMissing", problem)
         raise kopf.TemporaryError(problem, delay=30)
-    _check_gpu_capacity(body, namespace, name, resource.spec.resources)
     children = builders.build_training_children(resource, uid, memo[SETTINGS_KEY])
     for obj in children.all():
         _apply(obj)
+    # advisory, so off the path from apply to Job
+    _check_gpu_capacity(body, namespace, name, resource.spec.resources)
     refresh_status(namespace, name)
 
 
@@ -164,7 +183,7 @@ def gpu_shortfall(nodes: list[Any], resource_name: str, wanted: int) -> str | No
 def _check_gpu_capacity(body: kopf.Body, namespace: str, name: str, res: api.ResourcesSpec) -> None:
     """Tell the user early when the cluster has no node that fits one worker."""
     try:
-        nodes = client.CoreV1Api().list_node().items
+        nodes = client.CoreV1Api(_client()).list_node().items
     except ApiException as exc:
         if exc.status == 403:
             return  # a namespaced install may not see nodes; the scheduler will say it later
@@ -228,7 +247,7 @@ def _wait(body: kopf.Body, namespace: str, name: str, reason: str, message: str)
 
 def refresh_status(namespace: str, name: str) -> None:
     """Re-read the resource, its Job and pods, and write the folded status."""
-    objects = client.CustomObjectsApi()
+    objects = client.CustomObjectsApi(_client())
     try:
         body = objects.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, PLURAL, name)
     except ApiException as exc:
@@ -240,15 +259,15 @@ def refresh_status(namespace: str, name: str) -> None:
     assert isinstance(resource, api.DiffusionTrainingJob)
     job_name = builders.child_name(name, limit=52)
     try:
-        job = client.ApiClient().sanitize_for_serialization(
-            client.BatchV1Api().read_namespaced_job(job_name, namespace)
+        job = _client().sanitize_for_serialization(
+            client.BatchV1Api(_client()).read_namespaced_job(job_name, namespace)
         )
     except ApiException as exc:
         if exc.status != 404:
             raise
         job = None
-    pods = client.ApiClient().sanitize_for_serialization(
-        client.CoreV1Api().list_namespaced_pod(
+    pods = _client().sanitize_for_serialization(
+        client.CoreV1Api(_client()).list_namespaced_pod(
             namespace, label_selector=f"{builders.JOB_LABEL}={name}"
         )
     )["items"]
@@ -316,7 +335,9 @@ async def job_changed(
             {"op": "test", "path": path, "value": builders.RESULT_FINALIZER},
             {"op": "remove", "path": path},
         ]
-        await asyncio.to_thread(client.BatchV1Api().patch_namespaced_job, name, namespace, patch)
+        await asyncio.to_thread(
+            client.BatchV1Api(_client()).patch_namespaced_job, name, namespace, patch
+        )
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
@@ -357,7 +378,7 @@ def _reconcile_merge(body: kopf.Body, name: str, namespace: str, uid: str, memo:
     ref = resource.spec.storage.secret_ref if resource.spec.storage else None
     if ref is not None:
         try:
-            client.CoreV1Api().read_namespaced_secret(ref.name, namespace)
+            client.CoreV1Api(_client()).read_namespaced_secret(ref.name, namespace)
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -370,7 +391,7 @@ def _reconcile_merge(body: kopf.Body, name: str, namespace: str, uid: str, memo:
 
 
 def _patch_merge_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
-    client.CustomObjectsApi().patch_namespaced_custom_object_status(
+    client.CustomObjectsApi(_client()).patch_namespaced_custom_object_status(
         api.GROUP, api.VERSION, namespace, MERGE_PLURAL, name, {"status": patch}
     )
 
@@ -388,17 +409,17 @@ def _termination_message(pods: list[dict[str, Any]]) -> str | None:
 def refresh_merge_status(namespace: str, name: str) -> None:
     """Fold the merge Job into the ModelMerge status; on success, the merge's own report."""
     try:
-        body = client.CustomObjectsApi().get_namespaced_custom_object(
+        body = client.CustomObjectsApi(_client()).get_namespaced_custom_object(
             api.GROUP, api.VERSION, namespace, MERGE_PLURAL, name
         )
     except ApiException as exc:
         if exc.status == 404:
             return
         raise
-    serialize = client.ApiClient().sanitize_for_serialization
+    serialize = _client().sanitize_for_serialization
     try:
         job = serialize(
-            client.BatchV1Api().read_namespaced_job(
+            client.BatchV1Api(_client()).read_namespaced_job(
                 builders.child_name(name, "merge", limit=52), namespace
             )
         )
@@ -407,7 +428,7 @@ def refresh_merge_status(namespace: str, name: str) -> None:
             raise
         job = None
     pods = serialize(
-        client.CoreV1Api().list_namespaced_pod(
+        client.CoreV1Api(_client()).list_namespaced_pod(
             namespace, label_selector=f"{builders.MERGE_LABEL}={name}"
         )
     )["items"]

@@ -1,0 +1,174 @@
+"""Operator benchmark: N DiffusionTrainingJobs applied at once; time from apply to child Job.
+
+Starts the real control plane from the test infrastructure (etcd, kube-apiserver,
+kube-controller-manager on loopback) and `difftrain operator` as its own process, applies N
+resources as fast as the API server takes them, and records for each the time from the create
+call's return to the moment a watch on Jobs sees its child. The baseline, measured in the same run,
+is the same path without the operator: N ConfigMaps created and seen through a watch.
+
+    python benchmarks/operator_bench.py            # 200 resources
+    python benchmarks/operator_bench.py --count 10 # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _watch(list_fn, namespace, seen, stop):  # type: ignore[no-untyped-def]
+    from kubernetes import watch
+
+    w = watch.Watch()
+    while not stop.is_set():
+        for event in w.stream(list_fn, namespace, timeout_seconds=2):
+            name = event["object"].metadata.name
+            seen.setdefault(name, time.perf_counter())
+            if stop.is_set():
+                break
+
+
+def _rss_mib(pid: int) -> tuple[float, float]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def run(count: int) -> None:
+    from kubernetes import client, config
+
+    from difftrain import api
+    from tests.infra.environment import ControlPlane, binary_dir
+
+    work = Path(tempfile.mkdtemp(prefix="difftrain-operator-bench-"))
+    plane = ControlPlane(binary_dir(), work)
+    plane.start()
+    operator = None
+    try:
+        plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+        plane.kubectl("wait", "--for=condition=Established", "crd", "--all")
+        config.load_kube_config(str(plane.kubeconfig))
+        core, objects = client.CoreV1Api(), client.CustomObjectsApi()
+        for ns in ("baseline", "bench"):
+            core.create_namespace({"metadata": {"name": ns}})
+        core.create_namespaced_secret(
+            "bench",
+            {"metadata": {"name": "creds"}, "stringData": {"accessKey": "a", "secretKey": "b"}},
+        )
+
+        # baseline: create -> seen by a watch, without the operator in the path
+        seen: dict[str, float] = {}
+        stop = threading.Event()
+        watcher = threading.Thread(
+            target=_watch,
+            args=(core.list_namespaced_config_map, "baseline", seen, stop),
+            daemon=True,
+        )
+        watcher.start()
+        time.sleep(1)
+        created: dict[str, float] = {}
+        for i in range(count):
+            name = f"cm-{i}"
+            core.create_namespaced_config_map("baseline", {"metadata": {"name": name}})
+            created[name] = time.perf_counter()
+        deadline = time.monotonic() + 120
+        while len([n for n in created if n in seen]) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        baseline = [max(0.0, seen[n] - created[n]) for n in created if n in seen]
+
+        log = (work / "operator.log").open("wb")
+        operator = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "difftrain.cli",
+                "operator",
+                "--standalone",
+                "--namespace",
+                "bench",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, KUBECONFIG=str(plane.kubeconfig)),
+        )
+        time.sleep(5)
+        _, idle_hwm = _rss_mib(operator.pid)
+
+        jobs_seen: dict[str, float] = {}
+        stop = threading.Event()
+        watcher = threading.Thread(
+            target=_watch,
+            args=(client.BatchV1Api().list_namespaced_job, "bench", jobs_seen, stop),
+            daemon=True,
+        )
+        watcher.start()
+        time.sleep(1)
+        applied: dict[str, float] = {}
+        t0 = time.perf_counter()
+        for i in range(count):
+            name = f"job-{i}"
+            body = {
+                "apiVersion": api.API_VERSION,
+                "kind": "DiffusionTrainingJob",
+                "metadata": {"name": name},
+                "spec": {
+                    "baseModel": {"uri": "s3://models/sd15"},
+                    "dataset": {"uri": "s3://data/pets"},
+                    "output": {"uri": f"s3://runs/{name}"},
+                    "storage": {"endpoint": "minio:9000", "secretRef": {"name": "creds"}},
+                },
+            }
+            objects.create_namespaced_custom_object(
+                api.GROUP, api.VERSION, "bench", "diffusiontrainingjobs", body
+            )
+            applied[name] = time.perf_counter()
+        apply_seconds = time.perf_counter() - t0
+        deadline = time.monotonic() + 600
+        while len(jobs_seen) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop.set()
+        rss, hwm = _rss_mib(operator.pid)
+        latencies = [jobs_seen[n] - applied[n] for n in applied if n in jobs_seen]
+    finally:
+        if operator is not None:
+            operator.terminate()
+            operator.wait(timeout=30)
+        plane.stop()
+
+    print(f"{count} resources applied in {apply_seconds:.2f}s; {len(latencies)} child Jobs seen")
+    print(f"{'path':<34} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+    for label, values in (
+        ("baseline: ConfigMap create->watch", baseline),
+        ("operator: DTJ apply->child Job", latencies),
+    ):
+        print(
+            f"{label:<34} {statistics.median(values) * 1e3:8.0f} "
+            f"{_percentile(values, 0.99) * 1e3:8.0f} {max(values) * 1e3:8.0f}"
+        )
+    ratio = _percentile(latencies, 0.99) / _percentile(baseline, 0.99)
+    print(f"p99 ratio operator/baseline: {ratio:.1f}x")
+    print(f"operator RSS: {rss:.0f} MiB now, {hwm:.0f} MiB peak ({idle_hwm:.0f} MiB when idle)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=200)
+    run(parser.parse_args().count)
