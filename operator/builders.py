@@ -162,8 +162,35 @@ def _pod_failure_policy() -> Obj:
     }
 
 
-def _quantity(value: int | str) -> str:
-    return str(value)
+def _resources(cpu: int | str | None, memory: int | str | None, gpu_name: str, gpus: int) -> Obj:
+    """Container resources: CPU and memory requested, memory limited, GPUs as limits."""
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if cpu is not None:
+        requests["cpu"] = str(cpu)
+    if memory is not None:
+        requests["memory"] = limits["memory"] = str(memory)
+    if gpus:
+        limits[gpu_name] = str(gpus)
+    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+
+
+def _config_map(
+    kind: str, name: str, namespace: str, uid: str, spec: Obj, key: str, meta: Obj
+) -> Obj:
+    """The ConfigMap holding a resource's resolved spec, mounted into its pods."""
+    resolved = {
+        "apiVersion": api.API_VERSION,
+        "kind": kind,
+        "metadata": {"name": name, "namespace": namespace, "uid": uid},
+        "spec": spec,
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta,
+        "data": {key: yaml.safe_dump(resolved, sort_keys=False)},
+    }
 
 
 def build_training_children(
@@ -181,18 +208,15 @@ def build_training_children(
     config_name = child_name(name, "config")
     job_name = child_name(name, limit=52)  # pods of an Indexed Job are <job>-<index>-<random>
 
-    resolved = {
-        "apiVersion": api.API_VERSION,
-        "kind": "DiffusionTrainingJob",
-        "metadata": {"name": name, "namespace": namespace, "uid": uid},
-        "spec": spec.to_wire(),
-    }
-    config_map = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _meta(config_name, namespace, labels, owner),
-        "data": {"job.yaml": yaml.safe_dump(resolved, sort_keys=False)},
-    }
+    config_map = _config_map(
+        "DiffusionTrainingJob",
+        name,
+        namespace,
+        uid,
+        spec.to_wire(),
+        "job.yaml",
+        _meta(config_name, namespace, labels, owner),
+    )
     service_account = {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
@@ -262,14 +286,7 @@ def build_training_children(
     else:
         env.append({"name": "DIFFTRAIN_MACHINE_RANK", "value": "0"})
 
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
-    if res.cpu is not None:
-        requests["cpu"] = _quantity(res.cpu)
-    if res.memory is not None:
-        requests["memory"] = limits["memory"] = _quantity(res.memory)
-    if res.gpus_per_worker:
-        limits[res.gpu_resource_name] = str(res.gpus_per_worker)
+    resources = _resources(res.cpu, res.memory, res.gpu_resource_name, res.gpus_per_worker)
     pod_sc, container_sc = _pod_security(settings)
     container = {
         "name": CONTAINER,
@@ -278,7 +295,7 @@ def build_training_children(
         "args": ["run", f"{CONFIG_MOUNT}/job.yaml"],
         "env": env,
         "ports": [{"name": "metrics", "containerPort": settings.metrics_port}],
-        "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
+        "resources": resources,
         "securityContext": container_sc,
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
@@ -361,27 +378,17 @@ def build_merge_children(
     owner = owner_reference("ModelMerge", name, uid)
     labels = _labels(name, "merge", MERGE_LABEL)
     config_name = child_name(name, "merge-config")
-    resolved = {
-        "apiVersion": api.API_VERSION,
-        "kind": "ModelMerge",
-        "metadata": {"name": name, "namespace": namespace, "uid": uid},
-        "spec": spec.to_wire(),
-    }
-    config_map = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _meta(config_name, namespace, labels, owner),
-        "data": {"merge.yaml": yaml.safe_dump(resolved, sort_keys=False)},
-    }
+    config_map = _config_map(
+        "ModelMerge",
+        name,
+        namespace,
+        uid,
+        spec.to_wire(),
+        "merge.yaml",
+        _meta(config_name, namespace, labels, owner),
+    )
     res = spec.resources
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
-    if res.cpu is not None:
-        requests["cpu"] = _quantity(res.cpu)
-    if res.memory is not None:
-        requests["memory"] = limits["memory"] = _quantity(res.memory)
-    if res.gpu:
-        limits[res.gpu_resource_name] = "1"
+    resources = _resources(res.cpu, res.memory, res.gpu_resource_name, 1 if res.gpu else 0)
     pod_sc, container_sc = _pod_security(settings)
     container = {
         "name": CONTAINER,
@@ -394,7 +401,7 @@ def build_merge_children(
             "/dev/termination-log",
         ],
         "env": _store_env(spec.storage),
-        "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
+        "resources": resources,
         "securityContext": container_sc,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from difftrain import api
@@ -63,3 +65,15 @@ def refusal(kube_api, namespace: str, body: dict[str, Any]) -> str:
         assert exc.status in (400, 422), exc
         return str(exc.body)
     raise AssertionError(f"the API server accepted {body}")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last})")

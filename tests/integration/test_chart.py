@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 from kubernetes import client, utils
 
 from tests.infra.environment import REPO
-from tests.integration.resources import create, model_merge, training_job
+from tests.integration.resources import create, model_merge, training_job, wait_for
 
 CHART = REPO / "charts" / "difftrain"
 RELEASE_NS = "difftrain-system"
@@ -45,15 +44,6 @@ def test_chart_lints_and_refuses_bad_values(control_plane):
 def test_chart_renders_crds_identical_to_the_generated_ones(control_plane):
     for crd_file in (REPO / "crds").glob("*.yaml"):
         assert (CHART / "crds" / crd_file.name).read_text() == crd_file.read_text()
-
-
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture

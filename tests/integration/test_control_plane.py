@@ -5,24 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import time
 
 import pytest
 from kubernetes import client
 
 from difftrain import api
 from tests.infra.processes import ServerProcess
-from tests.integration.resources import create, training_job
-
-
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+from tests.integration.resources import create, training_job, wait_for
 
 
 def test_job_controller_creates_pods(kube_api, namespace):

@@ -18,20 +18,9 @@ from kubernetes import client
 
 from difftrain import api
 from tests.infra.processes import free_port
-from tests.integration.resources import create, model_merge, training_job
+from tests.integration.resources import create, model_merge, training_job, wait_for
 
 pytestmark = pytest.mark.usefixtures("crds_installed")
-
-
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last})")
 
 
 @pytest.fixture

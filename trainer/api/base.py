@@ -136,6 +136,19 @@ class Condition(APIModel):
     )
 
 
+def conditions_field() -> Any:
+    """The ``conditions`` list of a status: standard conditions, a list-map keyed by type."""
+    return Field(
+        default_factory=list,
+        max_length=16,
+        description="Standard conditions.",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    )
+
+
 class ObjectMeta(BaseModel):
     """The part of metadata the API reads; the rest is kept as it is."""
 

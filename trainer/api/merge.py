@@ -15,6 +15,7 @@ from difftrain.api.base import (
     StorageSpec,
     Uri,
     cel,
+    conditions_field,
     rules,
     section,
 )
@@ -180,15 +181,7 @@ class ModelMergeStatus(APIModel):
     """Observed state of a merge."""
 
     phase: MergePhase | None = Field(default=None, description="Lifecycle phase.")
-    conditions: list[Condition] = Field(
-        default_factory=list,
-        max_length=16,
-        description="Standard conditions.",
-        json_schema_extra={
-            "x-kubernetes-list-type": "map",
-            "x-kubernetes-list-map-keys": ["type"],
-        },
-    )
+    conditions: list[Condition] = conditions_field()
     observed_generation: int | None = Field(default=None, description="Generation described.")
     output_uri: Annotated[str, Field(max_length=1024)] | None = Field(
         default=None, description="Where the merged model was written."

@@ -14,6 +14,7 @@ from difftrain.api.base import (
     StorageSpec,
     Uri,
     cel,
+    conditions_field,
     rules,
     section,
 )
@@ -279,15 +280,7 @@ class DiffusionTrainingJobStatus(APIModel):
     """Observed state of a training job, written by the operator and the trainer."""
 
     phase: TrainingPhase | None = Field(default=None, description="Lifecycle phase.")
-    conditions: list[Condition] = Field(
-        default_factory=list,
-        max_length=16,
-        description="Standard conditions.",
-        json_schema_extra={
-            "x-kubernetes-list-type": "map",
-            "x-kubernetes-list-map-keys": ["type"],
-        },
-    )
+    conditions: list[Condition] = conditions_field()
     observed_generation: int | None = Field(
         default=None, description="Generation of the spec the status describes."
     )
