@@ -446,3 +446,48 @@ def test_a_gpu_count_no_node_offers_gives_a_condition_and_an_event(kube_api, nam
         )
     finally:
         core.delete_node(node)
+
+
+def test_a_configuration_error_fails_the_job_at_once(kube_api, namespace, operator):
+    job = _start_job(kube_api, namespace, "bad")
+    core = client.CoreV1Api(kube_api)
+    pod = wait_for(lambda: core.list_namespaced_pod(namespace).items, what="a pod")[0]
+    set_pod_phase(kube_api, namespace, pod.metadata.name, "Failed", exit_code=3)
+    final = wait_for(
+        lambda: (s := status_of(kube_api, namespace, "bad")).get("phase") == "Failed" and s,
+        timeout=90,
+        what="phase Failed",
+    )
+    failed = next(c for c in final["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True"
+    assert failed["reason"] == "PodFailurePolicy"  # no retry was spent on it
+    batch_job = client.BatchV1Api(kube_api).read_namespaced_job(job.metadata.name, namespace)
+    assert batch_job.spec.backoff_limit == 3
+    assert len(core.list_namespaced_pod(namespace).items) == 1
+    assert any(
+        e.reason == "Failed" and e.type == "Warning"
+        for e in core.list_namespaced_event(namespace).items
+    )
+
+
+def test_deleting_the_resource_removes_its_children(kube_api, namespace, operator):
+    _start_job(kube_api, namespace, "gone")
+    client.CustomObjectsApi(kube_api).delete_namespaced_custom_object(
+        api.GROUP, api.VERSION, namespace, "diffusiontrainingjobs", "gone"
+    )
+    core, batch = client.CoreV1Api(kube_api), client.BatchV1Api(kube_api)
+    # the result finalizer is released by the operator, then garbage collection finishes
+    wait_for(
+        lambda: not batch.list_namespaced_job(namespace).items,
+        timeout=120,
+        what="the Job to be deleted",
+    )
+    wait_for(
+        lambda: (
+            not core.list_namespaced_config_map(
+                namespace, label_selector="difftrain.dev/job=gone"
+            ).items
+        ),
+        timeout=120,
+        what="the ConfigMap to be deleted",
+    )
