@@ -65,6 +65,12 @@ def _client() -> client.ApiClient:
     return _shared["api"]
 
 
+def _raw(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call the API and parse the JSON ourselves: the client's model classes are slow to build."""
+    response = call(*args, _preload_content=False, **kwargs)
+    return json.loads(response.data)
+
+
 def _apply(obj: dict[str, Any]) -> None:
     """Create a child; if it exists, leave it (Jobs' templates are immutable) but sync suspend."""
     api_client = _client()
@@ -259,17 +265,15 @@ def refresh_status(namespace: str, name: str) -> None:
     assert isinstance(resource, api.DiffusionTrainingJob)
     job_name = builders.child_name(name, limit=52)
     try:
-        job = _client().sanitize_for_serialization(
-            client.BatchV1Api(_client()).read_namespaced_job(job_name, namespace)
-        )
+        job = _raw(client.BatchV1Api(_client()).read_namespaced_job, job_name, namespace)
     except ApiException as exc:
         if exc.status != 404:
             raise
         job = None
-    pods = _client().sanitize_for_serialization(
-        client.CoreV1Api(_client()).list_namespaced_pod(
-            namespace, label_selector=f"{builders.JOB_LABEL}={name}"
-        )
+    pods = _raw(
+        client.CoreV1Api(_client()).list_namespaced_pod,
+        namespace,
+        label_selector=f"{builders.JOB_LABEL}={name}",
     )["items"]
     current = body.get("status") or {}
     if job is None and current.get("phase") in status.FINISHED:
@@ -301,16 +305,44 @@ def refresh_status(namespace: str, name: str) -> None:
     if current.get("phase") != folded.phase:
         kind = "Warning" if folded.phase == "Failed" else "Normal"
         kopf.event(body, type=kind, reason=folded.phase, message=folded.message[:1024])
-    _patch_status(namespace, name, patch)
+    if any(current.get(k) != v for k, v in patch.items()):  # no write when nothing changed
+        _patch_status(namespace, name, patch)
     metrics.record_phase("DiffusionTrainingJob", namespace, name, folded.phase, folded.reason)
 
 
-async def _child_changed(namespace: str, labels: dict[str, str] | None) -> None:
+_scheduled: dict[tuple[str, str, str], asyncio.Task[None]] = {}
+COALESCE_SECONDS = 0.25
+
+
+async def _child_changed(
+    namespace: str, labels: dict[str, str] | None, at_once: bool = False
+) -> None:
+    """Schedule one status refresh for the owner; events in the next 250 ms share it.
+
+    ``at_once`` refreshes now (a Job about to disappear must be read while it exists).
+    """
     labels = labels or {}
     if owner := labels.get(builders.JOB_LABEL):
-        await asyncio.to_thread(refresh_status, namespace, owner)
+        key, refresh = ("dtj", namespace, owner), refresh_status
     elif owner := labels.get(builders.MERGE_LABEL):
-        await asyncio.to_thread(refresh_merge_status, namespace, owner)
+        key, refresh = ("merge", namespace, owner), refresh_merge_status
+    else:
+        return
+    if at_once:
+        await asyncio.to_thread(refresh, namespace, owner)
+        return
+    if key in _scheduled:
+        return  # a refresh is already due; it will read the newest state
+
+    async def later() -> None:
+        await asyncio.sleep(COALESCE_SECONDS)
+        _scheduled.pop(key, None)  # events from now on schedule a new refresh
+        try:
+            await asyncio.to_thread(refresh, namespace, owner)
+        except ApiException as exc:
+            logger.warning("status refresh of %s/%s failed: %s", namespace, owner, exc.reason)
+
+    _scheduled[key] = asyncio.create_task(later())
 
 
 MANAGED = {"app.kubernetes.io/managed-by": builders.MANAGED_BY}
@@ -325,9 +357,10 @@ async def job_changed(
     A Job on its way out (its TTL, or its resource deleted) still holds the result finalizer:
     the result is recorded first, then the finalizer is released.
     """
-    await _child_changed(namespace, labels)
     finalizers = list(meta.get("finalizers") or [])
-    if meta.get("deletionTimestamp") and builders.RESULT_FINALIZER in finalizers:
+    leaving = bool(meta.get("deletionTimestamp")) and builders.RESULT_FINALIZER in finalizers
+    await _child_changed(namespace, labels, at_once=leaving)
+    if leaving:
         index = finalizers.index(builders.RESULT_FINALIZER)
         path = f"/metadata/finalizers/{index}"
         # a JSON patch that tests first: only our own finalizer is ever removed
@@ -335,9 +368,13 @@ async def job_changed(
             {"op": "test", "path": path, "value": builders.RESULT_FINALIZER},
             {"op": "remove", "path": path},
         ]
-        await asyncio.to_thread(
-            client.BatchV1Api(_client()).patch_namespaced_job, name, namespace, patch
-        )
+        try:
+            await asyncio.to_thread(
+                client.BatchV1Api(_client()).patch_namespaced_job, name, namespace, patch
+            )
+        except ApiException as exc:
+            if exc.status not in (404, 422):  # already gone, or released by an earlier event
+                raise
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
@@ -416,21 +453,20 @@ def refresh_merge_status(namespace: str, name: str) -> None:
         if exc.status == 404:
             return
         raise
-    serialize = _client().sanitize_for_serialization
     try:
-        job = serialize(
-            client.BatchV1Api(_client()).read_namespaced_job(
-                builders.child_name(name, "merge", limit=52), namespace
-            )
+        job = _raw(
+            client.BatchV1Api(_client()).read_namespaced_job,
+            builders.child_name(name, "merge", limit=52),
+            namespace,
         )
     except ApiException as exc:
         if exc.status != 404:
             raise
         job = None
-    pods = serialize(
-        client.CoreV1Api(_client()).list_namespaced_pod(
-            namespace, label_selector=f"{builders.MERGE_LABEL}={name}"
-        )
+    pods = _raw(
+        client.CoreV1Api(_client()).list_namespaced_pod,
+        namespace,
+        label_selector=f"{builders.MERGE_LABEL}={name}",
     )["items"]
     if job is None and (body.get("status") or {}).get("phase") in status.FINISHED:
         return
