@@ -146,6 +146,9 @@ def run(count: int) -> None:
             time.sleep(0.1)
         stop.set()
         rss, hwm = _rss_mib(operator.pid)
+        fields = Path(f"/proc/{operator.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        operator_cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        burst_seconds = max(jobs_seen.values(), default=t0) - t0
         latencies = [jobs_seen[n] - applied[n] for n in applied if n in jobs_seen]
     finally:
         if operator is not None:
@@ -166,6 +169,10 @@ def run(count: int) -> None:
     ratio = _percentile(latencies, 0.99) / _percentile(baseline, 0.99)
     print(f"p99 ratio operator/baseline: {ratio:.1f}x")
     print(f"operator RSS: {rss:.0f} MiB now, {hwm:.0f} MiB peak ({idle_hwm:.0f} MiB when idle)")
+    print(
+        f"all Jobs created {burst_seconds:.1f}s after the first apply; operator CPU time "
+        f"{operator_cpu:.1f}s ({os.cpu_count()} cores shared with the control plane)"
+    )
 
 
 if __name__ == "__main__":

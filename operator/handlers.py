@@ -47,7 +47,11 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
-    settings.posting.level = logging.INFO
+    # Events for warnings only: the handlers post their own Events on every phase change, and
+    # an Event per handler run would double the API writes of a burst of new resources
+    settings.posting.level = logging.WARNING
+    # sync handlers run in a thread pool; their time is mostly waiting for the API server
+    settings.execution.max_workers = 16
     try:
         config.load_incluster_config()
     except config.ConfigException:
