@@ -51,7 +51,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # an Event per handler run would double the API writes of a burst of new resources
     settings.posting.level = logging.WARNING
     # sync handlers run in a thread pool; their time is mostly waiting for the API server
-    settings.execution.max_workers = 16
+    settings.execution.max_workers = 16  # keep <= connection_pool_maxsize of _client()
     try:
         config.load_incluster_config()
     except config.ConfigException:
@@ -65,14 +65,21 @@ _shared: dict[str, client.ApiClient] = {}
 def _client() -> client.ApiClient:
     """One API client (one connection pool) for every handler, made after login."""
     if "api" not in _shared:
-        _shared["api"] = client.ApiClient()
+        cfg = client.Configuration.get_default_copy()
+        # as many pooled connections as handler threads: an exhausted pool opens a new TLS
+        # connection per call, and the handshakes were most of the operator's CPU under load
+        cfg.connection_pool_maxsize = 32
+        _shared["api"] = client.ApiClient(cfg)
     return _shared["api"]
 
 
 def _raw(call: Any, *args: Any, **kwargs: Any) -> Any:
     """Call the API and parse the JSON ourselves: the client's model classes are slow to build."""
     response = call(*args, _preload_content=False, **kwargs)
-    return json.loads(response.data)
+    try:
+        return json.loads(response.data)
+    finally:
+        response.release_conn()  # back to the pool: no new TLS handshake for the next call
 
 
 def _apply(obj: dict[str, Any]) -> None:
@@ -102,7 +109,9 @@ def _apply(obj: dict[str, Any]) -> None:
         ),
     }
     try:
-        creators[kind]()
+        response = creators[kind]()
+        response.drain_conn()  # the body is not needed, but the connection goes back clean
+        response.release_conn()
     except ApiException as exc:
         if exc.status != 409:
             raise
