@@ -142,3 +142,49 @@ def test_operator_works_with_exactly_the_charts_rbac(kube_api, namespace, chart_
         ),
         what="phase Preparing",
     )
+
+
+def test_dashboard_renders_and_queries_metrics_the_operator_exports(control_plane):
+    import json
+    import re
+
+    from prometheus_client import REGISTRY
+
+    import difftrain_operator.metrics  # noqa: F401 - registers the operator's metrics
+
+    rendered = helm(
+        control_plane,
+        "template",
+        "difftrain",
+        str(CHART),
+        "--namespace",
+        RELEASE_NS,
+        "--kube-version",
+        KUBE_VERSION,
+    ).stdout
+    maps = [
+        d
+        for d in yaml.safe_load_all(rendered)
+        if d and d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("dashboards")
+    ]
+    assert len(maps) == 1
+    assert maps[0]["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(maps[0]["data"]["difftrain.json"])
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queried = set(re.findall(r"\b(difftrain_[a-z_]+)", " ".join(exprs)))
+    exported = {
+        m.name + suffix
+        for m in REGISTRY.collect()
+        for suffix in ("", "_total", "_bucket", "_count", "_sum")
+    }
+    operator_queried = {q for q in queried if q.startswith("difftrain_operator_")}
+    assert operator_queried
+    assert operator_queried <= exported, operator_queried - exported
+    # the trainer's names are the contract the training runtime must export
+    assert {
+        "difftrain_loss",
+        "difftrain_images_per_second",
+        "difftrain_step",
+        "difftrain_total_steps",
+        "difftrain_eta_seconds",
+    } <= queried
