@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -56,6 +55,7 @@ def run(count: int) -> None:
 
     from difftrain import api
     from tests.infra.environment import ControlPlane, binary_dir
+    from tests.infra.processes import start_operator
 
     work = Path(tempfile.mkdtemp(prefix="difftrain-operator-bench-"))
     plane = ControlPlane(binary_dir(), work)
@@ -94,21 +94,7 @@ def run(count: int) -> None:
         stop.set()
         baseline = [max(0.0, seen[n] - created[n]) for n in created if n in seen]
 
-        log = (work / "operator.log").open("wb")
-        operator = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "difftrain.cli",
-                "operator",
-                "--standalone",
-                "--namespace",
-                "bench",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, KUBECONFIG=str(plane.kubeconfig)),
-        )
+        operator = start_operator(plane.kubeconfig, "bench", work / "operator.log")
         time.sleep(5)
         _, idle_hwm = _rss_mib(operator.pid)
 

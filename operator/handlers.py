@@ -264,6 +264,22 @@ def _wait(body: kopf.Body, namespace: str, name: str, reason: str, message: str)
     _patch_status(namespace, name, {"phase": "Pending", "conditions": conditions})
 
 
+def _read_children(
+    namespace: str, job_name: str, pod_selector: str
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The child Job (None when it does not exist) and its pods, as API-shaped dicts."""
+    try:
+        job = _raw(client.BatchV1Api(_client()).read_namespaced_job, job_name, namespace)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        job = None
+    pods = _raw(
+        client.CoreV1Api(_client()).list_namespaced_pod, namespace, label_selector=pod_selector
+    )["items"]
+    return job, pods
+
+
 def refresh_status(namespace: str, name: str) -> None:
     """Re-read the resource, its Job and pods, and write the folded status."""
     objects = client.CustomObjectsApi(_client())
@@ -276,18 +292,9 @@ def refresh_status(namespace: str, name: str) -> None:
         raise
     resource = api.parse_resource(body)
     assert isinstance(resource, api.DiffusionTrainingJob)
-    job_name = builders.child_name(name, limit=52)
-    try:
-        job = _raw(client.BatchV1Api(_client()).read_namespaced_job, job_name, namespace)
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
-        job = None
-    pods = _raw(
-        client.CoreV1Api(_client()).list_namespaced_pod,
-        namespace,
-        label_selector=f"{builders.JOB_LABEL}={name}",
-    )["items"]
+    job, pods = _read_children(
+        namespace, builders.child_name(name, limit=52), f"{builders.JOB_LABEL}={name}"
+    )
     current = body.get("status") or {}
     if job is None and current.get("phase") in status.FINISHED:
         return  # the Job was deleted after finishing (ttlSecondsAfterFinished): keep the result
@@ -466,21 +473,9 @@ def refresh_merge_status(namespace: str, name: str) -> None:
         if exc.status == 404:
             return
         raise
-    try:
-        job = _raw(
-            client.BatchV1Api(_client()).read_namespaced_job,
-            builders.child_name(name, "merge", limit=52),
-            namespace,
-        )
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
-        job = None
-    pods = _raw(
-        client.CoreV1Api(_client()).list_namespaced_pod,
-        namespace,
-        label_selector=f"{builders.MERGE_LABEL}={name}",
-    )["items"]
+    job, pods = _read_children(
+        namespace, builders.child_name(name, "merge", limit=52), f"{builders.MERGE_LABEL}={name}"
+    )
     if job is None and (body.get("status") or {}).get("phase") in status.FINISHED:
         return
     folded = status.fold(status.Observed(job, pods, False, trainer_step=1, gpus_per_pod=0))

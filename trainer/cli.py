@@ -191,8 +191,22 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     import logging
 
     import kopf
+    from kubernetes import config
 
     from difftrain_operator import handlers
+
+    try:  # fail fast and clearly when there is no cluster to talk to
+        config.load_incluster_config()
+    except config.ConfigException:
+        try:
+            config.load_kube_config()
+        except (config.ConfigException, OSError) as exc:
+            print(
+                f"difftrain operator: no cluster credentials: not in a pod, and no usable "
+                f"kubeconfig ({exc}); set KUBECONFIG or run it in the cluster",
+                file=sys.stderr,
+            )
+            return 2
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -97,3 +98,18 @@ class ServerProcess:
             self.proc.wait(timeout=grace)
         except ProcessLookupError:
             pass
+
+
+def start_operator(
+    kubeconfig: Path, namespace: str, log_path: Path, *extra: str
+) -> subprocess.Popen[bytes]:
+    """`difftrain operator --standalone` for one namespace, as the given kubeconfig's user."""
+    argv = [sys.executable, "-m", "difftrain.cli", "operator", "--standalone"]
+    argv += ["--namespace", namespace, *extra]
+    with log_path.open("wb") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, KUBECONFIG=str(kubeconfig)),
+        )

@@ -3,15 +3,14 @@ the permissions the chart grants (it runs with the chart's ServiceAccount token)
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
 import yaml
 from kubernetes import client, utils
 
 from tests.infra.environment import REPO
+from tests.infra.processes import start_operator
 from tests.integration.resources import create, model_merge, training_job, wait_for
 
 CHART = REPO / "charts" / "difftrain"
@@ -32,6 +31,20 @@ def helm(control_plane, *args: str, check: bool = True) -> subprocess.CompletedP
         timeout=120,
         check=check,
     )
+
+
+def render_chart(control_plane) -> str:
+    """`helm template` of the chart for the pinned Kubernetes version."""
+    return helm(
+        control_plane,
+        "template",
+        "difftrain",
+        str(CHART),
+        "--namespace",
+        RELEASE_NS,
+        "--kube-version",
+        KUBE_VERSION,
+    ).stdout
 
 
 def test_chart_lints_and_refuses_bad_values(control_plane):
@@ -55,16 +68,7 @@ def chart_operator(control_plane, kube_api, namespace, tmp_path):
     except client.ApiException as exc:
         if exc.status != 409:
             raise
-    rendered = helm(
-        control_plane,
-        "template",
-        "difftrain",
-        str(CHART),
-        "--namespace",
-        RELEASE_NS,
-        "--kube-version",
-        KUBE_VERSION,
-    ).stdout
+    rendered = render_chart(control_plane)
     docs = [d for d in yaml.safe_load_all(rendered) if d]
     rbac = [d for d in docs if d["kind"] in {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}]
     assert len(rbac) == 3
@@ -83,21 +87,7 @@ def chart_operator(control_plane, kube_api, namespace, tmp_path):
     path = tmp_path / "operator-kubeconfig"
     path.write_text(yaml.safe_dump(kubeconfig))
     log_path = tmp_path / "operator.log"
-    env = dict(os.environ, KUBECONFIG=str(path))
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "difftrain.cli",
-            "operator",
-            "--standalone",
-            "--namespace",
-            namespace,
-        ],
-        stdout=log_path.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    proc = start_operator(path, namespace, log_path)
     yield proc
     proc.terminate()
     proc.wait(timeout=20)
@@ -152,16 +142,7 @@ def test_dashboard_renders_and_queries_metrics_the_operator_exports(control_plan
 
     import difftrain_operator.metrics  # noqa: F401 - registers the operator's metrics
 
-    rendered = helm(
-        control_plane,
-        "template",
-        "difftrain",
-        str(CHART),
-        "--namespace",
-        RELEASE_NS,
-        "--kube-version",
-        KUBE_VERSION,
-    ).stdout
+    rendered = render_chart(control_plane)
     maps = [
         d
         for d in yaml.safe_load_all(rendered)

@@ -7,9 +7,7 @@ through the status subresource, the way a kubelet would.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 import urllib.request
 
@@ -17,7 +15,7 @@ import pytest
 from kubernetes import client
 
 from difftrain import api
-from tests.infra.processes import free_port
+from tests.infra.processes import free_port, start_operator
 from tests.integration.resources import create, model_merge, training_job, wait_for
 
 pytestmark = pytest.mark.usefixtures("crds_installed")
@@ -25,24 +23,9 @@ pytestmark = pytest.mark.usefixtures("crds_installed")
 
 @pytest.fixture
 def operator(control_plane, namespace, tmp_path):
-    log = (tmp_path / "operator.log").open("wb")
-    env = dict(os.environ, KUBECONFIG=str(control_plane.kubeconfig))
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "difftrain.cli",
-            "operator",
-            "--standalone",
-            "--namespace",
-            namespace,
-            "--metrics-port",
-            str(port),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
+    proc = start_operator(
+        control_plane.kubeconfig, namespace, tmp_path / "operator.log", "--metrics-port", str(port)
     )
     proc.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
     yield proc
@@ -51,7 +34,6 @@ def operator(control_plane, namespace, tmp_path):
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
-    log.close()
     print((tmp_path / "operator.log").read_text()[-6000:])  # shown when the test fails
 
 
@@ -317,21 +299,7 @@ def test_operator_restart_creates_no_duplicates(
     _start_job(kube_api, namespace, "again")
     operator.terminate()
     operator.wait(timeout=20)
-    env = dict(os.environ, KUBECONFIG=str(control_plane.kubeconfig))
-    second = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "difftrain.cli",
-            "operator",
-            "--standalone",
-            "--namespace",
-            namespace,
-        ],
-        stdout=(tmp_path / "second.log").open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    second = start_operator(control_plane.kubeconfig, namespace, tmp_path / "second.log")
     try:
         time.sleep(6)  # the new operator resumes every resource it finds
         objects = client.CustomObjectsApi(kube_api)

@@ -62,3 +62,19 @@ def test_crds_prints_both_definitions(capsys):
         "DiffusionTrainingJob",
         "ModelMerge",
     ]
+
+
+def test_operator_without_cluster_credentials_says_so(tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    env["KUBECONFIG"] = str(tmp_path / "missing-kubeconfig")
+    env["HOME"] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "difftrain.cli", "operator", "--standalone"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert "no cluster credentials" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -134,7 +135,6 @@ def merge(
     spec: ModelMergeSpec,
     config: StoreConfig | None = None,
     progress: ProgressFn | None = None,
-    work_dir: Path | None = None,
 ) -> MergeResult:
     """Run one ModelMerge spec end to end and commit the output."""
     started = time.monotonic()
@@ -167,11 +167,14 @@ def merge(
     metadata.update(evaluator.extra_metadata())
 
     out_store = open_store(spec.output.uri, config)
-    scratch = work_dir or scratch_dir("difftrain-merge-")
+    # a local output is written beside its target and renamed into place; an object-store
+    # output is written to a scratch folder and uploaded
+    remote = is_s3(spec.output.uri)
+    scratch = scratch_dir("difftrain-merge-") if remote else None
     out_path = (
-        Path(spec.output.uri).with_name(f".{Path(spec.output.uri).name}.part")
-        if not is_s3(spec.output.uri) and work_dir is None
-        else scratch / "output.safetensors"
+        scratch / "output.safetensors"
+        if scratch is not None
+        else Path(spec.output.uri).with_name(f".{Path(spec.output.uri).name}.part")
     )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     readers = {
@@ -194,14 +197,17 @@ def merge(
         for r in readers.values():
             r.close()
         writer.abort()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         raise
     digest = writer.close() or sha256_file(out_path)
     size = out_path.stat().st_size
-    if is_s3(spec.output.uri) or work_dir is not None:
-        commit_file(out_store, spec.output.uri, out_path, digest, {"recipe": recipe})
-        out_path.unlink(missing_ok=True)
+    if scratch is not None:
+        try:
+            commit_file(out_store, spec.output.uri, out_path, digest, {"recipe": recipe})
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     else:
-        # local output: the finished file is renamed into place, then its manifest is written
         final = Path(spec.output.uri)
         out_path.replace(final)
         commit_file(out_store, str(final), final, digest, {"recipe": recipe})
