@@ -48,7 +48,7 @@ class CleaningSpec(APIModel):
     )
 
 
-DatasetFormat = Literal["auto", "folder", "jsonl", "webdataset"]
+DatasetFormat = Literal["auto", "folder", "jsonl", "webdataset", "classes"]
 
 
 class DatasetSpec(APIModel):
@@ -60,8 +60,9 @@ class DatasetSpec(APIModel):
     format: DatasetFormat = Field(
         default="auto",
         description="Layout: 'folder' (image + same-stem .txt caption), 'jsonl' "
-        "(metadata.jsonl with file_name and a caption column), 'webdataset' (.tar shards), or "
-        "'auto' to detect it.",
+        "(metadata.jsonl with file_name and a caption column), 'webdataset' (.tar shards), "
+        "'classes' (one sub-folder per class, captions from captionTemplate), or 'auto' to "
+        "detect it.",
     )
     caption_column: ShortText = Field(
         default="text", description="Caption column of metadata.jsonl (format jsonl)."

@@ -264,6 +264,11 @@ class DatasetReport(APIModel):
         default=0, ge=0, description="Captions longer than the text encoder's context."
     )
     augmented: int = Field(default=0, ge=0, description="Boomerang variants added.")
+    examples: dict[str, Annotated[list[ShortText], Field(max_length=5)]] = Field(
+        default_factory=dict,
+        description="The first few keys (at most 5) of the pairs dropped for each reason, so "
+        "they can be found and fixed.",
+    )
 
 
 class ExportedFile(APIModel):
