@@ -90,6 +90,10 @@ class Store(Protocol):
         """A forward-only stream from ``offset`` to the end."""
         ...
 
+    def get_bytes(self, uri: str) -> bytes:
+        """A whole (small) object in one request."""
+        ...
+
     def put_file(self, path: Path, uri: str) -> None:
         """Upload (or copy) a local file to ``uri``."""
         ...
@@ -132,6 +136,12 @@ class LocalStore:
         fh = open(uri, "rb")  # noqa: SIM115 - handed to the caller, who closes it
         fh.seek(offset)
         return fh
+
+    def get_bytes(self, uri: str) -> bytes:
+        try:
+            return Path(uri).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"{uri}: no such file") from None
 
     def put_file(self, path: Path, uri: str) -> None:
         dest = Path(uri)
@@ -272,6 +282,19 @@ class S3Store:
         bucket, key = split_s3(uri)
         resp = self._call(bucket, "get", lambda: self.client.get_object(bucket, key, offset))
         return io.BufferedReader(_ResponseStream(resp), buffer_size=1 << 20)
+
+    def get_bytes(self, uri: str) -> bytes:
+        bucket, key = split_s3(uri)
+
+        def get() -> bytes:  # one GET, no stat: dataset images are many and small
+            resp = self.client.get_object(bucket, key)
+            try:
+                return bytes(resp.read())
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        return self._call(bucket, "get", get)
 
     def put_file(self, path: Path, uri: str) -> None:
         bucket, key = split_s3(uri)

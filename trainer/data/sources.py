@@ -1,0 +1,266 @@
+"""Dataset sources: image–caption pairs read from a bucket prefix or a local folder.
+
+Layouts (``dataset.format``):
+
+- ``folder``: images with a same-stem ``.txt`` caption beside them (``a/cat.jpg`` + ``a/cat.txt``);
+- ``jsonl``: ``metadata.jsonl`` (Hugging Face *imagefolder*): one JSON object per line with
+  ``file_name`` (relative to the metadata file's folder) and the caption in ``captionColumn``;
+- ``webdataset``: ``.tar`` shards whose members are grouped by key (``000123.jpg`` +
+  ``000123.txt``, ``.caption`` or ``.json``); shards are streamed, never downloaded whole;
+- ``classes``: one sub-folder per class (Stanford Dogs, CUB-200 ...), no caption files; the caption
+  is ``captionTemplate`` with ``{class}`` replaced by the folder's name (a leading WordNet id
+  ``n02085620-`` or index ``001.`` removed, underscores as spaces);
+- ``auto``: detected from the files found.
+
+Files and folders whose names start with a dot are never part of a dataset (caches, partial
+uploads, macOS metadata). Pairs come out in a deterministic order (sorted keys; shards in name
+order, members in archive order) whatever order the parallel reads finish in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from difftrain.api import DatasetSpec
+from difftrain.data.pairs import CleanPair, DatasetError, RawPair, caption_text, caption_value
+from difftrain.data.parallel import ordered_map
+from difftrain.data.webdataset import SHARD_EXTENSIONS, prefetch, shard_key, shard_pairs
+from difftrain.storage import Store, is_s3, split_s3
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+METADATA_NAME = "metadata.jsonl"
+FORMATS = ("folder", "jsonl", "webdataset", "classes")
+
+
+@dataclass(frozen=True)
+class _Listing:
+    root: str  # dataset.uri without a trailing slash (the parent when it names one object)
+    files: list[str]  # paths relative to root, sorted, hidden ones left out
+
+    def uri(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if self.root else rel
+
+
+@dataclass(frozen=True)
+class _Job:
+    key: str
+    image: str | None  # relative path; None when the image is missing
+    caption: str | None = None
+    caption_file: str | None = None
+
+
+def _where(spec: DatasetSpec, store: Store) -> str:
+    config = getattr(store, "config", None)
+    endpoint = getattr(config, "endpoint", None)
+    return f"dataset.uri {spec.uri}" + (f" (at {endpoint})" if endpoint else "")
+
+
+def _list(spec: DatasetSpec, store: Store) -> _Listing:
+    uri = spec.uri.rstrip("/") or spec.uri
+    if is_s3(uri):
+        _, key = split_s3(uri)
+        uris = list(store.list(f"{uri}/" if key else uri))
+        if not uris and key and store.exists(uri):  # the URI names one shard or metadata file
+            return _Listing(uri.rsplit("/", 1)[0], [uri.rsplit("/", 1)[1]])
+    else:
+        path = Path(uri)
+        if path.is_file():
+            return _Listing(str(path.parent), [path.name])
+        if not path.is_dir():
+            raise DatasetError(f"dataset.uri {spec.uri} does not exist: give an existing folder")
+        uris = list(store.list(uri))
+    prefix = f"{uri}/"
+    files = sorted(
+        rel
+        for rel in (u[len(prefix) :] if u.startswith(prefix) else u for u in uris)
+        if rel and not any(part.startswith(".") for part in rel.split("/"))
+    )
+    if not files:
+        raise DatasetError(
+            f"{_where(spec, store)} is empty: no files under this prefix; check the bucket and "
+            "prefix (or upload the dataset there)"
+        )
+    return _Listing(uri, files)
+
+
+def _is_image(rel: str) -> bool:
+    return rel.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _is_shard(rel: str) -> bool:
+    return rel.lower().endswith(SHARD_EXTENSIONS)
+
+
+def _detect(spec: DatasetSpec, listing: _Listing, where: str) -> str:
+    if spec.format != "auto":
+        return spec.format
+    images = [f for f in listing.files if _is_image(f)]
+    if any(_is_shard(f) for f in listing.files) and not images:
+        return "webdataset"
+    if any(f.rsplit("/", 1)[-1] == METADATA_NAME for f in listing.files):
+        return "jsonl"
+    if spec.caption_template and images and all("/" in f for f in images):
+        return "classes"
+    if images:
+        return "folder"
+    sample = ", ".join(listing.files[:3])
+    raise DatasetError(
+        f"{where} holds no images ({', '.join(IMAGE_EXTENSIONS)}), .tar shards or "
+        f"{METADATA_NAME} (found e.g. {sample}); fix the prefix or set dataset.format"
+    )
+
+
+def detect_format(spec: DatasetSpec, store: Store) -> str:
+    """The dataset's layout: 'folder', 'jsonl', 'webdataset' or 'classes' (``spec.format`` unless
+    it is 'auto')."""
+    return _detect(spec, _list(spec, store), _where(spec, store))
+
+
+def iter_pairs(spec: DatasetSpec, store: Store, *, workers: int = 8) -> Iterator[RawPair]:
+    """Every image–caption pair of the dataset, in a deterministic order.
+
+    Objects are read by ``workers`` threads (the store's latency, not its bandwidth, is what
+    limits many small reads). Raises DatasetError (layout) or StorageError (store) before the
+    first pair when the prefix is empty, the bucket missing or the credentials refused.
+    """
+    where = _where(spec, store)
+    listing = _list(spec, store)
+    fmt = _detect(spec, listing, where)
+    logger.info("reading dataset", extra={"uri": spec.uri, "format": fmt})
+    if fmt == "webdataset":
+        shards = [(listing.uri(f), shard_key(f)) for f in listing.files if _is_shard(f)]
+        if not shards:
+            raise DatasetError(f"{where} has no .tar shards: set dataset.format or fix the prefix")
+        return prefetch(shard_pairs(store, shards, spec.caption_column), depth=max(16, workers * 4))
+    if fmt == "jsonl":
+        jobs = _jsonl_jobs(spec, store, listing, where)
+    elif fmt == "classes":
+        jobs = _class_jobs(spec, listing, where)
+    else:
+        jobs = _folder_jobs(listing, where)
+    return ordered_map(lambda job: _read_job(store, listing, job), jobs, workers=workers)
+
+
+def _read_job(store: Store, listing: _Listing, job: _Job) -> RawPair:
+    caption = job.caption
+    if job.caption_file is not None:
+        caption = caption_text(store.get_bytes(listing.uri(job.caption_file)))
+    if job.image is None:
+        # Named by metadata.jsonl but absent: counted as corrupt (unreadable), never skipped.
+        return RawPair(job.key, listing.uri(job.key), b"", caption)
+    uri = listing.uri(job.image)
+    return RawPair(job.key, uri, store.get_bytes(uri), caption)
+
+
+def _stem(rel: str) -> str:
+    head, _, base = rel.rpartition("/")
+    stem = base.rsplit(".", 1)[0] if "." in base else base
+    return f"{head}/{stem}" if head else stem
+
+
+def _image_keys(images: list[str]) -> dict[str, str]:
+    """Image path -> key: the path without extension, unless two images share it (cat.jpg and
+    cat.png), then the path itself so keys stay unique."""
+    stems = Counter(_stem(f) for f in images)
+    return {f: _stem(f) if stems[_stem(f)] == 1 else f for f in images}
+
+
+def _folder_jobs(listing: _Listing, where: str) -> list[_Job]:
+    images = [f for f in listing.files if _is_image(f)]
+    if not images:
+        raise DatasetError(f"{where} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    captions = {_stem(f): f for f in listing.files if f.endswith(".txt")}
+    keys = _image_keys(images)
+    jobs = [_Job(keys[f], f, caption_file=captions.get(_stem(f))) for f in images]
+    return sorted(jobs, key=lambda j: j.key)
+
+
+_CLASS_PREFIX = re.compile(r"^(n\d{8}-|\d+[._-])")
+
+
+def class_name(folder: str) -> str:
+    """Folder name -> class name: 'n02085620-Chihuahua' -> 'Chihuahua',
+    '001.Black_footed_Albatross' -> 'Black footed Albatross'."""
+    name = _CLASS_PREFIX.sub("", folder).replace("_", " ").strip()
+    return name or folder
+
+
+def _class_jobs(spec: DatasetSpec, listing: _Listing, where: str) -> list[_Job]:
+    template = spec.caption_template
+    if not template or "{class}" not in template:
+        raise DatasetError(
+            f"{where}: class folders need dataset.captionTemplate with {{class}} in it, "
+            "e.g. 'a photo of a {class}'"
+        )
+    images = [f for f in listing.files if _is_image(f)]
+    if not images:
+        raise DatasetError(f"{where} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    keys = _image_keys(images)
+    jobs = []
+    for f in images:
+        folder = f.split("/", 1)[0] if "/" in f else None
+        # An image outside any class folder has no caption: dropped and reported, not guessed.
+        caption = template.replace("{class}", class_name(folder)) if folder else None
+        jobs.append(_Job(keys[f], f, caption=caption))
+    return sorted(jobs, key=lambda j: j.key)
+
+
+def _jsonl_jobs(spec: DatasetSpec, store: Store, listing: _Listing, where: str) -> list[_Job]:
+    metas = [f for f in listing.files if f.rsplit("/", 1)[-1] == METADATA_NAME]
+    if not metas:
+        raise DatasetError(f"{where} has no {METADATA_NAME}: set dataset.format or add one")
+    present = set(listing.files)
+    column = spec.caption_column
+    jobs: dict[str, _Job] = {}
+    columns: set[str] = set()
+    found_column = False
+    for meta in metas:
+        folder = meta.rpartition("/")[0]
+        text = caption_text(store.get_bytes(listing.uri(meta)))
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(
+                    f"{listing.uri(meta)} line {lineno}: not valid JSON ({exc.msg}); fix the line"
+                ) from None
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+                raise DatasetError(
+                    f"{listing.uri(meta)} line {lineno}: expected an object with a file_name string"
+                )
+            columns.update(row)
+            found_column = found_column or column in row
+            rel = f"{folder}/{row['file_name']}" if folder else row["file_name"]
+            rel = rel.removeprefix("./")
+            key = _stem(rel)
+            jobs[key] = _Job(
+                key, rel if rel in present else None, caption=caption_value(row.get(column))
+            )
+    if jobs and not found_column:
+        raise DatasetError(
+            f"{where}: no row of {METADATA_NAME} has the caption column {column!r} (columns: "
+            f"{', '.join(sorted(columns))}); set dataset.captionColumn"
+        )
+    return [jobs[k] for k in sorted(jobs)]
+
+
+__all__ = [
+    "FORMATS",
+    "IMAGE_EXTENSIONS",
+    "CleanPair",
+    "DatasetError",
+    "RawPair",
+    "class_name",
+    "detect_format",
+    "iter_pairs",
+]
