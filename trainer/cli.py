@@ -299,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--standalone", action="store_true", help="no peering (a single replica)")
     operator.add_argument("-v", "--verbose", action="store_true")
     operator.set_defaults(func=_cmd_operator)
+
+    from difftrain.train.command import add_parser as add_run_parser
+
+    add_run_parser(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""The training runtime: loop, checkpoints, samples, metrics, progress and exports."""

@@ -1,0 +1,186 @@
+"""Training examples and batches: from the latent cache or decoded on the fly.
+
+Every random choice about an example (flip, crop, rotation, caption dropout) is drawn from a
+generator seeded by (seed, epoch, index), so resuming at a data position replays exactly the
+batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from difftrain.train.objective import step_generator
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: a cleaned pair and/or its cached encoding."""
+
+    key: str
+    caption: str
+    size: tuple[int, int]  # (width, height) it is trained at
+    data: bytes | None = None  # encoded image (raw mode)
+    cached: Any = None  # difftrain.data.cache.CachedSample (cached mode)
+    conditioning: bytes | None = None  # ControlNet conditioning image
+    is_prior: bool = False  # a DreamBooth class image
+
+
+@dataclass
+class Batch:
+    """What one micro-batch feeds the model."""
+
+    captions: list[str]
+    latents: torch.Tensor | None = None  # scaled latents (cached mode)
+    pixels: torch.Tensor | None = None  # images in [-1, 1] (raw mode)
+    text_embeddings: torch.Tensor | None = None  # cached text-encoder outputs
+    conditioning: torch.Tensor | None = None  # ControlNet conditioning in [0, 1]
+    prior: torch.Tensor | None = None  # bool per example: DreamBooth class image
+
+
+def epoch_batches(sampler: Any, epoch: int) -> list[list[int]]:
+    """The sampler's batches of one epoch (deterministic from the seed and epoch)."""
+    sampler.set_epoch(epoch)
+    return [list(b) for b in sampler]
+
+
+def data_position(
+    sampler: Any, epoch: int, batch_in_epoch: int
+) -> Iterator[tuple[int, int, list[int]]]:
+    """(epoch, batch index, example indices) from a position on, across epochs, forever."""
+    while True:
+        batches = epoch_batches(sampler, epoch)
+        if not batches:
+            raise ValueError(
+                "the dataset gives no full batch: lower hyperparameters.batchSize or add images"
+            )
+        for i in range(batch_in_epoch, len(batches)):
+            yield epoch, i, batches[i]
+        epoch += 1
+        batch_in_epoch = 0
+
+
+class BatchBuilder:
+    """Turns example indices into a Batch."""
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        *,
+        seed: int,
+        transform: Callable[..., torch.Tensor] | None,
+        decode: Callable[[bytes, str], Any] | None,
+        flip_probability: float,
+        caption_dropout: float,
+        scaling_factor: float,
+        shift_factor: float | None = None,
+    ) -> None:
+        self.examples = examples
+        self.seed = seed
+        self.transform = transform
+        self.decode = decode
+        self.flip_probability = flip_probability
+        self.caption_dropout = caption_dropout
+        self.scaling_factor = scaling_factor
+        self.shift_factor = shift_factor
+        # The text encoder's output for an empty caption (caption dropout with cached text).
+        self.empty_embedding: torch.Tensor | None = None
+
+    def __call__(self, epoch: int, index: int, indices: list[int]) -> Batch:
+        captions: list[str] = []
+        latents: list[torch.Tensor] = []
+        pixels: list[torch.Tensor] = []
+        embeddings: list[torch.Tensor] = []
+        conditioning: list[torch.Tensor] = []
+        prior: list[bool] = []
+        for i in indices:
+            ex = self.examples[i]
+            rng = random.Random(f"{self.seed}:{epoch}:{i}")
+            flip = rng.random() < self.flip_probability
+            drop = rng.random() < self.caption_dropout
+            captions.append("" if drop else ex.caption)
+            prior.append(ex.is_prior)
+            if ex.cached is not None:
+                params = ex.cached.latent_params
+                if flip and ex.cached.latent_params_flipped is not None:
+                    params = ex.cached.latent_params_flipped
+                gen = step_generator(self.seed, "latent", epoch, i)
+                latents.append(self._sample_latent(params, gen))
+                if ex.cached.text_embeddings is not None:
+                    if drop:
+                        assert self.empty_embedding is not None
+                        embeddings.append(self.empty_embedding)
+                    else:
+                        embeddings.append(ex.cached.text_embeddings.float())
+            else:
+                assert self.transform is not None and self.decode is not None and ex.data
+                image = self.decode(ex.data, ex.key)
+                pixels.append(self.transform(image, size=ex.size, rng=rng, flip=flip))
+            if ex.conditioning is not None:
+                assert self.transform is not None and self.decode is not None
+                cond_image = self.decode(ex.conditioning, ex.key + " (conditioning)")
+                # same size, unflipped, center crop: matches the cached latent's framing
+                cond = self.transform(cond_image, size=ex.size, rng=random.Random(0), flip=False)
+                conditioning.append((cond + 1.0) / 2.0)
+        batch = Batch(captions=captions, prior=torch.tensor(prior))
+        if latents:
+            batch.latents = torch.stack(latents)
+        if pixels:
+            batch.pixels = torch.stack(pixels)
+        if embeddings and len(embeddings) == len(indices):
+            batch.text_embeddings = torch.stack(embeddings)
+        if conditioning:
+            batch.conditioning = torch.stack(conditioning)
+        return batch
+
+    def _sample_latent(self, params: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        mean, logvar = params.float().chunk(2, dim=0)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        sample = mean + std * torch.randn(mean.shape, generator=generator)
+        if self.shift_factor is not None:
+            sample = sample - self.shift_factor
+        return sample * self.scaling_factor
+
+
+class Prefetcher:
+    """Builds the next batches on a background thread while the model trains on this one."""
+
+    def __init__(
+        self, source: Iterator[tuple[int, int, list[int]]], build: BatchBuilder, depth: int = 2
+    ) -> None:
+        self.source = source
+        self.build = build
+        self.queue: queue.Queue[tuple[int, int, Batch] | BaseException] = queue.Queue(depth)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._work, name="batch-prefetch", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        try:
+            for epoch, index, indices in self.source:
+                item = (epoch, index, self.build(epoch, index, indices))
+                while not self.stopped.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stopped.is_set():
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            self.queue.put(exc)
+
+    def next(self) -> tuple[int, int, Batch]:
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stopped.set()

@@ -1,0 +1,231 @@
+"""Checkpoints: the full training state, committed atomically, the newest resumed automatically.
+
+A checkpoint is a prefix ``<output>/checkpoints/step-00001000/`` holding safetensors files (the
+trainable weights, optimizer moments, EMA weights, RNG states) and ``state.json`` (step, epoch, data
+position, scalar optimizer/scheduler state). The manifest is written last, so a checkpoint whose
+upload was interrupted has none and is never resumed from. Nothing is pickled: optimizer and EMA
+state dicts are split into tensors (safetensors) and a JSON skeleton.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from difftrain.storage import (
+    MANIFEST_NAME,
+    StorageError,
+    Store,
+    commit,
+    join,
+    read_manifest,
+    sha256_file,
+)
+
+logger = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"step-(\d{8})$")
+TENSOR_REF = "__tensor__"
+
+
+def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state dict into a JSON skeleton and its tensors (named by path)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value.detach().to("cpu").contiguous()
+            return {TENSOR_REF: path}
+        if isinstance(value, dict):
+            # JSON keys are strings; remember integer keys (optimizer state is keyed by index).
+            return {
+                "__dict__": [
+                    [k, walk(v, f"{path}.{k}" if path else str(k))] for k, v in value.items()
+                ]
+            }
+        if isinstance(value, list | tuple):
+            return [walk(v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(value)]
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        raise TypeError(f"cannot store {type(value).__name__} at {path!r} in a checkpoint")
+
+    return walk(obj, prefix), tensors
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+    if isinstance(skeleton, dict):
+        if TENSOR_REF in skeleton:
+            return tensors[skeleton[TENSOR_REF]]
+        return {k: unflatten_state(v, tensors) for k, v in skeleton["__dict__"]}
+    if isinstance(skeleton, list):
+        return [unflatten_state(v, tensors) for v in skeleton]
+    return skeleton
+
+
+@dataclass
+class TrainingState:
+    """Where training stands: enough to continue exactly where it stopped."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of the current epoch already consumed (data position)
+    images_seen: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint read back from the store."""
+
+    uri: str
+    state: TrainingState
+    trainable: dict[str, torch.Tensor]
+    components: dict[str, Any]  # name -> state dict (optimizer, lr_scheduler, ema, rng)
+
+
+def step_prefix(output_uri: str, step: int) -> str:
+    """The prefix of the checkpoint taken after ``step`` optimizer steps."""
+    return join(output_uri, "checkpoints", f"step-{step:08d}")
+
+
+class CheckpointStore:
+    """Writes, finds, reads and prunes the checkpoints under an output prefix."""
+
+    def __init__(self, store: Store, output_uri: str, keep_last: int) -> None:
+        self.store = store
+        self.output_uri = output_uri
+        self.root = join(output_uri, "checkpoints")
+        self.keep_last = keep_last
+
+    def _steps(self) -> dict[int, bool]:
+        """Checkpoint steps found under the root -> whether its manifest exists."""
+        found: dict[int, bool] = {}
+        for uri in self.store.list(self.root + "/"):
+            rel = uri[len(self.root) + 1 :]
+            folder, _, name = rel.partition("/")
+            m = STEP_DIR.match(folder)
+            if not m:
+                continue
+            step = int(m.group(1))
+            found[step] = found.get(step, False) or name == MANIFEST_NAME
+        return found
+
+    def complete_steps(self) -> list[int]:
+        """Steps of the committed checkpoints, oldest first."""
+        return sorted(s for s, done in self._steps().items() if done)
+
+    def latest(self) -> str | None:
+        """URI of the newest complete checkpoint, if any."""
+        steps = self.complete_steps()
+        return step_prefix(self.output_uri, steps[-1]) if steps else None
+
+    def save(
+        self,
+        work_dir: Path,
+        state: TrainingState,
+        trainable: dict[str, torch.Tensor],
+        components: dict[str, Any],
+    ) -> str:
+        """Write and commit one checkpoint; then drop the ones beyond ``keep_last``."""
+        local = work_dir / f"checkpoint-{state.step:08d}"
+        if local.exists():
+            shutil.rmtree(local)
+        local.mkdir(parents=True)
+        files: dict[str, Path] = {}
+        save_file(
+            {k: v.detach().to("cpu").contiguous() for k, v in trainable.items()},
+            local / "trainable.safetensors",
+        )
+        files["trainable.safetensors"] = local / "trainable.safetensors"
+        skeletons: dict[str, Any] = {}
+        for name, value in components.items():
+            skeleton, tensors = flatten_state(value)
+            skeletons[name] = skeleton
+            if tensors:
+                path = local / f"{name}.safetensors"
+                save_file(tensors, path)
+                files[path.name] = path
+        doc = {"state": state.__dict__, "components": skeletons, "format": 1}
+        (local / "state.json").write_text(json.dumps(doc))
+        files["state.json"] = local / "state.json"
+        prefix = step_prefix(self.output_uri, state.step)
+        commit(self.store, prefix, files, metadata={"step": state.step})
+        shutil.rmtree(local, ignore_errors=True)
+        self.prune()
+        return prefix
+
+    def prune(self) -> None:
+        """Delete all but the newest ``keep_last`` complete checkpoints and older partial ones."""
+        steps = self._steps()
+        complete = sorted(s for s, done in steps.items() if done)
+        keep = set(complete[-self.keep_last :])
+        newest = complete[-1] if complete else -1
+        for step, done in steps.items():
+            if step in keep or (not done and step > newest):
+                continue  # a partial checkpoint newer than the newest may still be uploading
+            prefix = step_prefix(self.output_uri, step)
+            # The manifest goes first, so a half-deleted checkpoint is never taken as complete.
+            files = sorted(
+                self.store.list(prefix + "/"), key=lambda u: not u.endswith(MANIFEST_NAME)
+            )
+            for uri in files:
+                self.store.delete(uri)
+            logger.info("checkpoint pruned step=%d", step)
+
+    def load(self, prefix: str, work_dir: Path) -> LoadedCheckpoint:
+        """Download a committed checkpoint, verify every file's sha256 and read it."""
+        manifest = read_manifest(self.store, prefix)
+        if manifest is None:
+            raise StorageError(f"checkpoint {prefix} has no manifest: it was never completed")
+        local = work_dir / ("resume-" + prefix.rstrip("/").rsplit("/", 1)[-1])
+        local.mkdir(parents=True, exist_ok=True)
+        for entry in manifest["files"]:
+            path = local / entry["name"]
+            with (
+                self.store.open_stream(join(prefix, entry["name"])) as src,
+                open(path, "wb") as dst,
+            ):
+                shutil.copyfileobj(src, dst, 8 << 20)
+            if sha256_file(path) != entry["sha256"]:
+                raise StorageError(
+                    f"checkpoint file {join(prefix, entry['name'])} does not match its manifest's "
+                    "sha256 (corrupted in the store); delete that checkpoint to resume from an "
+                    "older one"
+                )
+        doc = json.loads((local / "state.json").read_text())
+        components = {}
+        for name, skeleton in doc["components"].items():
+            path = local / f"{name}.safetensors"
+            tensors = load_file(path) if path.exists() else {}
+            components[name] = unflatten_state(skeleton, tensors)
+        trainable = load_file(local / "trainable.safetensors")
+        shutil.rmtree(local, ignore_errors=True)
+        return LoadedCheckpoint(
+            uri=prefix,
+            state=TrainingState(**doc["state"]),
+            trainable=trainable,
+            components=components,
+        )
+
+
+def timed_save(
+    checkpoints: CheckpointStore,
+    work_dir: Path,
+    state: TrainingState,
+    trainable: dict[str, torch.Tensor],
+    components: dict[str, Any],
+) -> tuple[str, float]:
+    """Save a checkpoint and return its URI and how long it took."""
+    start = time.perf_counter()
+    uri = checkpoints.save(work_dir, state, trainable, components)
+    return uri, time.perf_counter() - start

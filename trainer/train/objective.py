@@ -1,0 +1,100 @@
+"""Pure pieces of the diffusion objective: noise, targets, loss weights and the LR schedule.
+
+Every random draw of a step comes from a generator seeded by (seed, step, micro-batch, rank), so
+the run is a function of its configuration: a resumed run draws exactly what the uninterrupted run
+would have drawn, without replaying RNG streams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+
+def step_generator(seed: int, *parts: int | str) -> torch.Generator:
+    """A CPU generator seeded from ``seed`` and the step coordinates."""
+    text = ":".join(str(p) for p in (seed, *parts))
+    value = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    return torch.Generator().manual_seed(value)
+
+
+def lr_lambda(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate at a step: linear warm-up, then the schedule."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        raise ValueError(f"hyperparameters.lrScheduler {kind!r} is not constant/cosine/linear")
+
+    return factor
+
+
+def sample_noise(
+    latents: torch.Tensor, generator: torch.Generator, noise_offset: float
+) -> torch.Tensor:
+    """Gaussian noise like ``latents``, plus a per-channel offset (for very dark/bright images)."""
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    if noise_offset:
+        offset = torch.randn(
+            (latents.shape[0], latents.shape[1], 1, 1), generator=generator, dtype=torch.float32
+        )
+        noise = noise + noise_offset * offset
+    return noise.to(device=latents.device, dtype=latents.dtype)
+
+
+def target_for(
+    scheduler: Any,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    prediction_type: str,
+) -> torch.Tensor:
+    """What the UNet must predict: the noise (epsilon) or the velocity (v_prediction)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        velocity: torch.Tensor = scheduler.get_velocity(latents, noise, timesteps)
+        return velocity
+    raise ValueError(f"baseModel.predictionType {prediction_type!r} is not epsilon/v_prediction")
+
+
+def snr(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_t^2 / sigma_t^2 of the noise schedule at ``timesteps``."""
+    alphas_cumprod: torch.Tensor = scheduler.alphas_cumprod
+    a = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    return a / (1.0 - a)
+
+
+def min_snr_weights(
+    scheduler: Any, timesteps: torch.Tensor, gamma: float, prediction_type: str
+) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ)/SNR, or /(SNR+1) for v-prediction."""
+    s = snr(scheduler, timesteps)
+    clipped = torch.minimum(s, torch.full_like(s, gamma))
+    if prediction_type == "v_prediction":
+        return clipped / (s + 1.0)
+    return clipped / s
+
+
+def diffusion_loss(
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-sample MSE (in fp32), weighted per sample when weights are given, then averaged."""
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample.device, per_sample.dtype)
+    return per_sample.mean()

@@ -1,0 +1,403 @@
+"""One training run, end to end: model, data, cache, loop, exports.
+
+The same function runs in a pod (``difftrain run /etc/difftrain/job.yaml``) and on a workstation
+(``difftrain run --local``); only the reporter and the stores differ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difftrain.api import (
+    DatasetReport,
+    DiffusionTrainingJob,
+    DiffusionTrainingJobSpec,
+    ExportedFile,
+)
+from difftrain.storage import StoreConfig, join, open_store
+from difftrain.train.batches import BatchBuilder, Example
+from difftrain.train.loop import LoopInputs, LoopResult, Trainer
+from difftrain.train.methods import TrainingConfigError, attach
+from difftrain.train.metrics import TrainingMetrics
+from difftrain.train.report import Reporter
+
+logger = logging.getLogger(__name__)
+
+CACHE_FOLDER = ".difftrain-cache"
+SAMPLE_PROMPTS_FROM_DATA = 4
+
+
+@dataclass
+class RunOptions:
+    """How and where a run happens (not what it trains: that is the spec)."""
+
+    work_dir: Path
+    store_config: StoreConfig | None = None
+    metrics_port: int | None = None
+    job_name: str = "local"
+    namespace: str = ""
+    reporter: Reporter | None = None
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class RunOutcome:
+    """What a run produced."""
+
+    interrupted: bool
+    loop: LoopResult
+    outputs: list[ExportedFile]
+    report: DatasetReport
+    cache_hit: bool | None
+
+
+def _accelerator(spec: DiffusionTrainingJobSpec) -> Any:
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    mp = spec.hyperparameters.mixed_precision
+    if not cuda and mp == "fp16":
+        raise TrainingConfigError(
+            "hyperparameters.mixedPrecision fp16 needs a GPU; use bf16 or no on a CPU"
+        )
+    return Accelerator(mixed_precision=mp, cpu=not cuda)
+
+
+def _recipe(spec: DiffusionTrainingJobSpec, base_identity: str) -> dict[str, str]:
+    return {
+        "difftrain.recipe": json.dumps(spec.to_wire(), sort_keys=True),
+        "difftrain.base_model_sha256": base_identity,
+    }
+
+
+def _conditioning_images(spec: DiffusionTrainingJobSpec, options: RunOptions) -> dict[str, bytes]:
+    """ControlNet conditioning images by key (path relative to the uri, without extension)."""
+    assert spec.controlnet is not None
+    uri = spec.controlnet.conditioning_uri.rstrip("/")
+    store = open_store(uri, options.store_config)
+    out: dict[str, bytes] = {}
+    for found in store.list(uri + "/"):
+        rel = found[len(uri) + 1 :]
+        stem, dot, ext = rel.rpartition(".")
+        if dot and ext.lower() in {"png", "jpg", "jpeg", "webp"}:
+            out[stem] = store.read_range(found, 0, store.size(found))
+    if not out:
+        raise TrainingConfigError(
+            f"controlnet.conditioningUri {uri}: no PNG/JPEG/WebP images found there"
+        )
+    return out
+
+
+def run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
+    """Train ``job`` to its end (or until a stop is requested) and export the result."""
+    from difftrain.data import (
+        ImageTransform,
+        LatentCache,
+        cache_key,
+        decode_rgb,
+        load_dataset,
+        write_report,
+    )
+    from difftrain.models import load_base_model
+
+    spec = job.spec.resolved()
+    hp = spec.hyperparameters
+    pre = spec.preprocessing
+    acc = _accelerator(spec)
+    torch.manual_seed(hp.seed)
+    random.seed(hp.seed)
+    work = options.work_dir / f"rank{acc.process_index}"
+    work.mkdir(parents=True, exist_ok=True)
+
+    metrics = None
+    if acc.is_local_main_process:
+        metrics = TrainingMetrics(options.job_name, options.namespace, acc.process_index)
+        if options.metrics_port:
+            metrics.serve(options.metrics_port)
+    from difftrain.train.report import ConsoleReporter
+
+    reporter: Reporter = options.reporter or ConsoleReporter(bar=acc.is_main_process)
+    output_store = open_store(spec.output.uri, options.store_config)
+
+    # Model: the first process on each machine downloads; the others read its copy.
+    with acc.local_main_process_first():
+        base_uri = spec.base_model.uri or ""
+        components = load_base_model(
+            spec.base_model,
+            open_store(base_uri, options.store_config) if base_uri else None,
+            work_dir=options.work_dir / "model",
+        )
+
+    # Data: listed and cleaned (deterministic, so every process gets the same pairs).
+    tokenizer = components.tokenizer
+    data_store = open_store(spec.dataset.uri, options.store_config)
+    cleaned = load_dataset(
+        spec.dataset,
+        data_store,
+        count_tokens=lambda text: len(tokenizer(text).input_ids),
+        max_tokens=tokenizer.model_max_length,
+    )
+    report = cleaned.report
+    pairs = list(cleaned.pairs)
+    if not pairs:
+        raise TrainingConfigError(
+            f"dataset.uri {spec.dataset.uri}: cleaning kept no image–text pair "
+            f"(dropped: {report.dropped}); relax dataset.cleaning or add data"
+        )
+    if spec.dreambooth is not None:
+        pairs = [
+            type(p)(**{**p.__dict__, "caption": spec.dreambooth.instance_prompt}) for p in pairs
+        ]
+    conditioning: dict[str, bytes] = {}
+    if spec.controlnet is not None:
+        conditioning = _conditioning_images(spec, options)
+        missing = [p.key for p in pairs if p.key not in conditioning]
+        if missing:
+            report.dropped["missing_conditioning"] = len(missing)
+            report.kept -= len(missing)
+            pairs = [p for p in pairs if p.key in conditioning]
+            if not pairs:
+                raise TrainingConfigError(
+                    f"controlnet.conditioningUri: no conditioning image matches a training image "
+                    f"key (e.g. {missing[0]!r}); name each after its image"
+                )
+
+    transform = ImageTransform(pre)
+    sizes = _sizes(spec, pairs)
+    cache_hit: bool | None = None
+    examples: list[Example]
+    boomerang_args = {
+        "strength": pre.boomerang.strength,
+        "copies": pre.boomerang.copies,
+        "seed": hp.seed,
+    }
+    if pre.cache_latents:
+        cache = LatentCache(data_store, join(spec.dataset.uri, CACHE_FOLDER))
+        key = cache_key(pairs, pre, components.identity)
+        with acc.main_process_first():
+            samples = cache.lookup(key)
+            cache_hit = samples is not None
+            if samples is None:
+                all_pairs, all_sizes = pairs, sizes
+                if pre.boomerang.enabled:
+                    all_pairs, all_sizes = _with_boomerang(
+                        pairs, sizes, components, transform, boomerang_args, report
+                    )
+                samples = cache.build(
+                    key,
+                    all_pairs,
+                    components,
+                    transform,
+                    sizes=all_sizes if pre.buckets.enabled else None,
+                    seed=hp.seed,
+                    device=acc.device,
+                    dtype=torch.float32 if acc.device.type == "cpu" else torch.float16,
+                )
+                sizes = all_sizes
+            else:
+                report.augmented = max(0, len(samples) - len(pairs))
+                sizes = _sizes_of_cached(spec, samples, sizes)
+        write_key = key
+        examples = [
+            Example(
+                key=s.key,
+                caption=s.caption,
+                size=sizes[i],
+                cached=s,
+                conditioning=conditioning.get(s.key),
+            )
+            for i, s in enumerate(samples)
+        ]
+    else:
+        write_key = "uncached"
+        if pre.boomerang.enabled:
+            pairs, sizes = _with_boomerang(
+                pairs, sizes, components, transform, boomerang_args, report
+            )
+        examples = [
+            Example(
+                key=p.key,
+                caption=p.caption,
+                size=sizes[i],
+                data=p.data,
+                conditioning=conditioning.get(p.key),
+            )
+            for i, p in enumerate(pairs)
+        ]
+    if acc.is_main_process:
+        write_report(output_store, join(spec.output.uri, "dataset"), cleaned)
+        reporter.dataset(report)
+        logger.info(
+            "dataset ready examples=%d cache=%s key=%s", len(examples), cache_hit, write_key
+        )
+
+    prior_count = 0
+    if spec.dreambooth is not None and spec.dreambooth.prior_preservation:
+        from difftrain.train.dreambooth import class_examples
+
+        with acc.main_process_first():
+            prior = class_examples(spec, components, options, output_store)
+        prior_count = len(prior)
+        examples = examples + prior
+
+    sampler = _sampler(spec, examples, prior_count, acc)
+    steps_per_epoch = max(1, len(sampler) // hp.gradient_accumulation_steps)
+    total_steps = hp.max_steps or (hp.epochs or 1) * steps_per_epoch
+
+    modules = attach(spec, components)
+    builder = BatchBuilder(
+        examples,
+        seed=hp.seed,
+        transform=transform,
+        decode=decode_rgb,
+        flip_probability=pre.flip_probability if spec.method != "controlnet" else 0.0,
+        caption_dropout=spec.regularization.caption_dropout,
+        scaling_factor=float(components.vae.config.scaling_factor),
+        shift_factor=getattr(components.vae.config, "shift_factor", None),
+    )
+    if spec.regularization.caption_dropout > 0 and pre.cache_latents:
+        from difftrain.data.cache import encode_text
+
+        builder.empty_embedding = encode_text(components, [""], torch.device("cpu"))[0].float()
+
+    prompts = list(spec.sampling.prompts) or _prompts_from(examples, spec)
+    sample_conditioning = None
+    if spec.method == "controlnet":
+        sample_conditioning = [
+            decode_rgb(conditioning[e.key], e.key) for e in examples[:SAMPLE_PROMPTS_FROM_DATA]
+        ]
+        if not spec.sampling.prompts:
+            prompts = [e.caption for e in examples[:SAMPLE_PROMPTS_FROM_DATA]]
+    inputs = LoopInputs(
+        spec=spec,
+        components=components,
+        modules=modules,
+        builder=builder,
+        sampler=sampler,
+        total_steps=total_steps,
+        output_store=output_store,
+        output_uri=spec.output.uri,
+        work_dir=work,
+        reporter=reporter,
+        metrics=metrics,
+        sample_prompts=prompts,
+        sample_conditioning=sample_conditioning,
+        stop_requested=options.stop_requested,
+    )
+    trainer = Trainer(inputs, acc)
+    resumed = trainer.resume()
+    if acc.is_main_process:
+        reporter.started(total_steps, resumed)
+    result = trainer.run()
+    outputs: list[ExportedFile] = []
+    if not result.interrupted and acc.is_main_process:
+        from difftrain.train.exporting import export_all
+
+        outputs = export_all(
+            spec, components, trainer, output_store, work, _recipe(spec, components.identity)
+        )
+        reporter.finished(outputs)
+    acc.wait_for_everyone()
+    reporter.close()
+    acc.end_training()
+    return RunOutcome(result.interrupted, result, outputs, report, cache_hit)
+
+
+def _sizes(spec: DiffusionTrainingJobSpec, pairs: list[Any]) -> list[tuple[int, int]]:
+    from difftrain.data import make_buckets, nearest_bucket
+
+    res = spec.preprocessing.resolution
+    if not spec.preprocessing.buckets.enabled:
+        return [(res, res)] * len(pairs)
+    buckets = make_buckets(spec.preprocessing.buckets, res)
+    return [nearest_bucket(p.width, p.height, buckets) for p in pairs]
+
+
+def _sizes_of_cached(
+    spec: DiffusionTrainingJobSpec, samples: list[Any], sizes: list[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """Sizes of cached samples (Boomerang variants included) from their latents' shapes."""
+    if len(samples) == len(sizes):
+        return sizes
+    res = spec.preprocessing.resolution
+    if not spec.preprocessing.buckets.enabled:
+        return [(res, res)] * len(samples)
+    factor = res // max(1, samples[0].latent_params.shape[-1]) if samples else 8
+    return [
+        (s.latent_params.shape[-1] * factor, s.latent_params.shape[-2] * factor) for s in samples
+    ]
+
+
+def _with_boomerang(
+    pairs: list[Any],
+    sizes: list[tuple[int, int]],
+    components: Any,
+    transform: Any,
+    args: dict[str, Any],
+    report: DatasetReport,
+) -> tuple[list[Any], list[tuple[int, int]]]:
+    from difftrain.data import boomerang_variants
+
+    variants = boomerang_variants(pairs, components, transform, sizes=sizes, **args)
+    report.augmented = len(variants)
+    by_key = {p.key: s for p, s in zip(pairs, sizes, strict=True)}
+    extra_sizes = [by_key[v.key.split("~", 1)[0]] for v in variants]
+    return pairs + variants, sizes + extra_sizes
+
+
+def _prompts_from(examples: list[Example], spec: DiffusionTrainingJobSpec) -> list[str]:
+    seen: list[str] = []
+    for ex in examples:
+        if ex.caption and ex.caption not in seen and not ex.is_prior:
+            seen.append(ex.caption)
+        if len(seen) == SAMPLE_PROMPTS_FROM_DATA:
+            break
+    return seen or ["a photo"]
+
+
+def _sampler(
+    spec: DiffusionTrainingJobSpec, examples: list[Example], prior_count: int, acc: Any
+) -> Any:
+    from difftrain.data import BucketBatchSampler
+    from difftrain.train.dreambooth import PriorPairedSampler
+
+    hp = spec.hyperparameters
+    instance = examples[: len(examples) - prior_count]
+    sizes = [e.size for e in instance]
+
+    def make(drop_last: bool) -> Any:
+        return BucketBatchSampler(
+            sizes,
+            hp.batch_size,
+            seed=hp.seed,
+            num_replicas=acc.num_processes,
+            rank=acc.process_index,
+            drop_last=drop_last,
+        )
+
+    sampler = make(True)
+    if len(sampler) == 0:
+        sampler = make(False)  # fewer images than one batch per process: use what there is
+    if prior_count:
+        return PriorPairedSampler(sampler, len(instance), prior_count, seed=hp.seed)
+    return sampler
+
+
+def install_stop_handlers(event: threading.Event) -> None:
+    """SIGTERM (pod eviction, preemption) and SIGINT ask the loop to checkpoint and stop."""
+
+    def handle(signum: int, _frame: Any) -> None:
+        logger.warning("signal %d: checkpointing and stopping after this step", signum)
+        event.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)

@@ -1,0 +1,122 @@
+"""Sample images from fixed prompts and seeds, written to the store with a grid image."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from difftrain.api import SamplingSpec
+from difftrain.storage import Store, commit, join
+
+
+def should_sample(step: int, total_steps: int, every_steps: int) -> bool:
+    """Samples every ``every_steps`` optimizer steps (0: never in between) and at the end."""
+    return step == total_steps or (every_steps > 0 and step % every_steps == 0)
+
+
+def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Tile equally sized images into one grid, row by row."""
+    if not images:
+        raise ValueError("no images to tile")
+    cols = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def build_pipeline(
+    components: Any,
+    unet: torch.nn.Module,
+    *,
+    controlnet: torch.nn.Module | None = None,
+    text_encoder: torch.nn.Module | None = None,
+) -> Any:
+    """A diffusers pipeline around the modules being trained (no safety checker)."""
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionPipeline,
+    )
+
+    scheduler = DPMSolverMultistepScheduler.from_config(components.scheduler_config)
+    parts = {
+        "vae": components.vae,
+        "text_encoder": text_encoder or components.text_encoder,
+        "tokenizer": components.tokenizer,
+        "unet": unet,
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+    if controlnet is not None:
+        pipe = StableDiffusionControlNetPipeline(controlnet=controlnet, **parts)
+    else:
+        pipe = StableDiffusionPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(
+    pipe: Any,
+    spec: SamplingSpec,
+    prompts: list[str],
+    *,
+    resolution: int,
+    device: torch.device,
+    conditioning: list[Image.Image] | None = None,
+) -> list[Image.Image]:
+    """One image per prompt, prompt i with seed ``spec.seed + i``: comparable across steps."""
+    images = []
+    for i, prompt in enumerate(prompts):
+        kwargs: dict[str, Any] = {}
+        if conditioning is not None:
+            kwargs["image"] = conditioning[i % len(conditioning)]
+        out = pipe(
+            prompt,
+            negative_prompt=spec.negative_prompt,
+            num_inference_steps=spec.num_inference_steps,
+            guidance_scale=spec.guidance_scale,
+            height=resolution,
+            width=resolution,
+            generator=torch.Generator(device="cpu").manual_seed(spec.seed + i),
+            output_type="pil",
+            **kwargs,
+        )
+        images.append(out.images[0])
+    return images
+
+
+def write_samples(
+    store: Store,
+    output_uri: str,
+    step: int,
+    images: list[Image.Image],
+    prompts: list[str],
+    work_dir: Path,
+) -> list[str]:
+    """Commit the images and their grid under ``<output>/samples/step-N/``; return their URIs."""
+    folder = work_dir / f"samples-{step:08d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    for i, image in enumerate(images):
+        path = folder / f"{i:02d}.png"
+        image.save(path)
+        files[path.name] = path
+    grid = folder / "grid.png"
+    image_grid(images).save(grid)
+    files["grid.png"] = grid
+    prefix = join(output_uri, "samples", f"step-{step:08d}")
+    commit(store, prefix, files, metadata={"step": step, "prompts": prompts})
+    for path in files.values():
+        path.unlink()
+    folder.rmdir()
+    return [join(prefix, "grid.png")] + [join(prefix, n) for n in sorted(files) if n != "grid.png"]
