@@ -1,14 +1,30 @@
 """The dataset pipeline: sources, cleaning with a drop report, transforms and aspect buckets."""
 
+from difftrain.data.cleaning import (
+    REASONS,
+    CleaningResult,
+    clean,
+    format_report,
+    load_dataset,
+    read_report,
+    write_report,
+)
 from difftrain.data.images import ImageError, decode_rgb
 from difftrain.data.sources import CleanPair, DatasetError, RawPair, detect_format, iter_pairs
 
 __all__ = [
+    "REASONS",
     "CleanPair",
+    "CleaningResult",
     "DatasetError",
     "ImageError",
     "RawPair",
+    "clean",
     "decode_rgb",
     "detect_format",
+    "format_report",
     "iter_pairs",
+    "load_dataset",
+    "read_report",
+    "write_report",
 ]

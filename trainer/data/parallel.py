@@ -30,20 +30,24 @@ def ordered_map(
     Closing the iterator early (``limit`` reached, an error downstream) cancels what has not
     started and waits for what has.
     """
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    window = window or workers * 4
-    pending: deque[Future[Out]] = deque()
     source = iter(items)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as pool:
-        try:
-            for item in source:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= window:
+    try:
+        if workers <= 1:
+            yield from map(fn, source)
+            return
+        pending: deque[Future[Out]] = deque()
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as pool:
+            try:
+                for item in source:
+                    pending.append(pool.submit(fn, item))
+                    if len(pending) >= (window or workers * 4):
+                        yield pending.popleft().result()
+                while pending:
                     yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+            finally:
+                for future in pending:
+                    future.cancel()
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()  # stop the producer too (its reader threads, an open shard stream)

@@ -1,0 +1,321 @@
+"""Cleaning: every pair is kept or dropped for one named reason, and every drop is counted.
+
+Checks run in this order, and a pair is dropped for the first that fails (so each pair has
+exactly one reason):
+
+1. ``corrupt``: unreadable, truncated or not an image (a text file named ``.jpg``);
+2. ``too_small``: the shorter side is under ``minResolution``;
+3. ``extreme_aspect_ratio``: long side / short side over ``maxAspectRatio``;
+4. ``missing_caption`` / ``empty_caption`` / ``short_caption``: no caption file or column, a
+   blank caption, fewer than ``minCaptionWords`` words (``minCaptionWords: 0`` keeps all three,
+   a missing caption becoming an empty one);
+5. ``banned_words``: the caption contains a banned word or phrase (case-insensitive, whole words);
+6. ``exact_duplicate``: the same bytes (sha256) as a pair kept earlier;
+7. ``near_duplicate``: a perceptual hash (imagehash's pHash, 64 bits) within
+   ``nearDuplicateDistance`` bits of a pair kept earlier.
+
+Duplicates are only compared with pairs that were kept, in key order, so the first occurrence
+wins and a copy of a dropped pair is not dropped for being a copy. Decoding and hashing run in a
+thread pool (Pillow, hashlib and numpy release the GIL); the decisions are taken in key order in
+one thread, so the result does not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+
+import imagehash
+import numpy as np
+
+from difftrain.api import CleaningSpec, DatasetReport, DatasetSpec
+from difftrain.data.images import ImageError, decode
+from difftrain.data.pairs import CleanPair, RawPair
+from difftrain.data.parallel import ordered_map
+from difftrain.data.sources import iter_pairs
+from difftrain.storage import FILE_MANIFEST_SUFFIX, Store, commit_file, join, scratch_dir
+
+logger = logging.getLogger(__name__)
+
+REASONS: dict[str, str] = {
+    "corrupt": "unreadable, truncated or not an image",
+    "too_small": "shorter side under cleaning.minResolution",
+    "extreme_aspect_ratio": "long side / short side over cleaning.maxAspectRatio",
+    "missing_caption": "no caption file or column",
+    "empty_caption": "blank caption",
+    "short_caption": "fewer words than cleaning.minCaptionWords",
+    "banned_words": "caption contains one of cleaning.bannedWords",
+    "exact_duplicate": "same bytes as a pair kept earlier",
+    "near_duplicate": "perceptual hash within cleaning.nearDuplicateDistance of a kept pair",
+}
+MAX_EXAMPLES = 5
+MAX_KEY_LENGTH = 253  # DatasetReport.examples entries are ShortText
+REPORT_NAME = "dataset_report.json"
+# pHash works on a 32x32 greyscale thumbnail: decode no larger than needed (JPEG DCT scaling).
+HASH_DECODE_SIZE = (64, 64)
+
+
+@dataclass
+class CleaningResult:
+    """The kept pairs (in key order), the report and the first keys dropped for each reason."""
+
+    pairs: list[CleanPair]
+    report: DatasetReport
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """What the worker threads learn about one pair."""
+
+    pair: RawPair
+    sha256: str
+    error: str | None = None
+    width: int = 0
+    height: int = 0
+    phash: int | None = None
+
+
+def _probe(pair: RawPair, *, with_phash: bool) -> _Probe:
+    digest = hashlib.sha256(pair.data).hexdigest()
+    try:
+        decoded = decode(pair.data, pair.name, draft=HASH_DECODE_SIZE)
+    except ImageError as exc:
+        return _Probe(pair, digest, error=str(exc))
+    phash = None
+    if with_phash:
+        bits = imagehash.phash(decoded.image).hash.flatten()
+        phash = int.from_bytes(np.packbits(bits).tobytes(), "big")
+    return _Probe(pair, digest, width=decoded.width, height=decoded.height, phash=phash)
+
+
+class HammingIndex:
+    """A BK-tree over 64-bit hashes: "is any stored hash within d bits?" without comparing
+    against every stored hash (the triangle inequality prunes whole subtrees)."""
+
+    def __init__(self) -> None:
+        self._root: tuple[int, dict[int, object]] | None = None
+
+    def add(self, value: int) -> None:
+        if self._root is None:
+            self._root = (value, {})
+            return
+        node = self._root
+        while True:
+            distance = (node[0] ^ value).bit_count()
+            if distance == 0:
+                return
+            child = node[1].get(distance)
+            if child is None:
+                node[1][distance] = (value, {})
+                return
+            node = child  # type: ignore[assignment]
+
+    def nearest_within(self, value: int, limit: int) -> int | None:
+        """A stored hash within ``limit`` bits of ``value``, or None."""
+        stack = [self._root] if self._root is not None else []
+        while stack:
+            node = stack.pop()
+            assert node is not None
+            distance = (node[0] ^ value).bit_count()
+            if distance <= limit:
+                return node[0]
+            for edge, child in node[1].items():
+                if distance - limit <= edge <= distance + limit:
+                    stack.append(child)  # type: ignore[arg-type]
+        return None
+
+
+def _banned_pattern(words: list[str]) -> re.Pattern[str] | None:
+    if not words:
+        return None
+    # Whole words or phrases: not preceded or followed by a word character.
+    alternatives = "|".join(re.escape(w.strip()) for w in sorted(words, key=len, reverse=True))
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+
+
+class _Cleaner:
+    def __init__(self, spec: CleaningSpec) -> None:
+        self.spec = spec
+        self.banned = _banned_pattern([w for w in spec.banned_words if w.strip()])
+        self.hashes: set[str] = set()
+        self.near = HammingIndex()
+
+    def verdict(self, probe: _Probe) -> tuple[str | None, str]:
+        """(reason or None, the caption to keep)."""
+        spec = self.spec
+        if probe.error is not None:
+            return "corrupt", ""
+        short, long = sorted((probe.width, probe.height))
+        if short < spec.min_resolution:
+            return "too_small", ""
+        if long / short > spec.max_aspect_ratio:
+            return "extreme_aspect_ratio", ""
+        caption = (probe.pair.caption or "").strip()
+        if spec.min_caption_words > 0:
+            if probe.pair.caption is None:
+                return "missing_caption", ""
+            if not caption:
+                return "empty_caption", ""
+            if len(caption.split()) < spec.min_caption_words:
+                return "short_caption", ""
+        if self.banned is not None and self.banned.search(caption):
+            return "banned_words", ""
+        if spec.drop_exact_duplicates and probe.sha256 in self.hashes:
+            return "exact_duplicate", ""
+        if probe.phash is not None and (
+            self.near.nearest_within(probe.phash, spec.near_duplicate_distance) is not None
+        ):
+            return "near_duplicate", ""
+        self.hashes.add(probe.sha256)
+        if probe.phash is not None:
+            self.near.add(probe.phash)
+        return None, caption
+
+
+def clean(
+    pairs: Iterable[RawPair],
+    spec: CleaningSpec,
+    *,
+    count_tokens: Callable[[str], int] | None = None,
+    max_tokens: int | None = None,
+    limit: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    workers: int = 2,
+) -> CleaningResult:
+    """Keep or drop each pair (see the module's docstring); stop once ``limit`` pairs are kept.
+
+    ``count_tokens``/``max_tokens``: captions longer than the text encoder's context are kept
+    (the encoder truncates them) and counted in ``report.truncatedCaptions``. ``progress`` is
+    called with the number of pairs examined so far.
+    """
+    cleaner = _Cleaner(spec)
+    probe = partial(_probe, with_phash=spec.near_duplicate_distance > 0)
+    kept: list[CleanPair] = []
+    dropped: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}
+    truncated = seen = 0
+    probes: Iterator[_Probe] = ordered_map(probe, pairs, workers=workers, name="difftrain-clean")
+    try:
+        for result in probes:
+            seen += 1
+            reason, caption = cleaner.verdict(result)
+            pair = result.pair
+            if reason is not None:
+                dropped[reason] = dropped.get(reason, 0) + 1
+                keys = examples.setdefault(reason, [])
+                if len(keys) < MAX_EXAMPLES:
+                    keys.append(pair.key[:MAX_KEY_LENGTH])
+                logger.debug(
+                    "pair dropped",
+                    extra={"key": pair.key, "reason": reason, "detail": result.error or ""},
+                )
+            else:
+                if count_tokens is not None and max_tokens is not None:
+                    truncated += count_tokens(caption) > max_tokens
+                kept.append(
+                    CleanPair(
+                        pair.key,
+                        pair.name,
+                        pair.data,
+                        caption,
+                        result.width,
+                        result.height,
+                        result.sha256,
+                    )
+                )
+            if progress is not None:
+                progress(seen)
+            if limit is not None and len(kept) >= limit:
+                break
+    finally:
+        close = getattr(probes, "close", None)
+        if close is not None:
+            close()
+    ordered = {r: dropped[r] for r in REASONS if r in dropped}
+    report = DatasetReport(
+        total=seen,
+        kept=len(kept),
+        dropped=ordered,
+        truncated_captions=truncated,
+        examples={r: examples[r] for r in ordered},
+    )
+    logger.info(
+        "dataset cleaned", extra={"total": seen, "kept": len(kept), "dropped": json.dumps(ordered)}
+    )
+    return CleaningResult(kept, report, report.examples)
+
+
+def load_dataset(
+    spec: DatasetSpec,
+    store: Store,
+    *,
+    count_tokens: Callable[[str], int] | None = None,
+    max_tokens: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    workers: int = 2,
+    read_workers: int = 8,
+) -> CleaningResult:
+    """Read (:func:`iter_pairs`) and clean (:func:`clean`) a dataset, honouring ``spec.limit``."""
+    return clean(
+        iter_pairs(spec, store, workers=read_workers),
+        spec.cleaning,
+        count_tokens=count_tokens,
+        max_tokens=max_tokens,
+        limit=spec.limit,
+        progress=progress,
+        workers=workers,
+    )
+
+
+def write_report(store: Store, prefix: str, result: CleaningResult) -> str:
+    """Commit the report (JSON, with the examples) under ``prefix``; return its URI."""
+    uri = join(prefix, REPORT_NAME)
+    data = json.dumps({"report": result.report.to_wire()}, indent=1).encode()
+    folder = scratch_dir()
+    path = folder / REPORT_NAME
+    try:
+        path.write_bytes(data)
+        commit_file(store, uri, path, hashlib.sha256(data).hexdigest())
+    finally:
+        path.unlink(missing_ok=True)
+        folder.rmdir()
+    return uri
+
+
+def read_report(store: Store, prefix: str) -> DatasetReport | None:
+    """The report committed under ``prefix`` by :func:`write_report`, or None."""
+    uri = join(prefix, REPORT_NAME)
+    if not store.exists(uri + FILE_MANIFEST_SUFFIX):  # no manifest: never committed, or half
+        return None
+    doc = json.loads(store.get_bytes(uri))
+    return DatasetReport.model_validate(doc["report"])
+
+
+def format_report(result: CleaningResult) -> str:
+    """The report as a table: totals, then each drop reason with its count and first keys."""
+    report = result.report
+    width = max(len(r) for r in REASONS) + 4
+    lines = [
+        f"{'total':<{width}}{report.total:>8}",
+        f"{'kept':<{width}}{report.kept:>8}",
+        f"{'dropped':<{width}}{sum(report.dropped.values()):>8}",
+    ]
+    for reason, count in report.dropped.items():
+        keys = ", ".join(result.examples.get(reason, []))
+        if count > len(result.examples.get(reason, [])):
+            keys += ", ..."
+        lines.append(f"  {reason:<{width - 2}}{count:>8}   {_shorten(keys, 70)}")
+    lines.append(f"{'truncated captions':<{width}}{report.truncated_captions:>8}")
+    if report.augmented:
+        lines.append(f"{'augmented':<{width}}{report.augmented:>8}")
+    return "\n".join(lines)
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
