@@ -113,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         import tempfile
 
         work_dir = Path(tempfile.mkdtemp(prefix="difftrain-run-"))
-    handled = (*_config_errors(), StorageError)
+    handled: tuple[type[Exception], ...] = (*_config_errors(), StorageError)
     try:
         job = _load_job(args, Path(work_dir))
         return _run(args, job, Path(work_dir), env)

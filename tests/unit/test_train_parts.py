@@ -1,0 +1,322 @@
+"""The training runtime's pure parts: objective, checkpoints, EMA, launcher, reporting, metrics."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from difftrain.api import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED
+from difftrain.storage import MANIFEST_NAME, LocalStore
+from difftrain.train import objective
+from difftrain.train.checkpoint import (
+    CheckpointStore,
+    TrainingState,
+    flatten_state,
+    step_prefix,
+    unflatten_state,
+)
+from difftrain.train.ema import EMA
+from difftrain.train.launch import Topology, combined_exit_code, process_env
+from difftrain.train.metrics import TrainingMetrics
+from difftrain.train.report import format_eta, progress_text
+from difftrain.train.sampling import image_grid, should_sample
+from tests.infra.processes import free_port
+
+# --- objective ------------------------------------------------------------------------------
+
+
+@given(
+    kind=st.sampled_from(["constant", "linear", "cosine"]),
+    warmup=st.integers(0, 50),
+    extra=st.integers(1, 500),
+)
+def test_lr_schedule_warms_up_linearly_then_follows_its_shape(kind, warmup, extra):
+    total = warmup + extra
+    f = objective.lr_lambda(kind, warmup, total)
+    for step in range(warmup):
+        assert f(step) == pytest.approx((step + 1) / warmup)
+    assert f(warmup) == pytest.approx(1.0)
+    values = [f(s) for s in range(warmup, total + 1)]
+    assert all(0.0 <= v <= 1.0 for v in values)
+    if kind == "constant":
+        assert values == [1.0] * len(values)
+    else:
+        assert values == sorted(values, reverse=True)  # never increases after warm-up
+        assert values[-1] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_step_generator_is_a_function_of_its_coordinates():
+    a = torch.randn(4, generator=objective.step_generator(7, "step", 3, 0, 0))
+    b = torch.randn(4, generator=objective.step_generator(7, "step", 3, 0, 0))
+    c = torch.randn(4, generator=objective.step_generator(7, "step", 4, 0, 0))
+    d = torch.randn(4, generator=objective.step_generator(7, "step", 3, 0, 1))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, d)
+
+
+def test_min_snr_weights_clip_high_snr_steps_only():
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    t = torch.arange(0, 1000, 37)
+    snr = objective.snr(sched, t)
+    w = objective.min_snr_weights(sched, t, 5.0, "epsilon")
+    low = snr < 5.0
+    assert torch.allclose(w[low], torch.ones_like(w[low]))  # noisy steps keep weight 1
+    assert torch.all(w[~low] < 1.0)  # clean steps are down-weighted
+    assert torch.allclose(w[~low], 5.0 / snr[~low])
+    wv = objective.min_snr_weights(sched, t, 5.0, "v_prediction")
+    assert torch.allclose(wv, torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+
+
+def test_v_prediction_target_is_the_velocity():
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    x = torch.randn(2, 4, 8, 8)
+    n = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    a = sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    s = (1 - sched.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    v = objective.target_for(sched, x, n, t, "v_prediction")
+    assert torch.allclose(v, a * n - s * x, atol=1e-5)
+    assert objective.target_for(sched, x, n, t, "epsilon") is n
+    with pytest.raises(ValueError, match="predictionType"):
+        objective.target_for(sched, x, n, t, "sample")
+
+
+def test_noise_offset_shifts_each_channel_by_a_constant():
+    lat = torch.zeros(3, 4, 16, 16)
+    plain = objective.sample_noise(lat, objective.step_generator(1, 0), 0.0)
+    offset = objective.sample_noise(lat, objective.step_generator(1, 0), 0.1)
+    diff = offset - plain
+    per_channel = diff.flatten(2)
+    assert torch.allclose(per_channel, per_channel[..., :1].expand_as(per_channel), atol=1e-6)
+    assert diff.abs().max() > 0
+
+
+def test_weighted_loss_weights_each_sample():
+    pred = torch.zeros(2, 1, 2, 2)
+    target = torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)])
+    assert objective.diffusion_loss(pred, target).item() == pytest.approx((1 + 4) / 2)
+    w = torch.tensor([1.0, 0.0])
+    assert objective.diffusion_loss(pred, target, w).item() == pytest.approx(0.5)
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def _optimizer_after_steps(model: torch.nn.Module, steps: int) -> torch.optim.Optimizer:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for i in range(steps):
+        loss = model(torch.full((1, 3), float(i))).pow(2).sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+def test_optimizer_state_survives_flattening_without_pickle(tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = _optimizer_after_steps(model, 3)
+    skeleton, tensors = flatten_state(opt.state_dict())
+    json.dumps(skeleton)  # the skeleton is plain JSON
+    save_file(tensors, tmp_path / "opt.safetensors")
+    restored = unflatten_state(
+        json.loads(json.dumps(skeleton)), load_file(tmp_path / "opt.safetensors")
+    )
+
+    twin = torch.nn.Linear(3, 2)
+    twin.load_state_dict(model.state_dict())
+    opt2 = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    opt2.load_state_dict(restored)
+    for m, o in ((model, opt), (twin, opt2)):
+        m(torch.ones(1, 3)).sum().backward()
+        o.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_flatten_refuses_objects_it_cannot_store_safely():
+    with pytest.raises(TypeError, match="cannot store"):
+        flatten_state({"fn": print})
+
+
+def _save(ckpts: CheckpointStore, tmp_path: Path, step: int) -> str:
+    return ckpts.save(
+        tmp_path / "work",
+        TrainingState(step=step, epoch=1, batch_in_epoch=2, images_seen=step * 8),
+        {"w": torch.full((2,), float(step))},
+        {"rng": {"torch": torch.get_rng_state()}, "lr_scheduler": {"last_epoch": step}},
+    )
+
+
+def test_checkpoints_keep_the_newest_and_ignore_partial_ones(tmp_path: Path):
+    out = str(tmp_path / "out")
+    ckpts = CheckpointStore(LocalStore(), out, keep_last=2)
+    for step in (10, 20, 30):
+        _save(ckpts, tmp_path, step)
+    assert ckpts.complete_steps() == [20, 30]
+    assert not (tmp_path / "out/checkpoints/step-00000010").exists() or not any(
+        (tmp_path / "out/checkpoints/step-00000010").iterdir()
+    )
+    # an upload cut short: files but no manifest
+    partial = Path(step_prefix(out, 40))
+    partial.mkdir(parents=True)
+    (partial / "trainable.safetensors").write_bytes(b"half")
+    assert ckpts.latest() == step_prefix(out, 30)
+    loaded = ckpts.load(ckpts.latest() or "", tmp_path / "dl")
+    assert loaded.state == TrainingState(step=30, epoch=1, batch_in_epoch=2, images_seen=240)
+    assert torch.equal(loaded.trainable["w"], torch.full((2,), 30.0))
+    assert loaded.components["lr_scheduler"] == {"last_epoch": 30}
+
+
+def test_a_corrupted_checkpoint_file_is_refused(tmp_path: Path):
+    from difftrain.storage import StorageError
+
+    out = str(tmp_path / "out")
+    ckpts = CheckpointStore(LocalStore(), out, keep_last=3)
+    prefix = _save(ckpts, tmp_path, 5)
+    Path(prefix, "trainable.safetensors").write_bytes(b"garbage")
+    assert Path(prefix, MANIFEST_NAME).exists()
+    with pytest.raises(StorageError, match="does not match its manifest"):
+        ckpts.load(prefix, tmp_path / "dl")
+
+
+# --- EMA --------------------------------------------------------------------------------------
+
+
+def test_ema_follows_the_weights_and_is_applied_temporarily():
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([p], decay=0.5, start_step=2)
+    with torch.no_grad():
+        p.fill_(4.0)
+    ema.update(1)  # before start_step: copies
+    assert torch.equal(ema.shadow[0], torch.full((3,), 4.0))
+    with torch.no_grad():
+        p.fill_(8.0)
+    decay = ema.current_decay()  # warm-up: (1+0)/(10+0) = 0.1
+    ema.update(2)
+    assert torch.allclose(ema.shadow[0], torch.full((3,), 4.0 * decay + 8.0 * (1 - decay)))
+    with ema.applied():
+        assert torch.allclose(p.detach(), ema.shadow[0])
+    assert torch.equal(p.detach(), torch.full((3,), 8.0))
+    state = ema.state_dict()
+    other = EMA([torch.nn.Parameter(torch.zeros(3))], decay=0.5)
+    other.load_state_dict(state)
+    assert torch.equal(other.shadow[0], ema.shadow[0]) and other.updates == 1
+
+
+# --- launcher, reporting, sampling ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("codes", "expected"),
+    [
+        ([0, 0], 0),
+        ([EXIT_INTERRUPTED, EXIT_INTERRUPTED], EXIT_INTERRUPTED),
+        ([0, EXIT_INTERRUPTED], EXIT_INTERRUPTED),
+        ([EXIT_INTERRUPTED, 1], 1),
+        ([1, EXIT_CONFIG_ERROR], EXIT_CONFIG_ERROR),
+        ([-9, 0], -9),
+    ],
+)
+def test_launcher_exit_code_tells_the_operator_what_happened(codes, expected):
+    assert combined_exit_code(codes) == expected
+
+
+def test_process_ranks_follow_the_machine_rank():
+    topo = Topology.from_env(
+        {
+            "DIFFTRAIN_NUM_MACHINES": "2",
+            "DIFFTRAIN_NUM_PROCESSES": "8",
+            "DIFFTRAIN_MACHINE_RANK": "1",
+            "DIFFTRAIN_MAIN_ADDRESS": "job-0.svc",
+            "DIFFTRAIN_MAIN_PORT": "29400",
+        }
+    )
+    env = process_env(topo, 2, {})
+    assert env["RANK"] == "6" and env["WORLD_SIZE"] == "8" and env["LOCAL_WORLD_SIZE"] == "4"
+    assert env["MASTER_ADDR"] == "job-0.svc" and env["MASTER_PORT"] == "29400"
+
+
+def test_eta_and_progress_texts():
+    assert format_eta(4800) == "1h20m"
+    assert format_eta(250) == "4m10s"
+    assert format_eta(12.7) == "12s"
+    assert progress_text(250, 1000) == "250/1000 (25%)"
+
+
+@settings(max_examples=50)
+@given(step=st.integers(1, 1000), total=st.integers(1, 1000), every=st.integers(0, 100))
+def test_samples_every_n_steps_and_at_the_end(step, total, every):
+    expected = step == total or (every > 0 and step % every == 0)
+    assert should_sample(step, total, every) == expected
+
+
+def test_grid_tiles_images():
+    from PIL import Image
+
+    images = [Image.new("RGB", (8, 6), (i * 40, 0, 0)) for i in range(5)]
+    grid = image_grid(images)
+    assert grid.size == (3 * 8, 2 * 6)
+    assert grid.getpixel((8 + 1, 1)) == (40, 0, 0)
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+
+def _scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("difftrain_") and "{" in line:
+            name = line.split("{", 1)[0]
+            values[name] = float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def test_metrics_are_served_with_the_contract_names_and_move():
+    m = TrainingMetrics("job-a", "ns", 0)
+    port = free_port()
+    m.serve(port, addr="127.0.0.1")
+    before = _scrape(port)
+    for name in (
+        "difftrain_loss",
+        "difftrain_learning_rate",
+        "difftrain_images_per_second",
+        "difftrain_step",
+        "difftrain_total_steps",
+        "difftrain_eta_seconds",
+        "difftrain_images_seen_total",
+        "difftrain_gpu_memory_bytes",
+        "difftrain_data_wait_seconds_total",
+        "difftrain_checkpoint_duration_seconds_count",
+    ):
+        assert name in before, name
+    m.record_step(
+        step=5,
+        total_steps=10,
+        loss=0.25,
+        learning_rate=1e-4,
+        images=16,
+        images_per_second=32.0,
+        eta_seconds=2.5,
+        data_wait_seconds=0.1,
+        gpu_memory_bytes=0,
+    )
+    m.record_checkpoint(3.0)
+    after = _scrape(port)
+    assert after["difftrain_step"] == 5 and after["difftrain_total_steps"] == 10
+    assert after["difftrain_images_seen_total"] == before["difftrain_images_seen_total"] + 16
+    assert after["difftrain_checkpoint_duration_seconds_count"] == 1
