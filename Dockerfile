@@ -1,0 +1,47 @@
+# syntax=docker/dockerfile:1
+# Two images from one file:
+#   docker build --target operator -t difftrain/operator .   # the Kopf operator: no torch
+#   docker build --target trainer  -t difftrain/trainer  .   # training, merges, dataset tools
+# Both run as the unprivileged user 1000 with a read-only root filesystem in mind (writes go to
+# /tmp, which the operator mounts as an emptyDir), matching the Pod Security "restricted" profile.
+# The trainer needs no CUDA base image: the PyTorch wheels bring their CUDA libraries, and the
+# node's driver comes in through the NVIDIA container runtime.
+
+ARG PYTHON_IMAGE=python:3.12-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN groupadd --gid 1000 difftrain \
+ && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin difftrain
+
+FROM base AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY trainer trainer
+COPY operator operator
+
+FROM build AS build-operator
+RUN python -m venv /opt/difftrain && /opt/difftrain/bin/pip install .
+
+FROM build AS build-trainer
+RUN python -m venv /opt/difftrain && /opt/difftrain/bin/pip install '.[train]'
+
+FROM base AS operator
+COPY --from=build-operator /opt/difftrain /opt/difftrain
+ENV PATH=/opt/difftrain/bin:$PATH HOME=/tmp
+USER 1000:1000
+EXPOSE 8080 8081
+ENTRYPOINT ["difftrain"]
+CMD ["operator"]
+
+FROM base AS trainer
+COPY --from=build-trainer /opt/difftrain /opt/difftrain
+# Model hubs and caches write under HOME; /tmp is the pod's writable scratch volume.
+ENV PATH=/opt/difftrain/bin:$PATH HOME=/tmp HF_HOME=/tmp/hf XDG_CACHE_HOME=/tmp/cache
+USER 1000:1000
+EXPOSE 9090
+ENTRYPOINT ["difftrain"]
+CMD ["--help"]
