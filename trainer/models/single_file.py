@@ -1,19 +1,210 @@
-"""Single-file checkpoints in the LDM layout (in progress)."""
+"""Loading a single-file checkpoint in the LDM layout (what A1111 and ComfyUI use) for training.
+
+The networks' configs come from the file's metadata when it records them (files this package
+exports do), else from the tensor shapes (:mod:`difftrain.models.ldm_configs`). A single file
+carries no tokenizer: it is read from the metadata (this package's exports of small models), else
+from a ``tokenizer/`` folder next to the file (``s3://b/models/tokenizer/`` for
+``s3://b/models/sd15.safetensors``), else the load fails with a message saying where to put it.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
+from typing import Any
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import safe_open
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from difftrain.api.training import BaseModelSpec
 from difftrain.models.components import Components
 from difftrain.models.errors import ModelError
-from difftrain.storage import Store
+from difftrain.models.ldm import (
+    V_PRED_KEY,
+    ldm_family,
+    text_from_ldm,
+    unet_from_ldm,
+    vae_from_ldm,
+)
+from difftrain.models.ldm_configs import (
+    SD_SCHEDULER_CONFIG,
+    text_config,
+    unet_config,
+    vae_config,
+)
+from difftrain.storage import StorageError, Store, is_s3, sha256_file
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+CONFIG_KEY = "difftrain.config."
+TOKENIZER_KEY = "difftrain.tokenizer."
+# a folder with either of these is a tokenizer (transformers 5 writes only tokenizer.json)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+def fetch_file(uri: str, spec: BaseModelSpec, store: Store, dest_dir: Path) -> Path:
+    """The local path of the checkpoint file (downloaded when in the store); pickles refused."""
+    if uri.lower().endswith(PICKLE_SUFFIXES) and not spec.allow_pickle:
+        raise ModelError(
+            f"baseModel.uri {uri} is a pickle checkpoint; convert it to .safetensors, or set "
+            "baseModel.allowPickle: true if you trust its author (unpickling runs arbitrary code)"
+        )
+    if not is_s3(uri):
+        path = Path(uri)
+        if not path.is_file():
+            raise ModelError(f"baseModel.uri {uri}: no such file")
+        return path
+    try:
+        found = store.exists(uri)
+    except StorageError as exc:
+        raise ModelError(f"baseModel.uri {uri}: cannot read it: {exc}") from exc
+    if not found:
+        raise ModelError(f"baseModel.uri {uri}: no such object in the store")
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    target = dest_dir / uri.rsplit("/", 1)[-1]
+    partial = target.with_name(target.name + ".part")
+    with store.open_stream(uri) as src, partial.open("wb") as out:
+        while block := src.read(8 << 20):
+            out.write(block)
+    partial.replace(target)
+    return target
+
+
+def read_checkpoint(path: Path, uri: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a .safetensors file, or of a pickle the user allowed."""
+    if path.suffix.lower() == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                metadata = dict(handle.metadata() or {})
+                return {k: handle.get_tensor(k) for k in handle.keys()}, metadata  # noqa: SIM118
+        except Exception as exc:  # safetensors raises its own untyped errors for corrupt files
+            raise ModelError(
+                f"baseModel.uri {uri}: not a readable safetensors file: {exc}"
+            ) from exc
+    loaded = torch.load(path, map_location="cpu", weights_only=False)
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict):
+        raise ModelError(f"baseModel.uri {uri}: the pickle holds no state dict")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, {}
+
+
+def _meta_config(metadata: dict[str, str], name: str) -> dict[str, Any] | None:
+    raw = metadata.get(CONFIG_KEY + name)
+    return json.loads(raw) if raw else None
+
+
+def _tokenizer(uri: str, metadata: dict[str, str], store: Store, dest: Path) -> CLIPTokenizer:
+    embedded = {
+        k[len(TOKENIZER_KEY) :]: v for k, v in metadata.items() if k.startswith(TOKENIZER_KEY)
+    }
+    if embedded:
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, text in embedded.items():
+            (dest / Path(name).name).write_text(text, encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(dest)
+    sibling = uri.rsplit("/", 1)[0] + "/tokenizer" if "/" in uri else "tokenizer"
+    if not is_s3(uri):
+        if any((Path(sibling) / name).is_file() for name in TOKENIZER_FILES):
+            return CLIPTokenizer.from_pretrained(sibling)
+    else:
+        names = [u.rsplit("/", 1)[-1] for u in store.list(sibling + "/")]
+        if any(name in names for name in TOKENIZER_FILES):
+            dest.mkdir(parents=True, exist_ok=True)
+            for name in names:
+                with store.open_stream(f"{sibling}/{name}") as src:
+                    (dest / name).write_bytes(src.read())
+            return CLIPTokenizer.from_pretrained(dest)
+    raise ModelError(
+        f"baseModel.uri {uri}: a single-file checkpoint carries no tokenizer; upload the model's "
+        "tokenizer folder (tokenizer.json or vocab.json + merges.txt, tokenizer_config.json) "
+        f"to {sibling}/, or use the model's diffusers folder instead"
+    )
+
+
+def _prediction_type(
+    spec: BaseModelSpec, family: str, keys: set[str], metadata: dict[str, str], uri: str
+) -> str:
+    if spec.prediction_type != "auto":
+        return spec.prediction_type
+    recorded = metadata.get("modelspec.prediction_type", "")
+    if V_PRED_KEY in keys or recorded.startswith("v"):
+        return "v_prediction"
+    if recorded == "epsilon" or family == "sd1":
+        return "epsilon"
+    raise ModelError(
+        f"baseModel.uri {uri}: an SD2 single file that does not record its prediction type; set "
+        "baseModel.predictionType to epsilon (SD2 base, 512 px) or v_prediction (SD2 768 px)"
+    )
 
 
 def load_single_file(
     uri: str, spec: BaseModelSpec, store: Store, *, work_dir: Path, dtype: torch.dtype
 ) -> Components:
-    """Load an LDM-layout .safetensors file (not implemented yet)."""
-    raise ModelError(f"baseModel.uri {uri}: single-file checkpoints are not supported yet")
+    """Load an LDM-layout checkpoint as diffusers/transformers models."""
+    path = fetch_file(uri, spec, store, work_dir / "base")
+    ldm, metadata = read_checkpoint(path, uri)
+    keys = set(ldm)
+    family = ldm_family(keys)
+    if family == "sdxl":
+        raise ModelError(
+            f"baseModel.uri {uri}: an SDXL checkpoint; training supports SD1.x and SD2.x base "
+            "models for now"
+        )
+    if family == "unknown" or not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise ModelError(
+            f"baseModel.uri {uri}: not an SD1/SD2 checkpoint in the LDM layout (expected "
+            "model.diffusion_model.*, first_stage_model.* and cond_stage_model.* tensors)"
+        )
+    shapes = {k: tuple(v.shape) for k, v in ldm.items()}
+    try:
+        unet_cfg = _meta_config(metadata, "unet") or unet_config(shapes, family)
+        vae_cfg = _meta_config(metadata, "vae") or vae_config(shapes)
+        text_cfg = _meta_config(metadata, "text_encoder") or text_config(shapes, family)
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(unet_cfg)
+            vae = AutoencoderKL.from_config(vae_cfg)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+        unet.load_state_dict(_cast(unet_from_ldm(ldm, unet.state_dict()), dtype), assign=True)
+        vae.load_state_dict(_cast(vae_from_ldm(ldm, vae.state_dict()), dtype), assign=True)
+        text_state = text_from_ldm(ldm, family, text_encoder.state_dict())
+        text_encoder.load_state_dict(_cast(text_state, dtype), strict=False)
+    except ModelError as exc:
+        raise ModelError(f"baseModel.uri {uri}: {exc}") from exc
+    except (RuntimeError, ValueError) as exc:  # shape mismatches from load_state_dict
+        raise ModelError(
+            f"baseModel.uri {uri}: its tensors do not fit an SD1/SD2 model: {exc}"
+        ) from exc
+    text_encoder.to(dtype)
+    prediction_type = _prediction_type(spec, family, keys, metadata, uri)
+    scheduler_config = {
+        **(_meta_config(metadata, "scheduler") or SD_SCHEDULER_CONFIG),
+        "prediction_type": prediction_type,
+    }
+    from difftrain.models.loading import training_scheduler
+
+    components = Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_tokenizer(uri, metadata, store, work_dir / "tokenizer"),
+        noise_scheduler=training_scheduler(scheduler_config, prediction_type),
+        scheduler_config=scheduler_config,
+        prediction_type=prediction_type,
+        family=family,
+        # the file's own sha256, which anyone can check with sha256sum
+        identity=sha256_file(path),
+        source=uri,
+    )
+    logger.info(
+        "single-file base model loaded",
+        extra={"source": uri, "family": family, "prediction_type": prediction_type},
+    )
+    return components
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

@@ -1,0 +1,296 @@
+"""Exports of a trained model in the layouts the ecosystem loads.
+
+- ``export_diffusers``: a diffusers folder (``from_pretrained``), or a ControlNet folder;
+- ``export_single_file``: one ``.safetensors`` in the LDM layout (A1111, ComfyUI, diffusers'
+  ``from_single_file``); SD1 with the CLIP text model under ``cond_stage_model.transformer.``, SD2
+  with OpenCLIP names under ``cond_stage_model.model.`` (see :mod:`difftrain.models.ldm`);
+- ``export_lora_peft``: the diffusers/PEFT LoRA layout (``unet.<module>.lora_A.weight``) with the
+  adapter config diffusers reads back (``lora_adapter_metadata``);
+- ``export_lora_kohya``: the kohya/A1111 layout (``lora_unet_<module>.lora_down.weight``,
+  ``.lora_up.weight``, ``.alpha``).
+
+Every file carries the caller's metadata (the recipe, the base model's hash) in its safetensors
+header. Networks with PEFT adapters are exported with the adapters merged into a copy, so a full
+export of a LoRA run is the base model with the LoRA applied.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from difftrain.models.components import Components, file_sha256
+from difftrain.models.errors import ModelError
+from difftrain.models.ldm import V_PRED_KEY, text_to_ldm, unet_to_ldm, vae_to_ldm
+from difftrain.models.safetensors_meta import add_metadata, save_safetensors
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "export_diffusers",
+    "export_lora_kohya",
+    "export_lora_peft",
+    "export_single_file",
+    "file_sha256",
+]
+# A tokenizer is embedded in a single file's header only when this small (tiny and test models):
+# CLIP's full vocabulary would put ~2 MB of JSON in every header A1111 shows in its UI.
+MAX_EMBEDDED_TOKENIZER = 256 << 10
+
+
+def merged_copy(module: nn.Module) -> nn.Module:
+    """``module`` itself when it has no PEFT adapters, else a copy with them merged in."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not any(isinstance(m, BaseTunerLayer) for m in module.modules()):
+        return module
+    merged = copy.deepcopy(module)
+    for name, layer in list(merged.named_modules()):
+        if isinstance(layer, BaseTunerLayer):
+            layer.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = merged.get_submodule(parent_name) if parent_name else merged
+            setattr(parent, child, layer.get_base_layer())
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in merged.__dict__:
+            delattr(merged, attr)
+    return merged
+
+
+def _sampling_scheduler(components: Components) -> Any:
+    import diffusers
+
+    config = components.scheduler_config
+    cls = getattr(diffusers, str(config.get("_class_name", "DDPMScheduler")), None)
+    if cls is None or not hasattr(cls, "from_config"):
+        cls = diffusers.DDPMScheduler
+    return cls.from_config({**config, "prediction_type": components.prediction_type})
+
+
+def export_diffusers(
+    components: Components,
+    out_dir: Path,
+    *,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    controlnet: nn.Module | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write a diffusers folder: the pipeline with the trained networks, or the ControlNet alone."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if controlnet is not None:
+        controlnet.save_pretrained(out_dir, safe_serialization=True)  # type: ignore[operator]
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=components.vae,
+            text_encoder=merged_copy(text_encoder or components.text_encoder),
+            tokenizer=components.tokenizer,
+            unet=merged_copy(unet or components.unet),
+            scheduler=_sampling_scheduler(components),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+    if metadata:
+        for path in sorted(out_dir.rglob("*.safetensors")):
+            add_metadata(path, metadata)
+    logger.info("diffusers folder exported", extra={"path": str(out_dir)})
+    return out_dir
+
+
+def _configs_metadata(components: Components, unet: nn.Module, text: nn.Module) -> dict[str, str]:
+    def clean(config: Any) -> str:
+        items = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+        drop = {"_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype"}
+        return json.dumps({k: v for k, v in items.items() if k not in drop}, default=str)
+
+    out = {
+        "difftrain.config.unet": clean(unet.config),
+        "difftrain.config.vae": clean(components.vae.config),
+        "difftrain.config.text_encoder": clean(text.config),
+        "difftrain.config.scheduler": json.dumps(components.scheduler_config, default=str),
+        "modelspec.prediction_type": components.prediction_type,
+    }
+    with tempfile.TemporaryDirectory(prefix="difftrain-tokenizer-") as tmp:
+        components.tokenizer.save_pretrained(tmp)
+        files = {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.is_file()}
+    if sum(len(v) for v in files.values()) <= MAX_EMBEDDED_TOKENIZER:
+        out.update({f"difftrain.tokenizer.{name}": text for name, text in files.items()})
+    return out
+
+
+def export_single_file(
+    components: Components,
+    path: Path,
+    *,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    metadata: dict[str, str],
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Write the model as one LDM-layout .safetensors file (SD1 or SD2)."""
+    if components.family not in {"sd1", "sd2"}:
+        raise ModelError(f"single-file export supports SD1 and SD2, not {components.family!r}")
+    unet_module = merged_copy(unet or components.unet)
+    text_module = merged_copy(text_encoder or components.text_encoder)
+    tensors = {
+        **unet_to_ldm(unet_module.state_dict()),
+        **vae_to_ldm(components.vae.state_dict()),
+        **text_to_ldm(text_module.state_dict(), components.family),
+    }
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    if components.prediction_type == "v_prediction":
+        # ComfyUI tells v-prediction checkpoints by this (empty) key
+        tensors[V_PRED_KEY] = torch.tensor([])
+    header = {**_configs_metadata(components, unet_module, text_module), **metadata}
+    save_safetensors(tensors, path, header)
+    logger.info("single file exported", extra={"path": str(path), "tensors": len(tensors)})
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdaptedModule:
+    """One LoRA-adapted module: its factors and their scale (delta = up @ down * scaling)."""
+
+    module: str
+    down: torch.Tensor
+    up: torch.Tensor
+    rank: int
+    alpha: float
+    scaling: float
+
+
+def adapted_modules(model: nn.Module, what: str, *, prefix: str = "") -> list[AdaptedModule]:
+    """The LoRA layers of ``model``, however they were added (diffusers, peft injection, PeftModel).
+
+    Read from the layers rather than from a ``peft_config`` attribute, which only some ways of
+    adding adapters set. ``prefix`` is put before module names that lack it.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    found: list[AdaptedModule] = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        active = [a for a in layer.active_adapters if a in layer.lora_A]
+        if len(active) != 1:
+            raise ModelError(f"{what}: module {name} has {len(active)} active adapters; export one")
+        adapter = active[0]
+        if layer.use_dora.get(adapter):
+            raise ModelError(f"{what}: DoRA adapters cannot be exported as LoRA files")
+        module = name.removeprefix("base_model.model.")
+        if prefix and not module.startswith(prefix):
+            module = prefix + module
+        found.append(
+            AdaptedModule(
+                module=module,
+                down=layer.lora_A[adapter].weight.detach().float().contiguous(),
+                up=layer.lora_B[adapter].weight.detach().float().contiguous(),
+                rank=int(layer.r[adapter]),
+                alpha=float(layer.lora_alpha[adapter]),
+                scaling=float(layer.scaling[adapter]),
+            )
+        )
+    if not found:
+        raise ModelError(f"{what} has no LoRA adapter to export")
+    return found
+
+
+def _adapter_config(modules: list[AdaptedModule]) -> dict[str, Any]:
+    """A LoraConfig that rebuilds exactly these modules (diffusers reads it from the header)."""
+    from collections import Counter
+
+    from peft import LoraConfig
+
+    rank = Counter(m.rank for m in modules).most_common(1)[0][0]
+    alpha = Counter(m.alpha for m in modules).most_common(1)[0][0]
+    # rank-stabilised LoRA scales by alpha / sqrt(rank); tell it apart where the two differ
+    rslora = any(m.rank > 1 and abs(m.scaling - m.alpha / m.rank**0.5) < 1e-9 for m in modules)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=sorted(m.module for m in modules),
+        rank_pattern={m.module: m.rank for m in modules if m.rank != rank},
+        alpha_pattern={m.module: m.alpha for m in modules if m.alpha != alpha},
+        use_rslora=rslora,
+        init_lora_weights=False,
+    ).to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def export_lora_peft(
+    unet_with_adapters: nn.Module,
+    path: Path,
+    *,
+    text_encoder: nn.Module | None = None,
+    metadata: dict[str, str],
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write the adapters in the diffusers/PEFT layout that ``load_lora_weights`` reads."""
+    parts = [("unet", adapted_modules(unet_with_adapters, "the UNet"))]
+    if text_encoder is not None:
+        # with text_model. as transformers 4 named it; diffusers strips it for transformers 5
+        te = adapted_modules(text_encoder, "the text encoder", prefix="text_model.")
+        parts.append(("text_encoder", te))
+    tensors: dict[str, torch.Tensor] = {}
+    adapter_meta: dict[str, Any] = {}
+    for component, modules in parts:
+        for m in modules:
+            tensors[f"{component}.{m.module}.lora_A.weight"] = m.down.to(dtype)
+            tensors[f"{component}.{m.module}.lora_B.weight"] = m.up.to(dtype)
+        config = _adapter_config(modules)
+        adapter_meta.update({f"{component}.{k}": v for k, v in config.items()})
+    header = {
+        "format": "pt",
+        "lora_adapter_metadata": json.dumps(adapter_meta, sort_keys=True, default=str),
+        **metadata,
+    }
+    save_safetensors(tensors, path, header)
+    return path
+
+
+def export_lora_kohya(
+    unet_with_adapters: nn.Module,
+    path: Path,
+    *,
+    text_encoder: nn.Module | None = None,
+    alpha: float,
+    metadata: dict[str, str],
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write the adapters in the kohya/A1111 layout (SD1/SD2 names: ``lora_unet_``, ``lora_te_``).
+
+    Every module gets ``.alpha`` = ``alpha``; kohya scales by alpha / rank, so where the adapter
+    was trained with another scaling the up factor is rescaled and the file's effect is exact.
+    """
+    parts = [("lora_unet_", adapted_modules(unet_with_adapters, "the UNet"))]
+    if text_encoder is not None:
+        te = adapted_modules(text_encoder, "the text encoder", prefix="text_model.")
+        parts.append(("lora_te_", te))
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, modules in parts:
+        for m in modules:
+            name = prefix + m.module.replace(".", "_")
+            up = m.up * (m.scaling / (alpha / m.rank))
+            tensors[f"{name}.lora_down.weight"] = m.down.to(dtype)
+            tensors[f"{name}.lora_up.weight"] = up.to(dtype)
+            tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    header = {"format": "pt", "ss_network_alpha": str(alpha), **metadata}
+    save_safetensors(tensors, path, header)
+    return path
