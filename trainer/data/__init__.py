@@ -11,6 +11,7 @@ from difftrain.data.cleaning import (
 )
 from difftrain.data.images import ImageError, decode_rgb
 from difftrain.data.sources import CleanPair, DatasetError, RawPair, detect_format, iter_pairs
+from difftrain.data.transforms import ImageTransform
 
 __all__ = [
     "REASONS",
@@ -18,6 +19,7 @@ __all__ = [
     "CleaningResult",
     "DatasetError",
     "ImageError",
+    "ImageTransform",
     "RawPair",
     "clean",
     "decode_rgb",
