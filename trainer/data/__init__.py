@@ -1,5 +1,6 @@
 """The dataset pipeline: sources, cleaning with a drop report, transforms and aspect buckets."""
 
+from difftrain.data.buckets import BucketBatchSampler, make_buckets, nearest_bucket
 from difftrain.data.cleaning import (
     REASONS,
     CleaningResult,
@@ -15,6 +16,7 @@ from difftrain.data.transforms import ImageTransform
 
 __all__ = [
     "REASONS",
+    "BucketBatchSampler",
     "CleanPair",
     "CleaningResult",
     "DatasetError",
@@ -27,6 +29,8 @@ __all__ = [
     "format_report",
     "iter_pairs",
     "load_dataset",
+    "make_buckets",
+    "nearest_bucket",
     "read_report",
     "write_report",
 ]
