@@ -84,7 +84,8 @@ def _load_job(args: argparse.Namespace, work_dir: Path) -> Any:
 
 def _config_errors() -> tuple[type[Exception], ...]:
     from difftrain import api
-    from difftrain.data import DatasetError, ImageError
+    from difftrain.data.images import ImageError
+    from difftrain.data.pairs import DatasetError
     from difftrain.models import ModelError
     from difftrain.train.methods import TrainingConfigError
 

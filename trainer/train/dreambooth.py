@@ -94,7 +94,10 @@ def class_examples(
     spec: DiffusionTrainingJobSpec, components: Any, options: Any, output_store: Store
 ) -> list[Example]:
     """The prior-preservation examples (``is_prior``), cached like the instance images."""
-    from difftrain.data import CleanPair, ImageTransform, LatentCache, cache_key, decode_rgb
+    from difftrain.data.cache import LatentCache, cache_key
+    from difftrain.data.images import decode_rgb
+    from difftrain.data.pairs import CleanPair
+    from difftrain.data.transforms import ImageTransform
 
     db = spec.dreambooth
     assert db is not None and db.class_prompt is not None

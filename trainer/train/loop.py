@@ -290,6 +290,8 @@ class Trainer:
             comps = self.inp.components
             mods = self.inp.modules
             ctx = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+            for m in self.wrapped.values():
+                m.eval()  # no dropout in samples
             with ctx:
                 pipe = build_pipeline(
                     comps,

@@ -99,14 +99,10 @@ def _conditioning_images(spec: DiffusionTrainingJobSpec, options: RunOptions) ->
 
 def run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
     """Train ``job`` to its end (or until a stop is requested) and export the result."""
-    from difftrain.data import (
-        ImageTransform,
-        LatentCache,
-        cache_key,
-        decode_rgb,
-        load_dataset,
-        write_report,
-    )
+    from difftrain.data.cache import LatentCache, cache_key
+    from difftrain.data.cleaning import load_dataset, write_report
+    from difftrain.data.images import decode_rgb
+    from difftrain.data.transforms import ImageTransform
     from difftrain.models import load_base_model
 
     spec = job.spec.resolved()
@@ -313,11 +309,11 @@ def run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
 
 
 def _sizes(spec: DiffusionTrainingJobSpec, pairs: list[Any]) -> list[tuple[int, int]]:
-    from difftrain.data import make_buckets, nearest_bucket
-
     res = spec.preprocessing.resolution
     if not spec.preprocessing.buckets.enabled:
         return [(res, res)] * len(pairs)
+    from difftrain.data.buckets import make_buckets, nearest_bucket
+
     buckets = make_buckets(spec.preprocessing.buckets, res)
     return [nearest_bucket(p.width, p.height, buckets) for p in pairs]
 
@@ -345,7 +341,7 @@ def _with_boomerang(
     args: dict[str, Any],
     report: DatasetReport,
 ) -> tuple[list[Any], list[tuple[int, int]]]:
-    from difftrain.data import boomerang_variants
+    from difftrain.data.boomerang import boomerang_variants
 
     variants = boomerang_variants(pairs, components, transform, sizes=sizes, **args)
     report.augmented = len(variants)
@@ -367,7 +363,7 @@ def _prompts_from(examples: list[Example], spec: DiffusionTrainingJobSpec) -> li
 def _sampler(
     spec: DiffusionTrainingJobSpec, examples: list[Example], prior_count: int, acc: Any
 ) -> Any:
-    from difftrain.data import BucketBatchSampler
+    from difftrain.data.buckets import BucketBatchSampler
     from difftrain.train.dreambooth import PriorPairedSampler
 
     hp = spec.hyperparameters

@@ -1,0 +1,75 @@
+"""Tiny training jobs for tests: a tiny model and a shapes dataset, as job dicts."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from difftrain.train.synthetic import default_local_job, write_shapes_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def prepare_local_inputs(root: Path, *, images: int = 48) -> Path:
+    """A tiny diffusers model folder and a shapes dataset under ``root`` (made once per root)."""
+    from difftrain.models.tiny import build_tiny_pipeline_folder
+
+    if not (root / "base-model" / "model_index.json").exists():
+        build_tiny_pipeline_folder(root / "base-model", seed=0)
+    if not (root / "dataset").exists():
+        write_shapes_dataset(root / "dataset", images, size=64, seed=0)
+    return root
+
+
+def tiny_job(inputs: Path, output: Path, **spec_updates: Any) -> dict[str, Any]:
+    """The local default job on ``inputs``, writing to ``output``, with spec sections replaced.
+
+    Keyword arguments replace whole top-level spec sections (``hyperparameters={...}``); the
+    defaults here are short: 12 steps of batch 4, no samples in between.
+    """
+    job = copy.deepcopy(default_local_job(inputs))
+    spec = job["spec"]
+    spec["output"] = {"uri": str(output)}
+    spec["hyperparameters"] = {
+        "batchSize": 4,
+        "learningRate": 3e-4,
+        "maxSteps": 12,
+        "warmupSteps": 2,
+        "mixedPrecision": "no",
+    }
+    spec["sampling"] = {"everySteps": 0, "numInferenceSteps": 2, "prompts": ["a red circle"]}
+    spec["checkpointing"] = {"everySteps": 5, "keepLast": 5}
+    spec["regularization"] = {}
+    for key, value in spec_updates.items():
+        if value is None:
+            spec.pop(key, None)
+        else:
+            spec[key] = value
+    return job
+
+
+def write_job(path: Path, job: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def run_cli(
+    args: list[str], *, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """``python -m difftrain ARGS`` in a subprocess, as a pod runs it."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "difftrain", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=REPO,
+        check=False,
+    )

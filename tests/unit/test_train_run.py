@@ -1,0 +1,345 @@
+"""Whole training runs of a tiny model on the shapes dataset, on the CPU, via `difftrain run`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from difftrain import api
+from difftrain.storage import MANIFEST_NAME
+from difftrain.train.run import RunOptions, run_training
+from tests.infra.processes import free_port
+from tests.training import REPO, prepare_local_inputs, run_cli, tiny_job, write_job
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return prepare_local_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+def _run(job: dict, work: Path):
+    resource = api.parse_resource(job)
+    assert isinstance(resource, api.DiffusionTrainingJob)
+    return run_training(resource, RunOptions(work_dir=work))
+
+
+def _checkpoint(output: Path, step: int) -> Path:
+    return output / "checkpoints" / f"step-{step:08d}"
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"process ended ({proc.returncode}) before {what}:\n{out[-3000:]}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _popen(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "difftrain", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+# --- it learns --------------------------------------------------------------------------------
+
+
+def _caption_losses(components, unet, pairs, swap) -> float:
+    """Mean denoising loss of ``pairs`` under their captions (or swapped ones), fixed noise."""
+    from difftrain.data import ImageTransform
+    from difftrain.train.objective import step_generator
+
+    pre = api.PreprocessingSpec(resolution=64)
+    transform = ImageTransform(pre)
+    tok = components.tokenizer
+    sched = components.noise_scheduler
+    losses = []
+    import random
+
+    with torch.no_grad():
+        for i, (image, caption) in enumerate(pairs):
+            if swap:
+                caption = swap(caption)
+            pixels = transform(image, rng=random.Random(0), flip=False)[None]
+            latents = components.vae.encode(pixels).latent_dist.mean
+            latents = latents * components.vae.config.scaling_factor
+            ids = tok(
+                [caption],
+                padding="max_length",
+                max_length=tok.model_max_length,
+                return_tensors="pt",
+            ).input_ids
+            text = components.text_encoder(ids)[0]
+            for j in range(4):
+                gen = step_generator(123, i, j)
+                noise = torch.randn(latents.shape, generator=gen)
+                t = torch.randint(100, 900, (1,), generator=gen)
+                noisy = sched.add_noise(latents, noise, t)
+                pred = unet(noisy, t, encoder_hidden_states=text).sample
+                losses.append(torch.nn.functional.mse_loss(pred, noise).item())
+    return sum(losses) / len(losses)
+
+
+def test_local_run_learns_the_shapes_and_follows_the_prompt(inputs: Path, tmp_path: Path):
+    """Loss falls clearly, and the model's denoising loss is lower under the true caption than
+    under one with the colours swapped (a measure fixed before the run)."""
+    from difftrain.models import load_base_model
+    from difftrain.train.synthetic import COLOURS, caption_for, draw_shape
+
+    job = tiny_job(
+        inputs,
+        tmp_path / "out",
+        hyperparameters={
+            "batchSize": 8,
+            "learningRate": 5e-4,
+            "maxSteps": 200,
+            "warmupSteps": 10,
+            "mixedPrecision": "no",
+        },
+        checkpointing={"everySteps": 200, "keepLast": 1},
+    )
+    outcome = _run(job, tmp_path / "work")
+    losses = outcome.loop.losses
+    assert len(losses) == 200
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.6 * first, (first, last)
+
+    base = api.BaseModelSpec(uri=str(tmp_path / "out" / "export" / "diffusers"))
+    trained = load_base_model(base, None, work_dir=tmp_path / "load")
+    import random
+
+    rng = random.Random(99)  # held-out images: new positions and sizes
+    names = list(COLOURS)
+    held_out = []
+    for k in range(8):
+        colour, background = names[k % 6], names[(k + 3) % 6]
+        shape = ["circle", "square", "triangle"][k % 3]
+        held_out.append(
+            (draw_shape(64, shape, colour, background, rng), caption_for(shape, colour, background))
+        )
+
+    def swap(caption: str) -> str:
+        words = caption.split()
+        colour, background = words[1], words[-2]
+        return caption_for(words[2], background, colour)
+
+    true_loss = _caption_losses(trained, trained.unet, held_out, None)
+    swapped_loss = _caption_losses(trained, trained.unet, held_out, swap)
+    assert true_loss < 0.9 * swapped_loss, (true_loss, swapped_loss)
+
+
+# --- resume -----------------------------------------------------------------------------------
+
+
+def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(inputs: Path, tmp_path: Path):
+    job = tiny_job(inputs, tmp_path / "straight")
+    straight = write_job(tmp_path / "straight.yaml", job)
+    done = run_cli(["run", str(straight), "--local", "--work-dir", str(tmp_path / "w1")])
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed_out = tmp_path / "killed"
+    killed = write_job(tmp_path / "killed.yaml", tiny_job(inputs, killed_out))
+    proc = _popen(["run", str(killed), "--local", "--work-dir", str(tmp_path / "w2")])
+    # kill between the checkpoints of steps 5 and 10
+    _wait_for(lambda: (_checkpoint(killed_out, 5) / MANIFEST_NAME).exists(), 240, "step 5", proc)
+    proc.kill()
+    proc.wait()
+    assert not (_checkpoint(killed_out, 12) / MANIFEST_NAME).exists()
+
+    resumed = run_cli(["run", str(killed), "--local", "--work-dir", str(tmp_path / "w2")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed" in resumed.stderr
+    state = json.loads((_checkpoint(killed_out, 12) / "state.json").read_text())["state"]
+    assert state["step"] == 12
+    a = load_file(_checkpoint(tmp_path / "straight", 12) / "trainable.safetensors")
+    b = load_file(_checkpoint(killed_out, 12) / "trainable.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+
+
+# --- SIGTERM and metrics ----------------------------------------------------------------------
+
+
+def _scrape(port: int) -> dict[str, float]:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+    except OSError:
+        return {}
+    values = {}
+    for line in text.decode().splitlines():
+        if line.startswith("difftrain_") and "{" in line:
+            values[line.split("{", 1)[0]] = float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def test_sigterm_checkpoints_and_exits_75_and_metrics_move(inputs: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    job = tiny_job(
+        inputs,
+        out,
+        hyperparameters={
+            "batchSize": 2,
+            "maxSteps": 100000,
+            "warmupSteps": 1,
+            "mixedPrecision": "no",
+        },
+        checkpointing={"everySteps": 100000, "keepLast": 1},
+    )
+    path = write_job(tmp_path / "job.yaml", job)
+    port = free_port()
+    proc = _popen(["run", str(path), "--local", "--metrics-port", str(port)])
+    try:
+        _wait_for(lambda: _scrape(port).get("difftrain_step", 0) >= 2, 240, "step 2", proc)
+        first = _scrape(port)
+        _wait_for(
+            lambda: _scrape(port).get("difftrain_step", 0) > first["difftrain_step"],
+            120,
+            "a later step",
+            proc,
+        )
+        later = _scrape(port)
+        assert later["difftrain_images_seen_total"] > first["difftrain_images_seen_total"]
+        assert later["difftrain_total_steps"] == 100000
+        assert later["difftrain_loss"] > 0 and later["difftrain_eta_seconds"] > 0
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == api.EXIT_INTERRUPTED, output[-3000:]
+    steps = sorted((out / "checkpoints").iterdir())
+    assert len(steps) == 1 and (steps[0] / MANIFEST_NAME).exists()
+    state = json.loads((steps[0] / "state.json").read_text())["state"]
+    assert state["step"] >= later["difftrain_step"]
+
+
+# --- exports ----------------------------------------------------------------------------------
+
+
+def test_full_run_exports_load_back_in_diffusers(inputs: Path, tmp_path: Path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "out"
+    outcome = _run(tiny_job(inputs, out), tmp_path / "work")
+    formats = {o.format: o for o in outcome.outputs}
+    assert set(formats) == {"diffusers", "single_file"}
+    folder = StableDiffusionPipeline.from_pretrained(formats["diffusers"].uri)
+    single = StableDiffusionPipeline.from_single_file(
+        formats["single_file"].uri, config=str(inputs / "base-model"), local_files_only=True
+    )
+    x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500])
+    with torch.no_grad():
+        a = folder.unet(x, t, encoder_hidden_states=text).sample
+        b = single.unet(x, t, encoder_hidden_states=text).sample
+    assert torch.allclose(a, b, atol=5e-3)  # single file is fp16
+    header = json.loads(
+        Path(formats["single_file"].uri).read_bytes()[8:][:200000].split(b"}}", 1)[0] + b"}}"
+    )
+    assert "difftrain.recipe" in header["__metadata__"]
+    assert (out / "samples").is_dir() and any((out / "samples").rglob("grid.png"))
+
+
+def test_lora_run_exports_both_layouts_that_load_the_same(inputs: Path, tmp_path: Path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "out"
+    job = tiny_job(inputs, out, method="lora", lora={"rank": 4})
+    job["spec"]["hyperparameters"]["learningRate"] = 1e-2
+    outcome = _run(job, tmp_path / "work")
+    formats = {o.format: o.uri for o in outcome.outputs}
+    assert set(formats) == {"lora_peft", "lora_kohya"}
+    x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500])
+    results = {}
+    for name, uri in [("base", None), *formats.items()]:
+        pipe = StableDiffusionPipeline.from_pretrained(str(inputs / "base-model"))
+        if uri is not None:
+            pipe.load_lora_weights(uri)
+        with torch.no_grad():
+            results[name] = pipe.unet(x, t, encoder_hidden_states=text).sample
+    assert torch.allclose(results["lora_peft"], results["lora_kohya"], atol=1e-4)
+    assert not torch.allclose(results["lora_peft"], results["base"], atol=1e-4)
+
+
+# --- several processes --------------------------------------------------------------------------
+
+
+def test_two_cpu_processes_train_one_model(inputs: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    job = tiny_job(
+        inputs,
+        out,
+        hyperparameters={
+            "batchSize": 2,
+            "maxSteps": 6,
+            "warmupSteps": 1,
+            "mixedPrecision": "no",
+        },
+        checkpointing={"everySteps": 3, "keepLast": 3},
+    )
+    path = write_job(tmp_path / "job.yaml", job)
+    port = free_port()
+    done = run_cli(
+        ["run", str(path), "--local", "--processes", "2", "--work-dir", str(tmp_path / "w")],
+        env={"DIFFTRAIN_MAIN_PORT": str(port)},
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    state = json.loads((_checkpoint(out, 6) / "state.json").read_text())["state"]
+    assert state["step"] == 6
+    assert state["images_seen"] == 6 * 2 * 2  # two processes, batch 2 each
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-00000003",
+        "step-00000006",
+    ]
+    assert (out / "export" / "model.safetensors").exists()
+
+
+# --- clear errors -------------------------------------------------------------------------------
+
+
+def test_missing_model_pickle_and_bad_options_give_clear_errors(inputs: Path, tmp_path: Path):
+    missing = tiny_job(inputs, tmp_path / "o1")
+    missing["spec"]["baseModel"] = {"uri": str(tmp_path / "nope")}
+    r = run_cli(["run", str(write_job(tmp_path / "a.yaml", missing)), "--local"])
+    assert r.returncode == api.EXIT_CONFIG_ERROR
+    assert "baseModel.uri" in r.stderr and "Traceback" not in r.stderr
+
+    (tmp_path / "model.ckpt").write_bytes(b"\x80\x04pickle")
+    pickle = tiny_job(inputs, tmp_path / "o2")
+    pickle["spec"]["baseModel"] = {"uri": str(tmp_path / "model.ckpt")}
+    r = run_cli(["run", str(write_job(tmp_path / "b.yaml", pickle)), "--local"])
+    assert r.returncode == api.EXIT_CONFIG_ERROR
+    assert "allowPickle" in r.stderr and "Traceback" not in r.stderr
+
+    bad = tiny_job(inputs, tmp_path / "o3")
+    bad["spec"]["hyperparameters"]["warmupSteps"] = 50
+    r = run_cli(["run", str(write_job(tmp_path / "c.yaml", bad)), "--local"])
+    assert r.returncode == api.EXIT_CONFIG_ERROR
+    assert "warmupSteps" in r.stderr and "Traceback" not in r.stderr
+
+    fp16 = tiny_job(inputs, tmp_path / "o4")
+    fp16["spec"]["hyperparameters"]["mixedPrecision"] = "fp16"
+    r = run_cli(["run", str(write_job(tmp_path / "d.yaml", fp16)), "--local"])
+    if not torch.cuda.is_available():
+        assert r.returncode == api.EXIT_CONFIG_ERROR
+        assert "mixedPrecision" in r.stderr and "Traceback" not in r.stderr
