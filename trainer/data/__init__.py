@@ -1,6 +1,8 @@
 """The dataset pipeline: sources, cleaning with a drop report, transforms and aspect buckets."""
 
+from difftrain.data.boomerang import BoomerangError, boomerang_variants
 from difftrain.data.buckets import BucketBatchSampler, make_buckets, nearest_bucket
+from difftrain.data.cache import CachedSample, CacheError, LatentCache, cache_key
 from difftrain.data.cleaning import (
     REASONS,
     CleaningResult,
@@ -16,13 +18,19 @@ from difftrain.data.transforms import ImageTransform
 
 __all__ = [
     "REASONS",
+    "BoomerangError",
     "BucketBatchSampler",
+    "CacheError",
+    "CachedSample",
     "CleanPair",
     "CleaningResult",
     "DatasetError",
     "ImageError",
     "ImageTransform",
+    "LatentCache",
     "RawPair",
+    "boomerang_variants",
+    "cache_key",
     "clean",
     "decode_rgb",
     "detect_format",

@@ -1,0 +1,166 @@
+"""Boomerang augmentation: local variants of a training image made with the base model itself.
+
+Each image is encoded, noised to ``strength`` of the schedule and denoised back with the base model
+under its own caption (img2img: only the last ``strength`` fraction of the sampling steps run), then
+decoded. A low strength keeps the content and changes local detail; a high one wanders further
+(Luzi et al., "Boomerang: Local sampling on image manifolds using diffusion models", 2023).
+
+Denoising uses DDIM with eta 0 on the model's own schedule and prediction type, so a variant is a
+function of the source, the caption and the seeded noise only: the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from difftrain.data.cache import encode_text, eval_mode, sample_rng
+from difftrain.data.pairs import CleanPair
+
+if TYPE_CHECKING:
+    from difftrain.data.transforms import ImageTransform
+    from difftrain.models.components import Components
+
+logger = logging.getLogger(__name__)
+
+
+class BoomerangError(ValueError):
+    """Boomerang settings that cannot work; the message names the field."""
+
+
+def boomerang_variants(
+    pairs: Sequence[CleanPair],
+    components: Components,
+    transform: ImageTransform,
+    *,
+    strength: float,
+    copies: int,
+    seed: int,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 1.0,
+    device: torch.device | str = "cpu",
+    sizes: Sequence[tuple[int, int]] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[CleanPair]:
+    """``copies`` variants of every pair (keys ``<key>~boomerang<i>``), in the pairs' order.
+
+    ``sizes`` gives each pair's (width, height) for aspect-ratio buckets. ``progress`` is called
+    with 1 for every variant made. The networks are moved to ``device`` and run in eval mode.
+    """
+    if not 0.0 < strength < 1.0:
+        raise BoomerangError(f"preprocessing.boomerang.strength is {strength}: use 0 < s < 1")
+    if copies < 1:
+        raise BoomerangError(f"preprocessing.boomerang.copies is {copies}: use at least 1")
+    if num_inference_steps < 1:
+        raise BoomerangError(f"num_inference_steps is {num_inference_steps}: use at least 1")
+    if sizes is not None and len(sizes) != len(pairs):
+        raise BoomerangError(f"sizes has {len(sizes)} entries for {len(pairs)} pairs")
+    dev = torch.device(device)
+    vae, unet, text_encoder = components.vae, components.unet, components.text_encoder
+    out: list[CleanPair] = []
+    with eval_mode(vae, unet, text_encoder), torch.inference_mode():
+        for module in (vae, unet, text_encoder):
+            module.to(dev)
+        uncond = encode_text(components, [""], dev) if guidance_scale > 1.0 else None
+        for n, pair in enumerate(pairs):
+            size = sizes[n] if sizes is not None else None
+            image = transform.decode(pair.data, pair.name, size=size)
+            pixels = transform(image, size=size, rng=sample_rng(seed, pair.key), flip=False)
+            cond = encode_text(components, [pair.caption], dev)
+            for i in range(copies):
+                generator = torch.Generator(dev).manual_seed(_variant_seed(seed, pair.key, i))
+                result = _img2img(
+                    components,
+                    pixels.unsqueeze(0).to(dev),
+                    cond,
+                    uncond,
+                    strength=strength,
+                    steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    generator=generator,
+                )
+                png = _to_png(result[0])
+                stem = pair.name.rsplit(".", 1)[0]
+                out.append(
+                    CleanPair(
+                        key=f"{pair.key}~boomerang{i}",
+                        name=f"{stem}~boomerang{i}.png",
+                        data=png,
+                        caption=pair.caption,
+                        width=int(result.shape[-1]),
+                        height=int(result.shape[-2]),
+                        sha256=hashlib.sha256(png).hexdigest(),
+                    )
+                )
+                if progress is not None:
+                    progress(1)
+    logger.info(
+        "boomerang variants made",
+        extra={"sources": len(pairs), "variants": len(out), "strength": strength},
+    )
+    return out
+
+
+def _variant_seed(seed: int, key: str, copy: int) -> int:
+    """A per-variant seed independent of the pairs' order and of the other variants."""
+    digest = hashlib.sha256(f"{seed}:{key}:{copy}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _img2img(
+    components: Components,
+    pixels: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    *,
+    strength: float,
+    steps: int,
+    guidance_scale: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Noise ``pixels`` (1, 3, H, W in [-1, 1]) to ``strength`` and denoise; returns [-1, 1]."""
+    from diffusers import DDIMScheduler
+
+    vae, unet = components.vae, components.unet
+    scheduler: Any = DDIMScheduler.from_config(
+        components.scheduler_config, prediction_type=components.prediction_type
+    )
+    scheduler.set_timesteps(steps, device=pixels.device)
+    # As img2img: skip the first (1 - strength) of the steps, but run at least one.
+    run = max(1, min(int(steps * strength), steps))
+    timesteps = scheduler.timesteps[steps - run :]
+    scale = float(vae.config.scaling_factor)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    dist = vae.encode(pixels.to(vae.dtype)).latent_dist
+    latents = (dist.sample(generator=generator) - shift) * scale
+    noise = torch.randn(
+        latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
+    )
+    latents = scheduler.add_noise(latents, noise, timesteps[:1])
+    context = cond if uncond is None else torch.cat([uncond, cond])
+    for t in timesteps:
+        model_in = latents if uncond is None else torch.cat([latents, latents])
+        model_in = scheduler.scale_model_input(model_in, t)
+        pred = unet(model_in, t, encoder_hidden_states=context.to(unet.dtype)).sample
+        if uncond is not None:
+            pred_uncond, pred_cond = pred.chunk(2)
+            pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+        latents = scheduler.step(pred, t, latents, generator=generator).prev_sample
+    decoded: torch.Tensor = vae.decode(latents / scale + shift).sample
+    return decoded.float().clamp(-1.0, 1.0)
+
+
+def _to_png(image: torch.Tensor) -> bytes:
+    """A (3, H, W) tensor in [-1, 1] as PNG bytes."""
+    from PIL import Image
+
+    array = ((image + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    pil = Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG")
+    return buffer.getvalue()

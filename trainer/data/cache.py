@@ -1,0 +1,351 @@
+"""Latent and text-embedding cache: encode a dataset once, reuse it in later runs and other jobs.
+
+Layout on the store (``root`` is e.g. ``s3://bucket/dataset/.difftrain-cache``)::
+
+    root/<key>/shard-00000.safetensors  samples 0..255: tensors "<i>.latent", "<i>.text" and,
+    root/<key>/shard-00001.safetensors  when flips are cached, "<i>.latent_flipped"; the shard's
+    ...                                 metadata holds the samples' keys and captions as JSON
+    root/<key>/_manifest.json           written last (difftrain.storage.commit): the shards with
+                                        sizes and sha256s, the sample count and the format
+
+The key (:func:`cache_key`) covers everything that changes the tensors, so a cache is never
+updated in place: a changed dataset, setting or model gives a new key and a new folder. A folder
+without a manifest (a build that crashed) or whose shards do not match the manifest is ignored and
+rebuilt.
+
+What is cached: the VAE's latent distribution parameters (mean and log-variance, unscaled) rather
+than one sample, so training still draws a fresh latent per step as the uncached loop does; and the
+text encoder's last hidden state. Random crops and rotations are frozen at cache time (one draw
+per image, seeded); horizontal flips are not: when ``flip_probability > 0`` the flipped image is
+encoded too, and the training loop picks one of the two per step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+
+from difftrain.storage import Store, commit, join, read_manifest, scratch_dir
+
+if TYPE_CHECKING:
+    from difftrain.api import PreprocessingSpec
+    from difftrain.data.pairs import CleanPair
+    from difftrain.data.transforms import ImageTransform
+    from difftrain.models.components import Components
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = "difftrain-latent-cache/1"
+SHARD_SIZE = 256
+
+Size = tuple[int, int]  # (width, height)
+
+
+@dataclass(frozen=True)
+class CachedSample:
+    """One training example, encoded."""
+
+    key: str
+    latent_params: torch.Tensor  # (2C, h, w): mean and logvar, unscaled
+    latent_params_flipped: torch.Tensor | None  # the mirrored image's, when flips are cached
+    text_embeddings: torch.Tensor  # (tokens, D): the text encoder's last hidden state
+    caption: str
+
+
+def cache_key(
+    pairs: Sequence[CleanPair],
+    pre: PreprocessingSpec,
+    model_identity: str,
+    *,
+    extra: dict[str, str] | None = None,
+) -> str:
+    """sha256 over the dataset manifest, the tensor-changing settings and the model identity."""
+    settings = {
+        "resolution": pre.resolution,
+        "crop": pre.crop,
+        "max_rotation_degrees": pre.max_rotation_degrees,
+        "buckets": pre.buckets.model_dump(mode="json") if pre.buckets.enabled else None,
+        # Only whether flipped copies exist matters, not how often they are used.
+        "flipped": pre.flip_probability > 0,
+        "boomerang": pre.boomerang.model_dump(mode="json") if pre.boomerang.enabled else None,
+    }
+    digest = hashlib.sha256()
+    head = {
+        "format": CACHE_FORMAT,
+        "settings": settings,
+        "model": model_identity,
+        "extra": dict(sorted((extra or {}).items())),
+    }
+    digest.update(json.dumps(head, sort_keys=True).encode())
+    # Streamed per pair, so a large dataset needs no giant JSON string.
+    for pair in pairs:
+        digest.update(json.dumps([pair.key, pair.sha256, pair.caption]).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+class CacheError(RuntimeError):
+    """A cache that cannot be built; the message names the sample and the fix."""
+
+
+class LatentCache:
+    """Committed latent/text-embedding caches under ``root`` on a store."""
+
+    def __init__(self, store: Store, root: str) -> None:
+        self.store = store
+        self.root = root
+
+    def prefix(self, key: str) -> str:
+        """Where the cache with this key lives."""
+        return join(self.root, key)
+
+    def lookup(self, key: str) -> list[CachedSample] | None:
+        """The cached samples, or None unless a complete, intact cache with this key exists."""
+        prefix = self.prefix(key)
+        manifest = read_manifest(self.store, prefix)
+        if manifest is None:
+            return None
+        meta = manifest.get("metadata", {})
+        if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+            logger.warning("ignoring cache of another format", extra={"prefix": prefix})
+            return None
+        samples: list[CachedSample] = []
+        for entry in manifest["files"]:
+            data = self.store.read_range(join(prefix, entry["name"]), 0, int(entry["size"]))
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                logger.warning(
+                    "cache shard does not match its manifest; rebuilding",
+                    extra={"prefix": prefix, "shard": entry["name"]},
+                )
+                return None
+            samples.extend(_read_shard(data))
+        if len(samples) != int(meta.get("samples", -1)):
+            logger.warning(
+                "cache sample count does not match its manifest", extra={"prefix": prefix}
+            )
+            return None
+        return samples
+
+    def build(
+        self,
+        key: str,
+        pairs: Sequence[CleanPair],
+        components: Components,
+        transform: ImageTransform,
+        *,
+        sizes: Sequence[Size] | None = None,
+        batch_size: int = 16,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float16,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[CachedSample]:
+        """Encode ``pairs`` and commit the cache under ``root/<key>/``.
+
+        ``sizes`` gives each pair's (width, height) when training on aspect-ratio buckets.
+        ``progress`` is called with the number of samples each finished batch added. The VAE and
+        text encoder are moved to ``device`` and run in eval mode (their mode is restored after).
+        """
+        if sizes is not None and len(sizes) != len(pairs):
+            raise CacheError(
+                f"sizes has {len(sizes)} entries for {len(pairs)} pairs: give one each"
+            )
+        if batch_size < 1:
+            raise CacheError(f"batch_size is {batch_size}: it must be at least 1")
+        flips = transform.pre.flip_probability > 0
+        encoded: list[CachedSample | None] = [None] * len(pairs)
+        device = torch.device(device)
+        with eval_mode(components.vae, components.text_encoder), torch.inference_mode():
+            components.vae.to(device)
+            components.text_encoder.to(device)
+            for batch in _batches(pairs, sizes, batch_size):
+                for i, sample in zip(
+                    batch,
+                    _encode_batch(
+                        [pairs[i] for i in batch],
+                        components,
+                        transform,
+                        size=sizes[batch[0]] if sizes is not None else None,
+                        seed=seed,
+                        flips=flips,
+                        device=device,
+                        dtype=dtype,
+                    ),
+                    strict=True,
+                ):
+                    encoded[i] = sample
+                if progress is not None:
+                    progress(len(batch))
+        samples = [s for s in encoded if s is not None]
+        self._commit(key, samples, flips=flips)
+        return samples
+
+    def get_or_build(
+        self,
+        key: str,
+        pairs: Sequence[CleanPair],
+        components: Components,
+        transform: ImageTransform,
+        **kw: Any,
+    ) -> tuple[list[CachedSample], bool]:
+        """(samples, hit): the committed cache if there is one, else a freshly built one."""
+        found = self.lookup(key)
+        if found is not None:
+            logger.info("latent cache hit", extra={"key": key, "samples": len(found)})
+            return found, True
+        logger.info("latent cache miss; encoding", extra={"key": key, "samples": len(pairs)})
+        return self.build(key, pairs, components, transform, **kw), False
+
+    def _commit(self, key: str, samples: list[CachedSample], *, flips: bool) -> None:
+        work = scratch_dir("difftrain-cache-")
+        try:
+            files: dict[str, Path] = {}
+            for n, start in enumerate(range(0, max(len(samples), 1), SHARD_SIZE)):
+                name = f"shard-{n:05d}.safetensors"
+                files[name] = work / name
+                _write_shard(samples[start : start + SHARD_SIZE], start, files[name])
+            meta = {
+                "format": CACHE_FORMAT,
+                "key": key,
+                "samples": len(samples),
+                "flipped": flips,
+                "shard_size": SHARD_SIZE,
+            }
+            commit(self.store, self.prefix(key), files, metadata=meta)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        logger.info(
+            "latent cache committed",
+            extra={"prefix": self.prefix(key), "samples": len(samples), "shards": len(files)},
+        )
+
+
+def sample_rng(seed: int, key: str) -> random.Random:
+    """The per-image random source of the frozen crop and rotation (independent of order)."""
+    return random.Random(f"{seed}:{key}")
+
+
+def _batches(
+    pairs: Sequence[CleanPair], sizes: Sequence[Size] | None, batch_size: int
+) -> Iterator[list[int]]:
+    """Index batches in which every image has the same target size (one bucket per batch)."""
+    groups: dict[Size | None, list[int]] = {}
+    for i in range(len(pairs)):
+        groups.setdefault(sizes[i] if sizes is not None else None, []).append(i)
+    for members in groups.values():
+        for start in range(0, len(members), batch_size):
+            yield members[start : start + batch_size]
+
+
+def _encode_batch(
+    pairs: list[CleanPair],
+    components: Components,
+    transform: ImageTransform,
+    *,
+    size: Size | None,
+    seed: int,
+    flips: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[CachedSample]:
+    images, mirrored = [], []
+    for pair in pairs:
+        image = transform.decode(pair.data, pair.name, size=size)
+        # Both views from identically seeded sources: the same crop and rotation, mirrored.
+        images.append(transform(image, size=size, rng=sample_rng(seed, pair.key), flip=False))
+        if flips:
+            mirrored.append(transform(image, size=size, rng=sample_rng(seed, pair.key), flip=True))
+    latents = encode_latent_params(components.vae, torch.stack(images), device)
+    latents_flipped = (
+        encode_latent_params(components.vae, torch.stack(mirrored), device) if flips else None
+    )
+    text = encode_text(components, [p.caption for p in pairs], device)
+    return [
+        CachedSample(
+            key=pair.key,
+            latent_params=latents[j].to("cpu", dtype).contiguous(),
+            latent_params_flipped=(
+                latents_flipped[j].to("cpu", dtype).contiguous()
+                if latents_flipped is not None
+                else None
+            ),
+            text_embeddings=text[j].to("cpu", dtype).contiguous(),
+            caption=pair.caption,
+        )
+        for j, pair in enumerate(pairs)
+    ]
+
+
+def encode_latent_params(vae: Any, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The VAE's latent distribution parameters (B, 2C, h, w) of images in [-1, 1]."""
+    dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+    params: torch.Tensor = dist.parameters
+    return params
+
+
+def encode_text(components: Components, captions: list[str], device: torch.device) -> torch.Tensor:
+    """The text encoder's last hidden state (B, tokens, D), padded to the tokenizer's context."""
+    tokenizer = components.tokenizer
+    ids = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    hidden: torch.Tensor = components.text_encoder(ids.to(device))[0]
+    return hidden
+
+
+@contextmanager
+def eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for the duration (no dropout in the cached tensors), previous mode after."""
+    was = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in zip(modules, was, strict=True):
+            m.train(training)
+
+
+def _write_shard(samples: list[CachedSample], start: int, path: Path) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    index = []
+    for offset, sample in enumerate(samples):
+        i = start + offset
+        tensors[f"{i}.latent"] = sample.latent_params
+        if sample.latent_params_flipped is not None:
+            tensors[f"{i}.latent_flipped"] = sample.latent_params_flipped
+        tensors[f"{i}.text"] = sample.text_embeddings
+        index.append({"i": i, "key": sample.key, "caption": sample.caption})
+    save_file(tensors, str(path), metadata={"format": CACHE_FORMAT, "samples": json.dumps(index)})
+
+
+def _read_shard(data: bytes) -> list[CachedSample]:
+    tensors = load_safetensors(data)
+    header_len = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+    return [
+        CachedSample(
+            key=row["key"],
+            latent_params=tensors[f"{row['i']}.latent"],
+            latent_params_flipped=tensors.get(f"{row['i']}.latent_flipped"),
+            text_embeddings=tensors[f"{row['i']}.text"],
+            caption=row["caption"],
+        )
+        for row in json.loads(metadata["samples"])
+    ]
