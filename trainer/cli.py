@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -236,6 +237,66 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_dataset_parser(sub: Any) -> Any:
+    """Add ``dataset`` and its ``check`` sub-command; return the sub-command parsers (``cache``
+    and other dataset tools are added to it)."""
+    dataset = sub.add_parser(
+        "dataset",
+        help="dataset tools: check a dataset (clean it and report what would be dropped)",
+        description="Work on an image–caption dataset in the object store or a local folder.",
+    )
+    commands = dataset.add_subparsers(dest="dataset_command", metavar="COMMAND", required=True)
+    check = commands.add_parser(
+        "check",
+        help="read and clean a dataset; print total, kept and dropped by reason",
+        description="Read every pair of the dataset, clean it with the given settings and print "
+        "the report: pairs found, kept, and dropped by reason with the first keys of each. "
+        "s3:// URIs take --endpoint; the keys come from DIFFTRAIN_STORE_ACCESS_KEY and "
+        "DIFFTRAIN_STORE_SECRET_KEY (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY).",
+    )
+    check.add_argument("uri", metavar="URI", help="s3://bucket/prefix or a local folder")
+    check.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "folder", "jsonl", "webdataset", "classes"],
+        help="dataset layout (default: detected)",
+    )
+    check.add_argument("--caption-column", help="metadata.jsonl caption column (default text)")
+    check.add_argument("--caption-template", help="class folders: e.g. 'a photo of a {class}'")
+    check.add_argument("--min-resolution", type=int, help="shorter side in pixels (default 256)")
+    check.add_argument("--max-aspect-ratio", type=float, help="long/short side (default 3)")
+    check.add_argument(
+        "--near-duplicate-distance", type=int, help="pHash bits; 0 turns it off (default 4)"
+    )
+    check.add_argument(
+        "--keep-exact-duplicates", action="store_true", help="do not drop identical files"
+    )
+    check.add_argument("--min-caption-words", type=int, help="default 1; 0 keeps empty captions")
+    check.add_argument(
+        "--banned-word", action="append", metavar="WORD", help="drop captions with it (repeatable)"
+    )
+    check.add_argument("--limit", type=int, help="stop once this many pairs are kept")
+    check.add_argument("--report-to", metavar="PREFIX", help="also commit the report JSON here")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("--workers", type=int, default=4, help="decoding threads (default 4)")
+    _add_store_flags(check)
+    check.set_defaults(func=_cmd_dataset_check)
+    return commands
+
+
+def _add_store_flags(parser: argparse.ArgumentParser) -> None:
+    """--endpoint, --insecure and --region, for commands that take s3:// URIs."""
+    parser.add_argument("--endpoint", help="object store host:port, for s3:// URIs")
+    parser.add_argument("--insecure", action="store_true", help="plain HTTP instead of TLS")
+    parser.add_argument("--region", help="region, if the store needs one")
+
+
+def _cmd_dataset_check(args: argparse.Namespace) -> int:
+    from difftrain.data.command import cmd_check
+
+    return cmd_check(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -299,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--standalone", action="store_true", help="no peering (a single replica)")
     operator.add_argument("-v", "--verbose", action="store_true")
     operator.set_defaults(func=_cmd_operator)
+
+    # returns the `dataset` sub-command parsers: `check`, and room for `cache` and others
+    _add_dataset_parser(sub)
 
     from difftrain.train.command import add_parser as add_run_parser
 

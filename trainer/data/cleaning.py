@@ -67,6 +67,7 @@ class CleaningResult:
     pairs: list[CleanPair]
     report: DatasetReport
     examples: dict[str, list[str]] = field(default_factory=dict)
+    tokens_counted: bool = False  # whether captions were measured against the encoder's context
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ def clean(
     count_tokens: Callable[[str], int] | None = None,
     max_tokens: int | None = None,
     limit: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
     workers: int = 2,
 ) -> CleaningResult:
     """Keep or drop each pair (see the module's docstring); stop once ``limit`` pairs are kept.
@@ -248,7 +249,8 @@ def clean(
     logger.info(
         "dataset cleaned", extra={"total": seen, "kept": len(kept), "dropped": json.dumps(ordered)}
     )
-    return CleaningResult(kept, report, report.examples)
+    counted = count_tokens is not None and max_tokens is not None
+    return CleaningResult(kept, report, report.examples, tokens_counted=counted)
 
 
 def load_dataset(
@@ -257,7 +259,7 @@ def load_dataset(
     *,
     count_tokens: Callable[[str], int] | None = None,
     max_tokens: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
     workers: int = 2,
     read_workers: int = 8,
 ) -> CleaningResult:
@@ -311,7 +313,8 @@ def format_report(result: CleaningResult) -> str:
         if count > len(result.examples.get(reason, [])):
             keys += ", ..."
         lines.append(f"  {reason:<{width - 2}}{count:>8}   {_shorten(keys, 70)}")
-    lines.append(f"{'truncated captions':<{width}}{report.truncated_captions:>8}")
+    if result.tokens_counted:  # without the model's tokenizer there is nothing to report
+        lines.append(f"{'truncated captions':<{width}}{report.truncated_captions:>8}")
     if report.augmented:
         lines.append(f"{'augmented':<{width}}{report.augmented:>8}")
     return "\n".join(lines)
