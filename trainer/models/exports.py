@@ -20,7 +20,7 @@ import copy
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -254,7 +254,11 @@ def export_lora_peft(
         for m in modules:
             tensors[f"{component}.{m.module}.lora_A.weight"] = m.down.to(dtype)
             tensors[f"{component}.{m.module}.lora_B.weight"] = m.up.to(dtype)
-        config = _adapter_config(modules)
+        # target names without text_model.: PEFT matches them as suffixes, so they fit the text
+        # model of transformers 4 (text_model.encoder...) and 5 (encoder...) alike
+        config = _adapter_config(
+            [replace(m, module=m.module.removeprefix("text_model.")) for m in modules]
+        )
         adapter_meta.update({f"{component}.{k}": v for k, v in config.items()})
     header = {
         "format": "pt",

@@ -10,6 +10,7 @@ ones included, loads back exactly.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -40,6 +41,11 @@ def _shape(shapes: Shapes, key: str, what: str) -> tuple[int, ...]:
     if key not in shapes:
         raise ModelError(f"{what}: the checkpoint lacks {key}; is it a complete SD1/SD2 file?")
     return shapes[key]
+
+
+def _groups(channels: list[int]) -> int:
+    """SD's 32 normalisation groups, or fewer where the channels do not divide into 32."""
+    return math.gcd(32, *channels)
 
 
 def unet_config(shapes: Shapes, family: str) -> dict[str, Any]:
@@ -94,6 +100,7 @@ def unet_config(shapes: Shapes, family: str) -> dict[str, Any]:
         "attention_head_dim": heads,
         "use_linear_projection": len(proj_in) == 2,
         "transformer_layers_per_block": depth if len(set(depth)) > 1 else depth[0],
+        "norm_num_groups": _groups(channels),
     }
 
 
@@ -108,14 +115,16 @@ def vae_config(shapes: Shapes) -> dict[str, Any]:
     blocks = {
         m.group(1) for k in shapes if (m := re.match(rf"{v}encoder\.down\.0\.block\.(\d+)\.", k))
     }
+    channels = [
+        _shape(shapes, f"{v}encoder.down.{i}.block.0.conv1.weight", "VAE")[0] for i in levels
+    ]
     return {
         "in_channels": _shape(shapes, f"{v}encoder.conv_in.weight", "VAE")[1],
         "out_channels": _shape(shapes, f"{v}decoder.conv_out.weight", "VAE")[0],
         "down_block_types": ["DownEncoderBlock2D"] * len(levels),
         "up_block_types": ["UpDecoderBlock2D"] * len(levels),
-        "block_out_channels": [
-            _shape(shapes, f"{v}encoder.down.{i}.block.0.conv1.weight", "VAE")[0] for i in levels
-        ],
+        "block_out_channels": channels,
+        "norm_num_groups": _groups(channels),
         "layers_per_block": len(blocks),
         "latent_channels": _shape(shapes, f"{v}quant_conv.weight", "VAE")[0] // 2,
         "sample_size": 512,
