@@ -242,7 +242,7 @@ def _add_dataset_parser(sub: Any) -> Any:
     and other dataset tools are added to it)."""
     dataset = sub.add_parser(
         "dataset",
-        help="dataset tools: check a dataset (clean it and report what would be dropped)",
+        help="dataset tools: check (clean and report what is dropped), cache (encode ahead)",
         description="Work on an image–caption dataset in the object store or a local folder.",
     )
     commands = dataset.add_subparsers(dest="dataset_command", metavar="COMMAND", required=True)
@@ -255,33 +255,80 @@ def _add_dataset_parser(sub: Any) -> Any:
         "DIFFTRAIN_STORE_SECRET_KEY (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY).",
     )
     check.add_argument("uri", metavar="URI", help="s3://bucket/prefix or a local folder")
-    check.add_argument(
+    _add_dataset_flags(check)
+    check.add_argument("--report-to", metavar="PREFIX", help="also commit the report JSON here")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_store_flags(check)
+    check.set_defaults(func=_cmd_dataset_check)
+    _add_dataset_cache_parser(commands)
+    return commands
+
+
+def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
+    """How a dataset is read and cleaned (as the job's dataset block)."""
+    parser.add_argument(
         "--format",
         default="auto",
         choices=["auto", "folder", "jsonl", "webdataset", "classes"],
         help="dataset layout (default: detected)",
     )
-    check.add_argument("--caption-column", help="metadata.jsonl caption column (default text)")
-    check.add_argument("--caption-template", help="class folders: e.g. 'a photo of a {class}'")
-    check.add_argument("--min-resolution", type=int, help="shorter side in pixels (default 256)")
-    check.add_argument("--max-aspect-ratio", type=float, help="long/short side (default 3)")
-    check.add_argument(
+    parser.add_argument("--caption-column", help="metadata.jsonl caption column (default text)")
+    parser.add_argument("--caption-template", help="class folders: e.g. 'a photo of a {class}'")
+    parser.add_argument("--min-resolution", type=int, help="shorter side in pixels (default 256)")
+    parser.add_argument("--max-aspect-ratio", type=float, help="long/short side (default 3)")
+    parser.add_argument(
         "--near-duplicate-distance", type=int, help="pHash bits; 0 turns it off (default 4)"
     )
-    check.add_argument(
+    parser.add_argument(
         "--keep-exact-duplicates", action="store_true", help="do not drop identical files"
     )
-    check.add_argument("--min-caption-words", type=int, help="default 1; 0 keeps empty captions")
-    check.add_argument(
+    parser.add_argument("--min-caption-words", type=int, help="default 1; 0 keeps empty captions")
+    parser.add_argument(
         "--banned-word", action="append", metavar="WORD", help="drop captions with it (repeatable)"
     )
-    check.add_argument("--limit", type=int, help="stop once this many pairs are kept")
-    check.add_argument("--report-to", metavar="PREFIX", help="also commit the report JSON here")
-    check.add_argument("--json", action="store_true", help="print the report as JSON")
-    check.add_argument("--workers", type=int, default=4, help="decoding threads (default 4)")
-    _add_store_flags(check)
-    check.set_defaults(func=_cmd_dataset_check)
-    return commands
+    parser.add_argument("--limit", type=int, help="stop once this many pairs are kept")
+    parser.add_argument("--workers", type=int, default=4, help="decoding threads (default 4)")
+
+
+def _add_dataset_cache_parser(commands: Any) -> None:
+    cache = commands.add_parser(
+        "cache",
+        help="encode a dataset into the latent cache ahead of training (or find it there)",
+        description="Clean the dataset as a training job would, load the base model, and encode "
+        "the images (VAE latents) and captions (text embeddings) into the cache beside the "
+        "dataset (URI/.difftrain-cache/KEY), which jobs with the same data, preprocessing and "
+        "model reuse. Prints the key, hit or miss, the sample count and the size.",
+    )
+    cache.add_argument("uri", metavar="URI", help="s3://bucket/prefix or a local folder")
+    cache.add_argument(
+        "--model",
+        required=True,
+        metavar="MODEL_URI",
+        help="base model: diffusers folder or .safetensors file (path or s3://)",
+    )
+    cache.add_argument("--resolution", type=int, help="training resolution (default 512)")
+    cache.add_argument("--crop", choices=["center", "random"], help="default center")
+    cache.add_argument(
+        "--flip-probability", type=float, help="> 0 also caches the mirrored images (default 0)"
+    )
+    cache.add_argument("--max-rotation-degrees", type=float, help="default 0")
+    cache.add_argument("--buckets", action="store_true", help="aspect-ratio buckets")
+    cache.add_argument("--boomerang-copies", type=int, help="add Boomerang variants per image")
+    cache.add_argument("--boomerang-strength", type=float, help="Boomerang strength (default 0.2)")
+    cache.add_argument("--seed", type=int, default=42, help="crops, rotations, Boomerang (42)")
+    cache.add_argument("--batch-size", type=int, default=16, help="images per encoder call")
+    cache.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: cuda if any)")
+    cache.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp16", "bf16", "fp32"],
+        help="stored precision (default: fp16 on a GPU, fp32 on the CPU, as training)",
+    )
+    cache.add_argument("--cache-root", metavar="URI", help="default URI/.difftrain-cache")
+    cache.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    _add_dataset_flags(cache)
+    _add_store_flags(cache)
+    cache.set_defaults(func=_cmd_dataset_cache)
 
 
 def _add_store_flags(parser: argparse.ArgumentParser) -> None:
@@ -295,6 +342,12 @@ def _cmd_dataset_check(args: argparse.Namespace) -> int:
     from difftrain.data.command import cmd_check
 
     return cmd_check(args)
+
+
+def _cmd_dataset_cache(args: argparse.Namespace) -> int:
+    from difftrain.data.cache_command import cmd_cache
+
+    return cmd_cache(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,7 +45,7 @@ def boomerang_variants(
     guidance_scale: float = 1.0,
     device: torch.device | str = "cpu",
     sizes: Sequence[tuple[int, int]] | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> list[CleanPair]:
     """``copies`` variants of every pair (keys ``<key>~boomerang<i>``), in the pairs' order.
 

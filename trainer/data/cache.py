@@ -150,7 +150,7 @@ class LatentCache:
         seed: int = 0,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float16,
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[[int], object] | None = None,
     ) -> list[CachedSample]:
         """Encode ``pairs`` and commit the cache under ``root/<key>/``.
 

@@ -1,0 +1,97 @@
+"""``difftrain dataset cache``: builds the cache a training job finds, then reports a hit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from difftrain.cli import main
+from difftrain.models.tiny import build_tiny_pipeline_folder
+from tests.latent_fixtures import shape_png
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_pipeline_folder(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture
+def dataset_dir(tmp_path):
+    root = tmp_path / "ds"
+    root.mkdir()
+    for i in range(4):
+        data, caption = shape_png(i)
+        (root / f"img{i}.png").write_bytes(data)
+        (root / f"img{i}.txt").write_text(caption, encoding="utf-8")
+    (root / "broken.png").write_bytes(b"not an image")  # dropped by cleaning, not cached
+    (root / "broken.txt").write_text("a red circle", encoding="utf-8")
+    return root
+
+
+def cache_cli(dataset_dir, model_dir, *extra: str) -> list[str]:
+    return [
+        "dataset",
+        "cache",
+        str(dataset_dir),
+        "--model",
+        str(model_dir),
+        "--resolution",
+        "64",
+        "--min-resolution",
+        "32",
+        "--near-duplicate-distance",
+        "0",
+        "--json",
+        *extra,
+    ]
+
+
+def test_first_run_builds_and_second_run_hits(dataset_dir, model_dir, capsys):
+    assert main(cache_cli(dataset_dir, model_dir)) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["hit"] is False
+    assert first["samples"] == 4
+    assert first["uri"] == f"{dataset_dir}/.difftrain-cache/{first['key']}"
+    assert (dataset_dir / ".difftrain-cache" / first["key"] / "_manifest.json").is_file()
+    assert first["size_bytes"] > 0
+
+    assert main(cache_cli(dataset_dir, model_dir)) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["hit"] is True
+    assert second["key"] == first["key"] and second["samples"] == 4
+
+    # Another preprocessing setting is another cache.
+    assert main(cache_cli(dataset_dir, model_dir, "--flip-probability", "0.5")) == 0
+    flipped = json.loads(capsys.readouterr().out)
+    assert flipped["hit"] is False and flipped["key"] != first["key"]
+
+
+def test_boomerang_variants_are_cached_with_their_sources(dataset_dir, model_dir, capsys):
+    args = cache_cli(
+        dataset_dir, model_dir, "--boomerang-copies", "2", "--boomerang-strength", "0.3"
+    )
+    assert main(args) == 0
+    outcome = json.loads(capsys.readouterr().out)
+    assert outcome["samples"] == 12 and outcome["augmented"] == 8
+
+
+def test_table_output_names_key_result_and_size(dataset_dir, model_dir, capsys):
+    args = [a for a in cache_cli(dataset_dir, model_dir) if a != "--json"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "miss (built)" in out and "samples 4" in out and "key " in out and "size " in out
+
+
+def test_a_missing_model_is_a_clear_error(dataset_dir, tmp_path, capsys):
+    code = main(cache_cli(dataset_dir, tmp_path / "no-such-model"))
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "no-such-model" in err and "Traceback" not in err
+
+
+def test_bad_preprocessing_is_refused_by_field(dataset_dir, model_dir, capsys):
+    code = main(cache_cli(dataset_dir, model_dir, "--flip-probability", "2"))
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "flipProbability" in err
