@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import io
+import json
+
 import pytest
 import torch
 
-from difftrain.api import PreprocessingSpec
+from difftrain.api import BaseModelSpec, DatasetSpec, PreprocessingSpec
+from difftrain.cli import main
 from difftrain.data.cache import LatentCache, cache_key
+from difftrain.data.cleaning import load_dataset
 from difftrain.data.transforms import ImageTransform
-from difftrain.models.tiny import build_tiny_components
+from difftrain.models import load_base_model
+from difftrain.models.tiny import build_tiny_components, build_tiny_pipeline_folder
 from difftrain.storage import MANIFEST_NAME, Credentials, S3Store, StoreConfig, join
-from tests.latent_fixtures import make_pairs, spy_on_encoders
+from tests.latent_fixtures import make_pairs, shape_png, spy_on_encoders
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +88,51 @@ def test_cache_without_manifest_on_minio_is_rebuilt(components, s3, monkeypatch)
     samples, hit = cache.get_or_build(key, pairs, components, ImageTransform(spec))
     assert not hit and spies.vae_encode.items == 3 and len(samples) == 3
     assert cache.lookup(key) is not None
+
+
+def test_dataset_cache_command_on_minio(s3, tmp_path, monkeypatch, capsys):
+    mc = s3.client()
+    for i in range(3):
+        data, caption = shape_png(i)
+        mc.put_object(s3.bucket, f"ds/img{i}.png", io.BytesIO(data), len(data))
+        text = caption.encode()
+        mc.put_object(s3.bucket, f"ds/img{i}.txt", io.BytesIO(text), len(text))
+    model = build_tiny_pipeline_folder(tmp_path / "model")
+    monkeypatch.setenv("DIFFTRAIN_STORE_ACCESS_KEY", s3.access_key)
+    monkeypatch.setenv("DIFFTRAIN_STORE_SECRET_KEY", s3.secret_key)
+    args = [
+        "dataset",
+        "cache",
+        s3.uri("ds"),
+        "--model",
+        str(model),
+        "--endpoint",
+        s3.endpoint,
+        "--insecure",
+        "--resolution",
+        "64",
+        "--min-resolution",
+        "32",
+        "--near-duplicate-distance",
+        "0",
+        "--json",
+    ]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["hit"] is False and first["samples"] == 3
+    assert first["uri"] == s3.uri(f"ds/.difftrain-cache/{first['key']}")
+    assert main(args) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["hit"] is True and second["key"] == first["key"]
+
+    # A training run's lookup finds the same cache: same pairs, settings and model, same key.
+
+    store = store_for(s3)
+    loaded = load_base_model(BaseModelSpec(uri=str(model)), None, work_dir=tmp_path / "w")
+    cleaned = load_dataset(
+        DatasetSpec(uri=s3.uri("ds"), cleaning={"minResolution": 32, "nearDuplicateDistance": 0}),
+        store,
+    )
+    key = cache_key(cleaned.pairs, PreprocessingSpec(resolution=64), loaded.identity)
+    assert key == first["key"]
+    assert LatentCache(store, s3.uri("ds/.difftrain-cache")).lookup(key) is not None

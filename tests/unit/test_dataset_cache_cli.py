@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +56,9 @@ def test_first_run_builds_and_second_run_hits(dataset_dir, model_dir, capsys):
     assert first["uri"] == f"{dataset_dir}/.difftrain-cache/{first['key']}"
     assert (dataset_dir / ".difftrain-cache" / first["key"] / "_manifest.json").is_file()
     assert first["size_bytes"] > 0
+    report = json.loads(Path(first["report_uri"]).read_text(encoding="utf-8"))["report"]
+    assert report["total"] == 5 and report["kept"] == 4
+    assert first["report_uri"].startswith(first["uri"])
 
     assert main(cache_cli(dataset_dir, model_dir)) == 0
     second = json.loads(capsys.readouterr().out)
@@ -74,6 +78,16 @@ def test_boomerang_variants_are_cached_with_their_sources(dataset_dir, model_dir
     assert main(args) == 0
     outcome = json.loads(capsys.readouterr().out)
     assert outcome["samples"] == 12 and outcome["augmented"] == 8
+    report = json.loads(Path(outcome["report_uri"]).read_text(encoding="utf-8"))["report"]
+    assert report["augmented"] == 8
+
+
+def test_cache_root_elsewhere(dataset_dir, model_dir, tmp_path, capsys):
+    root = tmp_path / "elsewhere"
+    assert main(cache_cli(dataset_dir, model_dir, "--cache-root", str(root))) == 0
+    outcome = json.loads(capsys.readouterr().out)
+    assert (root / outcome["key"] / "_manifest.json").is_file()
+    assert not (dataset_dir / ".difftrain-cache").exists()
 
 
 def test_table_output_names_key_result_and_size(dataset_dir, model_dir, capsys):

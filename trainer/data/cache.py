@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "difftrain-latent-cache/1"
+CACHE_FOLDER = (
+    ".difftrain-cache"  # the default root: beside the dataset, "<dataset.uri>/.difftrain-cache"
+)
 SHARD_SIZE = 256
 
 Size = tuple[int, int]  # (width, height)

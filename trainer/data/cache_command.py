@@ -18,8 +18,6 @@ from typing import Any
 
 from difftrain.api import EXIT_CONFIG_ERROR
 
-CACHE_FOLDER = ".difftrain-cache"  # beside the dataset, as the training job expects it
-
 
 @dataclass(frozen=True)
 class CacheOutcome:
@@ -27,6 +25,7 @@ class CacheOutcome:
 
     uri: str
     key: str
+    report_uri: str
     hit: bool
     samples: int
     augmented: int
@@ -86,8 +85,8 @@ def build_dataset_cache(args: argparse.Namespace, bars: bool = True) -> CacheOut
     from difftrain.api import BaseModelSpec
     from difftrain.data.boomerang import boomerang_variants
     from difftrain.data.buckets import make_buckets, nearest_bucket
-    from difftrain.data.cache import LatentCache, cache_key
-    from difftrain.data.cleaning import load_dataset
+    from difftrain.data.cache import CACHE_FOLDER, LatentCache, cache_key
+    from difftrain.data.cleaning import load_dataset, write_report
     from difftrain.data.command import _dataset_spec, open_store_from_args
     from difftrain.data.transforms import ImageTransform
     from difftrain.models import load_base_model
@@ -123,7 +122,9 @@ def build_dataset_cache(args: argparse.Namespace, bars: bool = True) -> CacheOut
     if pre.buckets.enabled:
         buckets = make_buckets(pre.buckets, pre.resolution)
         sizes = [nearest_bucket(p.width, p.height, buckets) for p in pairs]
-    cache = LatentCache(store, args.cache_root or join(spec.uri, CACHE_FOLDER))
+    root = args.cache_root or join(spec.uri, CACHE_FOLDER)
+    cache_store = open_store_from_args(root, args)
+    cache = LatentCache(cache_store, root)
     key = cache_key(pairs, pre, components.identity)
     samples = cache.lookup(key)
     hit = samples is not None
@@ -149,6 +150,7 @@ def build_dataset_cache(args: argparse.Namespace, bars: bool = True) -> CacheOut
                     progress=bar.update,
                 )
             todo += variants
+            cleaned.report.augmented = len(variants)
             if sizes is not None:
                 by_key = dict(zip((p.key for p in pairs), sizes, strict=True))
                 sizes = sizes + [by_key[v.key.split("~", 1)[0]] for v in variants]
@@ -167,10 +169,15 @@ def build_dataset_cache(args: argparse.Namespace, bars: bool = True) -> CacheOut
                 dtype=dtype,
                 progress=bar.update,
             )
-    manifest = read_manifest(store, cache.prefix(key)) or {"files": []}
+    else:
+        cleaned.report.augmented = len(samples) - len(pairs)
+    # Beside the shards, outside their manifest: what the cleaning dropped to make this cache.
+    report_uri = write_report(cache_store, cache.prefix(key), cleaned)
+    manifest = read_manifest(cache_store, cache.prefix(key)) or {"files": []}
     return CacheOutcome(
         uri=cache.prefix(key),
         key=key,
+        report_uri=report_uri,
         hit=hit,
         samples=len(samples),
         augmented=len(samples) - len(pairs),
@@ -209,6 +216,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     extra = f" ({outcome.augmented} Boomerang variants)" if outcome.augmented else ""
     print(f"samples {outcome.samples}{extra}")
     print(f"size    {_human(outcome.size_bytes)} ({outcome.size_bytes} bytes)")
+    print(f"report  {outcome.report_uri}")
     print(f"time    {outcome.seconds:.1f} s")
     return 0
 
