@@ -292,3 +292,22 @@ def test_metadata_configs_are_json(tiny: Path, tmp_path: Path) -> None:
     meta = read_metadata(path)
     assert json.loads(meta["difftrain.config.unet"])["block_out_channels"] == [32, 64]
     assert meta["modelspec.prediction_type"] == "epsilon"
+
+
+def test_pickle_checkpoint_loads_when_allowed(tiny: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    original = load(tiny, tmp_path / "a")
+    exported = export_single_file(
+        original, tmp_path / "m.safetensors", metadata={}, dtype=torch.float32
+    )
+    ckpt = tmp_path / "ckpt" / "model.ckpt"
+    ckpt.parent.mkdir()
+    torch.save({"state_dict": load_file(exported), "global_step": 10}, ckpt)
+    original.tokenizer.save_pretrained(ckpt.parent / "tokenizer")
+    with pytest.raises(ModelError, match="allowPickle"):
+        load(ckpt, tmp_path / "b")
+    loaded = load(ckpt, tmp_path / "c", allow_pickle=True)
+    ours, theirs = original.unet.state_dict(), loaded.unet.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -2,6 +2,12 @@
 
 from difftrain.models.components import Components, file_sha256
 from difftrain.models.errors import ModelError
+from difftrain.models.exports import (
+    export_diffusers,
+    export_lora_kohya,
+    export_lora_peft,
+    export_single_file,
+)
 from difftrain.models.loading import load_base_model
 from difftrain.models.tiny import (
     TINY_WORDS,
@@ -16,6 +22,10 @@ __all__ = [
     "ModelError",
     "build_tiny_components",
     "build_tiny_pipeline_folder",
+    "export_diffusers",
+    "export_lora_kohya",
+    "export_lora_peft",
+    "export_single_file",
     "file_sha256",
     "load_base_model",
     "write_tiny_tokenizer",

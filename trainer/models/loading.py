@@ -51,7 +51,7 @@ def load_base_model(
         from difftrain.models.hub import download_hub_folder
 
         folder = download_hub_folder(spec, work_dir / "hub", endpoint=hub_endpoint)
-        files = _check_layout(_relative_files(folder), spec, f"hub:{spec.hub}")
+        files = _check_layout(_relative_files(folder), spec, f"baseModel.hub {spec.hub!r}")
         return load_diffusers_folder(folder, spec, source=spec.hub, dtype=dtype, files=files)
     uri = spec.uri
     assert uri is not None  # the spec validates that exactly one of uri and hub is set
@@ -94,18 +94,17 @@ def select_weight_files(names: list[str], *, variant: str | None, allow_pickle: 
     return pickles if allow_pickle else []
 
 
-def _check_component(name: str, names: list[str], spec: BaseModelSpec, uri: str) -> None:
+def _check_component(name: str, names: list[str], spec: BaseModelSpec, where: str) -> None:
     chosen = select_weight_files(names, variant=spec.variant, allow_pickle=spec.allow_pickle)
     if chosen:
         return
     variant = f" (variant {spec.variant!r})" if spec.variant else ""
     if select_weight_files(names, variant=spec.variant, allow_pickle=True):
         raise ModelError(
-            f"baseModel.uri {uri}: {name}/ holds only pickle weights{variant} (.bin/.ckpt/.pt); "
-            + _OPT_IN
+            f"{where}: {name}/ holds only pickle weights{variant} (.bin/.ckpt/.pt); " + _OPT_IN
         )
     raise ModelError(
-        f"baseModel.uri {uri}: {name}/ has no weight files{variant}; expected "
+        f"{where}: {name}/ has no weight files{variant}; expected "
         f"{name}/*.safetensors in a diffusers folder"
         + ("; unset baseModel.variant to load the default weights" if spec.variant else "")
     )
@@ -125,7 +124,7 @@ def fetch_folder(uri: str, spec: BaseModelSpec, store: Store, dest: Path) -> tup
                 "(with model_index.json) or a single .safetensors file"
             )
         files = _relative_files(folder)
-        return folder, _check_layout(files, spec, uri)
+        return folder, _check_layout(files, spec, f"baseModel.uri {uri}")
     prefix = uri.rstrip("/") + "/"
     try:
         uris = list(store.list(prefix))
@@ -137,7 +136,7 @@ def fetch_folder(uri: str, spec: BaseModelSpec, store: Store, dest: Path) -> tup
             f"baseModel.uri {uri}: nothing under this prefix; upload a diffusers folder "
             "(with model_index.json) there, or point baseModel.uri at a .safetensors file"
         )
-    wanted = _check_layout(files, spec, uri)
+    wanted = _check_layout(files, spec, f"baseModel.uri {uri}")
     bucket, _ = split_s3(uri)
     for name in wanted:
         target = dest / name
@@ -155,24 +154,27 @@ def _relative_files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
-def _check_layout(files: list[str], spec: BaseModelSpec, uri: str) -> list[str]:
-    """Refuse what is not a loadable SD1/SD2 diffusers folder; return the files to fetch."""
+def _check_layout(files: list[str], spec: BaseModelSpec, where: str) -> list[str]:
+    """Refuse what is not a loadable SD1/SD2 diffusers folder; return the files to fetch.
+
+    ``where`` names the source in messages: ``baseModel.uri s3://...`` or ``baseModel.hub 'x'``.
+    """
     if "model_index.json" not in files:
         singles = [f for f in files if f.endswith(".safetensors") and "/" not in f]
-        hint = f" (did you mean the file {uri.rstrip('/')}/{singles[0]}?)" if singles else ""
-        raise ModelError(f"baseModel.uri {uri}: not a diffusers folder (no model_index.json){hint}")
+        hint = f" (did you mean the file {singles[0]} in it?)" if singles else ""
+        raise ModelError(f"{where}: not a diffusers folder (no model_index.json){hint}")
     if any(f.startswith("text_encoder_2/") for f in files):
         raise ModelError(
-            f"baseModel.uri {uri}: an SDXL model (it has text_encoder_2); training supports "
+            f"{where}: an SDXL model (it has text_encoder_2); training supports "
             "SD1.x and SD2.x base models for now"
         )
     wanted = ["model_index.json"]
     for name in COMPONENT_FOLDERS:
         names = [f[len(name) + 1 :] for f in files if f.startswith(name + "/")]
         if not names:
-            raise ModelError(f"baseModel.uri {uri}: the diffusers folder has no {name}/")
+            raise ModelError(f"{where}: the diffusers folder has no {name}/")
         if name in _WEIGHT_FOLDERS:
-            _check_component(name, names, spec, uri)
+            _check_component(name, names, spec, where)
             keep = set(
                 select_weight_files(names, variant=spec.variant, allow_pickle=spec.allow_pickle)
             )
