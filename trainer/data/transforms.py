@@ -2,8 +2,9 @@
 
 The geometry is computed first and applied in as few resampling passes as possible:
 
-- no rotation: one antialiased resize of just the crop box (``Image.resize(box=...)``), which is
-  what a resize followed by a crop gives, without resizing the pixels that are thrown away;
+- no rotation: the crop box is cut out of the decoded pixels and resized in one antialiased pass
+  (PyTorch's uint8 kernels, about twice as fast as Pillow's), which is what a resize followed by
+  a crop gives, without resizing the pixels that are thrown away;
 - rotation by a: the largest crop of the target's aspect ratio that fits inside the rotated
   image (so no empty corner ever appears) is ``k`` times the target with
   ``k = min(w / (W|cos a| + H|sin a|), h / (W|sin a| + H|cos a|))``; the image is first
@@ -22,6 +23,7 @@ import random
 
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812 - the usual name
 from PIL import Image
 
 from difftrain.api import PreprocessingSpec
@@ -79,36 +81,45 @@ class ImageTransform:
             else (0.0, 0.0)
         )
         if angle == 0.0 or min(image.size) <= 4 * _EDGE_MARGIN:  # too few pixels to rotate
-            out = _resize_crop(image, width, height, shift)
+            pixels = _resize_crop(image, width, height, shift)
         else:
-            out = _rotate_crop(image, width, height, angle, shift)
+            pixels = _chw(_rotate_crop(image, width, height, angle, shift))
         if flip is None:
             flip = self.pre.flip_probability > 0 and rng.random() < self.pre.flip_probability
         if flip:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_tensor(out)
+            pixels = pixels.flip(-1)
+        return _normalise(pixels)
 
 
 def _resample(scale: float) -> Image.Resampling:
-    # Downscaling: bilinear with Pillow's antialiasing (support widened by the scale), as the
-    # diffusers training examples do; upscaling: bicubic, which keeps edges sharper.
+    # Downscaling: bilinear with antialiasing (the filter widened by the scale), as the diffusers
+    # training examples do; upscaling: bicubic, which keeps edges sharper.
     return Image.Resampling.BILINEAR if scale <= 1.0 else Image.Resampling.BICUBIC
+
+
+def _chw(image: Image.Image) -> torch.Tensor:
+    """The pixels as a uint8 (3, H, W) view of an (H, W, 3) array (no reordering copy)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def _resize_crop(
     image: Image.Image, width: int, height: int, shift: tuple[float, float]
-) -> Image.Image:
+) -> torch.Tensor:
     w, h = image.size
     k = min(w / width, h / height)  # the crop box is k times the target
-    box_w, box_h = k * width, k * height
-    x0 = max(0.0, (w - box_w) / 2 * (1 + shift[0]))  # max/min: float rounding at the edges
-    y0 = max(0.0, (h - box_h) / 2 * (1 + shift[1]))
-    return image.resize(
-        (width, height),
-        _resample(1 / k),
-        box=(x0, y0, min(float(w), x0 + box_w), min(float(h), y0 + box_h)),
-        reducing_gap=3.0,  # integer pre-reduction for large downscales: faster, same look
+    box_w = min(w, max(1, round(k * width)))
+    box_h = min(h, max(1, round(k * height)))
+    x0 = round((w - box_w) / 2 * (1 + shift[0]))
+    y0 = round((h - box_h) / 2 * (1 + shift[1]))
+    pixels = _chw(image)[:, y0 : y0 + box_h, x0 : x0 + box_w]
+    if (box_w, box_h) == (width, height):
+        return pixels
+    mode = "bilinear" if k >= 1 else "bicubic"
+    # uint8 in and out, channels last: PyTorch's vectorised antialiasing kernels for images
+    resized = F.interpolate(
+        pixels.unsqueeze(0), size=(height, width), mode=mode, antialias=True, align_corners=False
     )
+    return resized[0]
 
 
 def _rotate_crop(
@@ -149,7 +160,10 @@ def _rotate_crop(
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB image as a contiguous float32 (3, H, W) tensor in [-1, 1]."""
-    # Reorder to channels-first while still one byte per value: a quarter of the memory traffic
-    # of permuting the float tensor, and about ten times faster than a strided float copy.
-    chw = np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
-    return torch.from_numpy(chw).to(torch.float32).div_(127.5).sub_(1.0)
+    return _normalise(_chw(image))
+
+
+def _normalise(pixels: torch.Tensor) -> torch.Tensor:
+    # One pass that converts, reorders to contiguous channels-first and scales.
+    out = pixels.to(torch.float32, memory_format=torch.contiguous_format)
+    return out.div_(127.5).sub_(1.0)
