@@ -259,3 +259,10 @@ def test_empty_missing_and_imageless_folders_are_named(tmp_path):
     put_files(tmp_path, {"labels.csv": b"a,b\n"})
     with pytest.raises(DatasetError, match=r"holds no images .* \(found e\.g\. labels\.csv"):
         read(tmp_path)
+
+
+def test_relative_and_slashed_local_paths_give_the_same_keys(tmp_path, monkeypatch):
+    write_folder_dataset(tmp_path / "data", clean_pairs(2))
+    monkeypatch.chdir(tmp_path)
+    for uri in ("data", "./data/", "data//", str(tmp_path / "data") + "/"):
+        assert [p.key for p in read(uri)] == ["img000", "img001"], uri

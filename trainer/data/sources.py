@@ -64,7 +64,8 @@ def _where(spec: DatasetSpec, store: Store) -> str:
 
 
 def _list(spec: DatasetSpec, store: Store) -> _Listing:
-    uri = spec.uri.rstrip("/") or spec.uri
+    # Local paths normalised as the local store lists them ('./data/' -> 'data').
+    uri = spec.uri.rstrip("/") if is_s3(spec.uri) else str(Path(spec.uri))
     if is_s3(uri):
         _, key = split_s3(uri)
         uris = list(store.list(f"{uri}/" if key else uri))
