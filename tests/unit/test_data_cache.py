@@ -279,3 +279,29 @@ def test_sizes_must_match_the_pairs(components, tmp_path):
     cache = LatentCache(LocalStore(), str(tmp_path))
     with pytest.raises(CacheError, match="sizes has 1 entries for 2 pairs"):
         cache.build("k", make_pairs(2), components, ImageTransform(pre()), sizes=[(64, 64)])
+
+
+def test_cached_tensors_are_usable_in_training(components, tmp_path):
+    # Encoded under inference mode, but what is returned must work with autograd, e.g. as the
+    # input of a trained cross-attention projection.
+    (sample,) = LatentCache(LocalStore(), str(tmp_path)).build(
+        "k", make_pairs(1), components, ImageTransform(pre()), dtype=torch.float32
+    )
+    assert not sample.text_embeddings.is_inference()
+    assert not sample.latent_params.is_inference()
+    layer = torch.nn.Linear(32, 8)
+    layer(sample.text_embeddings).sum().backward()
+    assert layer.weight.grad is not None
+
+
+def test_parallel_preparation_gives_the_same_cache(components, tmp_path):
+    pairs = make_pairs(5)
+    spec = pre(flip_probability=0.5, crop="random", max_rotation_degrees=10)
+    cache = LatentCache(LocalStore(), str(tmp_path))
+    serial = cache.build("a", pairs, components, ImageTransform(spec), workers=1, batch_size=2)
+    threaded = cache.build("b", pairs, components, ImageTransform(spec), workers=4, batch_size=2)
+    for s, t in zip(serial, threaded, strict=True):
+        assert s.key == t.key
+        assert torch.equal(s.latent_params, t.latent_params)
+        assert s.latent_params_flipped is not None and t.latent_params_flipped is not None
+        assert torch.equal(s.latent_params_flipped, t.latent_params_flipped)

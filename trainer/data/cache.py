@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
+from difftrain.data.parallel import ordered_map
 from difftrain.storage import Store, commit, join, read_manifest, scratch_dir
 
 if TYPE_CHECKING:
@@ -154,12 +155,14 @@ class LatentCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float16,
         progress: Callable[[int], object] | None = None,
+        workers: int = 4,
     ) -> list[CachedSample]:
         """Encode ``pairs`` and commit the cache under ``root/<key>/``.
 
         ``sizes`` gives each pair's (width, height) when training on aspect-ratio buckets.
-        ``progress`` is called with the number of samples each finished batch added. The VAE and
-        text encoder are moved to ``device`` and run in eval mode (their mode is restored after).
+        ``progress`` is called with the number of samples each finished batch added; ``workers``
+        threads decode and transform images ahead of the encoders. The VAE and text encoder are
+        moved to ``device`` and run in eval mode (their mode is restored after).
         """
         if sizes is not None and len(sizes) != len(pairs):
             raise CacheError(
@@ -170,25 +173,38 @@ class LatentCache:
         flips = transform.pre.flip_probability > 0
         encoded: list[CachedSample | None] = [None] * len(pairs)
         device = torch.device(device)
-        with eval_mode(components.vae, components.text_encoder), torch.inference_mode():
+        batches = list(_batches(pairs, sizes, batch_size))
+        # Decoding and transforms (Pillow and torch release the GIL) run on threads ahead of the
+        # encoders, in encoding order, so the accelerator does not wait for the CPU.
+        views = ordered_map(
+            lambda i: _views(pairs[i], transform, sizes[i] if sizes else None, seed, flips),
+            (i for batch in batches for i in batch),
+            workers=workers,
+            window=2 * batch_size,
+            name="difftrain-cache",
+        )
+        with eval_mode(components.vae, components.text_encoder):
             components.vae.to(device)
             components.text_encoder.to(device)
-            for batch in _batches(pairs, sizes, batch_size):
-                for i, sample in zip(
-                    batch,
-                    _encode_batch(
-                        [pairs[i] for i in batch],
-                        components,
-                        transform,
-                        size=sizes[batch[0]] if sizes is not None else None,
-                        seed=seed,
-                        flips=flips,
-                        device=device,
-                        dtype=dtype,
-                    ),
-                    strict=True,
-                ):
-                    encoded[i] = sample
+            for batch in batches:
+                images = [next(views) for _ in batch]
+                with torch.inference_mode():
+                    latents, flipped, text = _encode_batch(
+                        images, [pairs[i].caption for i in batch], components, device
+                    )
+                # Copies made outside inference mode: plain tensors, usable in autograd later.
+                for j, i in enumerate(batch):
+                    encoded[i] = CachedSample(
+                        key=pairs[i].key,
+                        latent_params=latents[j].to("cpu", dtype, copy=True).contiguous(),
+                        latent_params_flipped=(
+                            flipped[j].to("cpu", dtype, copy=True).contiguous()
+                            if flipped is not None
+                            else None
+                        ),
+                        text_embeddings=text[j].to("cpu", dtype, copy=True).contiguous(),
+                        caption=pairs[i].caption,
+                    )
                 if progress is not None:
                     progress(len(batch))
         samples = [s for s in encoded if s is not None]
@@ -252,43 +268,32 @@ def _batches(
             yield members[start : start + batch_size]
 
 
-def _encode_batch(
-    pairs: list[CleanPair],
-    components: Components,
-    transform: ImageTransform,
-    *,
-    size: Size | None,
-    seed: int,
-    flips: bool,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> list[CachedSample]:
-    images, mirrored = [], []
-    for pair in pairs:
-        image = transform.decode(pair.data, pair.name, size=size)
-        # Both views from identically seeded sources: the same crop and rotation, mirrored.
-        images.append(transform(image, size=size, rng=sample_rng(seed, pair.key), flip=False))
-        if flips:
-            mirrored.append(transform(image, size=size, rng=sample_rng(seed, pair.key), flip=True))
-    latents = encode_latent_params(components.vae, torch.stack(images), device)
-    latents_flipped = (
-        encode_latent_params(components.vae, torch.stack(mirrored), device) if flips else None
+def _views(
+    pair: CleanPair, transform: ImageTransform, size: Size | None, seed: int, flips: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The image as a training tensor, and mirrored when flips are cached."""
+    image = transform.decode(pair.data, pair.name, size=size)
+    # Both views from identically seeded sources: the same crop and rotation, mirrored.
+    plain = transform(image, size=size, rng=sample_rng(seed, pair.key), flip=False)
+    mirrored = (
+        transform(image, size=size, rng=sample_rng(seed, pair.key), flip=True) if flips else None
     )
-    text = encode_text(components, [p.caption for p in pairs], device)
-    return [
-        CachedSample(
-            key=pair.key,
-            latent_params=latents[j].to("cpu", dtype).contiguous(),
-            latent_params_flipped=(
-                latents_flipped[j].to("cpu", dtype).contiguous()
-                if latents_flipped is not None
-                else None
-            ),
-            text_embeddings=text[j].to("cpu", dtype).contiguous(),
-            caption=pair.caption,
-        )
-        for j, pair in enumerate(pairs)
-    ]
+    return plain, mirrored
+
+
+def _encode_batch(
+    views: list[tuple[torch.Tensor, torch.Tensor | None]],
+    captions: list[str],
+    components: Components,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(latent params, flipped latent params or None, text embeddings) of one batch."""
+    latents = encode_latent_params(components.vae, torch.stack([v[0] for v in views]), device)
+    mirrored = [v[1] for v in views if v[1] is not None]
+    flipped = (
+        encode_latent_params(components.vae, torch.stack(mirrored), device) if mirrored else None
+    )
+    return latents, flipped, encode_text(components, captions, device)
 
 
 def encode_latent_params(vae: Any, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
