@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,13 @@ from difftrain.data import (
 )
 from difftrain.data.cleaning import HammingIndex
 from difftrain.storage import LocalStore
-from tests.datasets import clean_pairs, dirty_dataset, jpeg, write_folder_dataset
+from tests.datasets import (
+    clean_pairs,
+    dirty_dataset,
+    jpeg,
+    write_folder_dataset,
+    write_webdataset,
+)
 
 
 def words(caption: str) -> int:
@@ -186,3 +193,14 @@ def test_format_report_lists_each_reason_with_its_count_and_first_keys(tmp_path)
         (line,) = [x for x in lines if x.strip().startswith(reason + " ")]
         assert line.split()[1] == str(count)
     assert lines[-1].split() == ["truncated", "captions", "1"]
+
+
+def test_limit_on_a_webdataset_stops_the_shard_reader(tmp_path):
+    write_webdataset(tmp_path, clean_pairs(60), shard_size=30)
+    before = threading.active_count()
+    spec = DatasetSpec.model_validate(
+        {"uri": str(tmp_path), "limit": 3, "cleaning": {"minResolution": 64}}
+    )
+    result = load_dataset(spec, LocalStore())
+    assert [p.key for p in result.pairs] == [f"shard-00000/img{i:03d}" for i in range(3)]
+    assert threading.active_count() == before  # no reader thread left behind
