@@ -1,0 +1,209 @@
+"""Data pipeline benchmark: images/s decoded, cleaned and transformed, from MinIO on loopback.
+
+Synthetic 768x640 JPEGs (a smooth random field plus grain, so they compress like photographs:
+about 150 KB at quality 90) are written to a local folder and uploaded to a MinIO server started
+from the test infrastructure's pinned binary. Then, in the same run, on the same cores:
+
+- ``naive``: the serial PIL loop of a typical training script, from the local disk: open, convert
+  to RGB, resize the short side to the resolution, center crop, random flip, ``np.array`` ->
+  tensor, normalise. No cleaning at all. (PERFORMANCE.md's anchor: about 50 images/s per core.)
+- ``difftrain``: the pipeline a training job runs, from MinIO: list, parallel GETs, cleaning
+  (sha256, full decode at reduced scale, pHash, every drop check), then for each kept pair a
+  decode reduced on load to the target and the transform (antialiased resize of the crop box,
+  random flip, [-1, 1] tensor) in threads.
+- ``difftrain_local``: the same pipeline from the local folder (to separate the store's share).
+
+Each mode runs ``--repeat`` times, interleaved; the best time is reported. The process is
+pinned to ``--cores`` CPUs (MinIO is not, as a store on another host would not be).
+
+    python benchmarks/data_bench.py                 # 400 images, 2 cores
+    python benchmarks/data_bench.py --count 60      # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from difftrain.storage import Store
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def make_images(folder: Path, count: int, size: tuple[int, int]) -> int:
+    """``count`` JPEG + caption pairs in ``folder``; returns the total JPEG bytes."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.datasets import encode, synthetic_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for i in range(count):
+        path = folder / f"img{i:05d}.jpg"
+        if not path.exists():
+            base = np.asarray(synthetic_image(i, size), dtype=np.float32)
+            grain = np.random.default_rng(i).normal(0, 10, base.shape)
+            pixels = np.clip(base + grain, 0, 255).astype(np.uint8)
+            path.write_bytes(encode(Image.fromarray(pixels), "JPEG", quality=90))
+            (folder / f"img{i:05d}.txt").write_text(f"a synthetic photograph number {i}")
+        total += path.stat().st_size
+    return total
+
+
+class Run(NamedTuple):
+    images: int
+    seconds: float
+    clean_seconds: float  # of which reading and cleaning (0: not done)
+    cpu_seconds: float  # CPU time of this process, all threads (MinIO's is not included)
+
+
+def naive(folder: Path, resolution: int) -> Run:
+    """The serial PIL loop of a typical training script (torchvision's ToTensor and Normalize
+    spelled out)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    rng = random.Random(0)
+    start, cpu = time.perf_counter(), time.process_time()
+    count = 0
+    checksum = 0.0
+    for path in sorted(folder.glob("*.jpg")):
+        image = Image.open(path).convert("RGB")
+        w, h = image.size
+        scale = resolution / min(w, h)
+        image = image.resize((round(w * scale), round(h * scale)), Image.Resampling.BILINEAR)
+        left = (image.width - resolution) // 2
+        top = (image.height - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+        tensor = tensor.float().div(255)
+        tensor = (tensor - 0.5) / 0.5
+        checksum += float(tensor[0, 0, 0])
+        count += 1
+    return Run(count, time.perf_counter() - start, 0.0, time.process_time() - cpu)
+
+
+def pipeline(uri: str, store: Store, resolution: int, workers: int) -> Run:
+    """Sources + cleaning + transforms."""
+    from difftrain.api import DatasetSpec, PreprocessingSpec
+    from difftrain.data import ImageTransform, load_dataset
+    from difftrain.data.parallel import ordered_map
+
+    spec = DatasetSpec.model_validate({"uri": uri})
+    transform = ImageTransform(
+        PreprocessingSpec.model_validate({"resolution": resolution, "flipProbability": 0.5})
+    )
+    start, cpu = time.perf_counter(), time.process_time()
+    result = load_dataset(spec, store, workers=workers, read_workers=8)
+    cleaned = time.perf_counter()
+
+    def prepare(index: int) -> float:
+        pair = result.pairs[index]
+        image = transform.decode(pair.data, pair.name)
+        tensor = transform(image, rng=random.Random(index))
+        return float(tensor[0, 0, 0])
+
+    checksum = sum(ordered_map(prepare, range(len(result.pairs)), workers=workers))
+    assert checksum == checksum  # the tensors were made (not NaN)
+    end = time.perf_counter()
+    assert result.report.kept == result.report.total, result.report
+    return Run(len(result.pairs), end - start, cleaned - start, time.process_time() - cpu)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=400)
+    parser.add_argument("--size", default="768x640", help="source image WIDTHxHEIGHT")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--cores", type=int, default=2, help="CPUs this process may use")
+    parser.add_argument("--workers", type=int, default=2, help="decode/transform threads")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--work-dir", type=Path, default=None)
+    args = parser.parse_args()
+
+    cores = sorted(os.sched_getaffinity(0))[: args.cores]
+    os.sched_setaffinity(0, cores)
+    import PIL
+    import torch
+    from minio import Minio
+
+    from difftrain.storage import Credentials, LocalStore, S3Store, StoreConfig
+    from tests.datasets import S3Location, put_files
+    from tests.infra.environment import MinioServer, binary_dir
+
+    torch.set_num_threads(1)  # the parallelism is ours (threads); no nested intra-op threads
+    width, height = (int(v) for v in args.size.split("x"))
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="difftrain-data-bench-"))
+    folder = work / "images"
+    t0 = time.perf_counter()
+    total_bytes = make_images(folder, args.count, (width, height))
+    print(
+        f"dataset: {args.count} JPEGs {width}x{height}, {total_bytes / args.count / 1e3:.0f} KB "
+        f"each on average (made in {time.perf_counter() - t0:.1f}s)"
+    )
+
+    shutil.rmtree(work / "minio", ignore_errors=True)
+    minio = MinioServer(binary_dir(), work / "minio")
+    minio.start()
+    try:
+        mc = Minio(minio.endpoint, minio.access_key, minio.secret_key, secure=False)
+        mc.make_bucket("bench")
+        files = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+        put_files(S3Location(mc, "bench", "images"), files)
+        s3 = S3Store(
+            StoreConfig(
+                endpoint=minio.endpoint,
+                credentials=Credentials(minio.access_key, minio.secret_key),
+                secure=False,
+            )
+        )
+        runs: dict[str, list[Run]] = {
+            "naive": [],
+            "difftrain": [],
+            "difftrain_local": [],
+        }
+        for _ in range(args.repeat):
+            runs["naive"].append(naive(folder, args.resolution))
+            runs["difftrain"].append(
+                pipeline("s3://bench/images", s3, args.resolution, args.workers)
+            )
+            runs["difftrain_local"].append(
+                pipeline(str(folder), LocalStore(), args.resolution, args.workers)
+            )
+    finally:
+        minio.stop()
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    best = {mode: min(r, key=lambda x: x.seconds) for mode, r in runs.items()}
+    base = best["naive"].images / best["naive"].seconds
+    print(
+        f"\ncores: {len(cores)} of {os.cpu_count()}; workers: {args.workers}; resolution "
+        f"{args.resolution}; Pillow {PIL.__version__}, torch {torch.__version__}"
+    )
+    header = ("mode", "images", "seconds", "images/s", "x naive", "clean s", "CPU ms/img")
+    print("{:<16} {:>6} {:>8} {:>9} {:>8} {:>8} {:>11}".format(*header))
+    for mode, run in best.items():
+        rate = run.images / run.seconds
+        clean_s = f"{run.clean_seconds:8.2f}" if run.clean_seconds else f"{'-':>8}"
+        print(
+            f"{mode:<16} {run.images:6d} {run.seconds:8.2f} {rate:9.1f} {rate / base:8.2f} "
+            f"{clean_s} {run.cpu_seconds / run.images * 1000:11.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
