@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test install testbin lint typecheck unit integration crds clean
+.PHONY: test install local testbin lint typecheck unit integration crds clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 install: $(VENV)/.installed
+
+# The README's first command: a small training run on this machine's CPU (no cluster, no store,
+# no download): a tiny model and a generated shapes dataset in ./difftrain-local, then a progress
+# bar, checkpoints, sample grids and exports in ./difftrain-local/output.
+local: install
+	$(BIN)/difftrain run --local
 
 # Builds (first run on a machine) or reuses the pinned etcd/kube-apiserver/kube-controller-manager/
 # kubectl/MinIO/helm/kwok binaries; cached in ~/.cache/difftrain/bin.

@@ -9,6 +9,7 @@ credentials or an unreachable endpoint fail fast with a message naming endpoint 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -171,7 +172,11 @@ class LocalStore:
         return Path(uri).is_file()
 
     def delete(self, uri: str) -> None:
-        Path(uri).unlink(missing_ok=True)
+        path = Path(uri)
+        path.unlink(missing_ok=True)
+        # like an object store, a folder whose last object is gone is gone too
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
 
 
 def _is_transient(exc: BaseException) -> bool:

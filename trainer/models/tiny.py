@@ -182,13 +182,16 @@ def build_tiny_pipeline_folder(
     prediction_type: str = "epsilon",
     sample_size: int = 32,
     use_linear_projection: bool = False,
+    vae_steps: int = 0,
 ) -> Path:
     """Write a complete diffusers StableDiffusionPipeline folder with tiny random-initialised parts.
 
     ``sample_size`` is the UNet's latent size; images are twice as large (64 px by default).
     ``use_linear_projection`` gives SD2's linear attention projections instead of SD1's 1x1
     convolutions (the text encoder stays a transformers CLIP model either way).
-    The same seed gives the same weights, so the same files.
+    The same seed gives the same weights, so the same files. ``vae_steps`` > 0 pre-trains the
+    VAE to reconstruct generated shapes (see tiny_vae.py): slower to build, but its latents keep
+    the images' colours, so a diffusion model trained on them can learn from captions.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -208,6 +211,10 @@ def build_tiny_pipeline_folder(
         )
         torch.manual_seed(seed + 1)
         vae = AutoencoderKL(**{**TINY_VAE_CONFIG, "sample_size": sample_size * 2})
+        if vae_steps > 0:
+            from difftrain.models.tiny_vae import pretrain_vae
+
+            pretrain_vae(vae, steps=vae_steps, seed=seed + 1, image_size=sample_size * 2)
         torch.manual_seed(seed + 2)
         text_config = CLIPTextConfig(
             **TINY_TEXT_CONFIG,

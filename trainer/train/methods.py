@@ -68,15 +68,21 @@ def attach(spec: DiffusionTrainingJobSpec, components: Any) -> TrainedModules:
             )
         )
         if spec.lora.train_text_encoder:
-            text_encoder.add_adapter(
+            from peft import inject_adapter_in_model
+
+            # transformers' own add_adapter needs a newer peft than exists; inject directly
+            inject_adapter_in_model(
                 LoraConfig(
                     r=spec.lora.rank,
                     lora_alpha=spec.lora_alpha,
                     lora_dropout=spec.lora.dropout,
                     init_lora_weights="gaussian",
                     target_modules=TEXT_ENCODER_LORA_TARGETS,
-                )
+                ),
+                text_encoder,
             )
+            for name, param in text_encoder.named_parameters():
+                param.requires_grad_("lora_" in name)
             train_te = True
         if not any(p.requires_grad for p in unet.parameters()):
             raise TrainingConfigError(

@@ -32,7 +32,6 @@ from difftrain.train.report import Reporter
 
 logger = logging.getLogger(__name__)
 
-CACHE_FOLDER = ".difftrain-cache"
 SAMPLE_PROMPTS_FROM_DATA = 4
 
 
@@ -99,7 +98,7 @@ def _conditioning_images(spec: DiffusionTrainingJobSpec, options: RunOptions) ->
 
 def run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
     """Train ``job`` to its end (or until a stop is requested) and export the result."""
-    from difftrain.data.cache import LatentCache, cache_key
+    from difftrain.data.cache import CACHE_FOLDER, LatentCache, cache_key
     from difftrain.data.cleaning import load_dataset, write_report
     from difftrain.data.images import decode_rgb
     from difftrain.data.transforms import ImageTransform
@@ -201,7 +200,7 @@ def run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
                 sizes = all_sizes
             else:
                 report.augmented = max(0, len(samples) - len(pairs))
-                sizes = _sizes_of_cached(spec, samples, sizes)
+                sizes = _sizes_of_cached(spec, samples, sizes, components.vae)
         write_key = key
         examples = [
             Example(
@@ -319,7 +318,7 @@ def _sizes(spec: DiffusionTrainingJobSpec, pairs: list[Any]) -> list[tuple[int, 
 
 
 def _sizes_of_cached(
-    spec: DiffusionTrainingJobSpec, samples: list[Any], sizes: list[tuple[int, int]]
+    spec: DiffusionTrainingJobSpec, samples: list[Any], sizes: list[tuple[int, int]], vae: Any
 ) -> list[tuple[int, int]]:
     """Sizes of cached samples (Boomerang variants included) from their latents' shapes."""
     if len(samples) == len(sizes):
@@ -327,7 +326,7 @@ def _sizes_of_cached(
     res = spec.preprocessing.resolution
     if not spec.preprocessing.buckets.enabled:
         return [(res, res)] * len(samples)
-    factor = res // max(1, samples[0].latent_params.shape[-1]) if samples else 8
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
     return [
         (s.latent_params.shape[-1] * factor, s.latent_params.shape[-2] * factor) for s in samples
     ]
