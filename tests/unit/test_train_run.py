@@ -343,3 +343,81 @@ def test_missing_model_pickle_and_bad_options_give_clear_errors(inputs: Path, tm
     if not torch.cuda.is_available():
         assert r.returncode == api.EXIT_CONFIG_ERROR
         assert "mixedPrecision" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- DreamBooth, ControlNet, text-encoder LoRA --------------------------------------------------
+
+
+def _short(**hp) -> dict:
+    return {"batchSize": 2, "maxSteps": 3, "warmupSteps": 1, "mixedPrecision": "no", **hp}
+
+
+def test_dreambooth_generates_class_images_once_and_trains_with_the_prior(
+    inputs: Path, tmp_path: Path
+):
+    out = tmp_path / "out"
+    job = tiny_job(
+        inputs,
+        out,
+        hyperparameters=_short(),
+        dreambooth={
+            "instancePrompt": "a photo of sks circle",
+            "classPrompt": "a photo of a circle",
+            "numClassImages": 3,
+        },
+    )
+    outcome = _run(job, tmp_path / "work")
+    manifest = json.loads((out / "class-images" / MANIFEST_NAME).read_text())
+    assert manifest["metadata"]["count"] == 3
+    assert len([f for f in manifest["files"] if f["name"].endswith(".png")]) == 3
+    assert outcome.loop.state.step == 3
+    # every batch holds instance images and as many class images
+    assert outcome.loop.state.images_seen == 3 * 2 * 2
+    stamp = (out / "class-images" / MANIFEST_NAME).stat().st_mtime_ns
+    job["spec"]["output"] = {"uri": str(out)}
+    job["spec"]["hyperparameters"]["maxSteps"] = 4
+    _run(job, tmp_path / "work2")  # resumes; the class images are reused, not regenerated
+    assert (out / "class-images" / MANIFEST_NAME).stat().st_mtime_ns == stamp
+
+
+def test_controlnet_trains_on_paired_conditioning_images(inputs: Path, tmp_path: Path):
+    from diffusers import ControlNetModel
+    from PIL import Image, ImageOps
+
+    cond = tmp_path / "edges"
+    cond.mkdir()
+    for path in sorted((inputs / "dataset").glob("*.png"))[:-4]:  # four images have none
+        ImageOps.grayscale(Image.open(path)).convert("RGB").save(cond / path.name)
+    out = tmp_path / "out"
+    job = tiny_job(
+        inputs,
+        out,
+        method="controlnet",
+        controlnet={"conditioningUri": str(cond), "conditioningType": "other"},
+        hyperparameters=_short(),
+    )
+    outcome = _run(job, tmp_path / "work")
+    assert outcome.report.dropped.get("missing_conditioning") == 4
+    assert [o.format for o in outcome.outputs] == ["diffusers"]
+    controlnet = ControlNetModel.from_pretrained(outcome.outputs[0].uri)
+    assert controlnet.config.cross_attention_dim == 32
+    assert any((out / "samples").rglob("grid.png"))
+
+
+def test_lora_with_text_encoder_exports_text_encoder_adapters(inputs: Path, tmp_path: Path):
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    job = tiny_job(
+        inputs,
+        out,
+        method="lora",
+        lora={"rank": 4, "trainTextEncoder": True},
+        hyperparameters=_short(),
+    )
+    outcome = _run(job, tmp_path / "work")
+    kohya = next(o.uri for o in outcome.outputs if o.format == "lora_kohya")
+    with safe_open(kohya, "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("lora_te_") for k in keys)
+    assert any(k.startswith("lora_unet_") for k in keys)

@@ -93,7 +93,12 @@ def attach(spec: DiffusionTrainingJobSpec, components: Any) -> TrainedModules:
         from diffusers import ControlNetModel
 
         unet.requires_grad_(False)
-        controlnet = ControlNetModel.from_unet(unet)
+        # the conditioning encoder downsamples images to latent size: one stride-2 stage per
+        # VAE level (SD's (16, 32, 96, 256) for its 8x VAE)
+        levels = len(components.vae.config.block_out_channels) - 1
+        controlnet = ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=(16, 32, 96, 256)[: levels + 1]
+        )
         controlnet.requires_grad_(True)
     else:
         raise TrainingConfigError(f"method {spec.method!r} is not full, lora or controlnet")
