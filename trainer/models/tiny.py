@@ -145,7 +145,7 @@ def tiny_merges(words: Iterable[str] = TINY_WORDS) -> list[tuple[str, str]]:
                 token += part
 
 
-def write_tiny_tokenizer(path: Path) -> None:
+def write_tiny_tokenizer(path: Path, *, max_length: int = MAX_LENGTH) -> None:
     """Write a CLIPTokenizer folder (vocab.json, merges.txt, configs) that knows ``TINY_WORDS``."""
     path.mkdir(parents=True, exist_ok=True)
     chars = list(_bytes_to_unicode().values())
@@ -157,7 +157,7 @@ def write_tiny_tokenizer(path: Path) -> None:
     (path / "merges.txt").write_text(merges_text, encoding="utf-8")
     config = {
         "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": MAX_LENGTH,
+        "model_max_length": max_length,
         "bos_token": BOS,
         "eos_token": EOS,
         "unk_token": EOS,
@@ -183,6 +183,7 @@ def build_tiny_pipeline_folder(
     sample_size: int = 32,
     use_linear_projection: bool = False,
     vae_steps: int = 0,
+    context_length: int = MAX_LENGTH,
 ) -> Path:
     """Write a complete diffusers StableDiffusionPipeline folder with tiny random-initialised parts.
 
@@ -192,12 +193,14 @@ def build_tiny_pipeline_folder(
     The same seed gives the same weights, so the same files. ``vae_steps`` > 0 pre-trains the
     VAE to reconstruct generated shapes (see tiny_vae.py): slower to build, but its latents keep
     the images' colours, so a diffusion model trained on them can learn from captions.
+    ``context_length`` below CLIP's 77 shortens the text context: the short captions of the
+    shapes data then fill most of it, and cross-attention learns to use them sooner.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     path.mkdir(parents=True, exist_ok=True)
-    write_tiny_tokenizer(path / "tokenizer")
+    write_tiny_tokenizer(path / "tokenizer", max_length=context_length)
     tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
     generator_state = torch.random.get_rng_state()
     try:
@@ -217,7 +220,7 @@ def build_tiny_pipeline_folder(
             pretrain_vae(vae, steps=vae_steps, seed=seed + 1, image_size=sample_size * 2)
         torch.manual_seed(seed + 2)
         text_config = CLIPTextConfig(
-            **TINY_TEXT_CONFIG,
+            **{**TINY_TEXT_CONFIG, "max_position_embeddings": context_length},
             vocab_size=_vocab_size(path / "tokenizer"),
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,

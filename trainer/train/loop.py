@@ -42,6 +42,8 @@ class LoopResult:
     latest_checkpoint: str | None
     samples: list[str] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    step_seconds: float = 0.0  # time in optimizer steps (data wait included; samples and
+    # checkpoints not), for throughput figures
 
 
 @dataclass
@@ -387,7 +389,9 @@ class Trainer:
                 all_images = images * self.world
                 self.state.images_seen += all_images
                 result.losses.append(mean_loss)
-                self._report(mean_loss, all_images, time.perf_counter() - step_start, waited)
+                step_time = time.perf_counter() - step_start
+                result.step_seconds += step_time
+                self._report(mean_loss, all_images, step_time, waited)
                 if on_step is not None:
                     on_step(self.state.step, mean_loss)
                 step = self.state.step
