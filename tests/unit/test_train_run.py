@@ -421,3 +421,61 @@ def test_lora_with_text_encoder_exports_text_encoder_adapters(inputs: Path, tmp_
         keys = list(f.keys())
     assert any(k.startswith("lora_te_") for k in keys)
     assert any(k.startswith("lora_unet_") for k in keys)
+
+
+def test_regularisers_accumulation_and_ema_resume_exactly(inputs: Path, tmp_path: Path):
+    """Gradient accumulation, checkpointing, caption dropout, min-SNR, noise offset and an
+    offloaded EMA: a run stopped at step 2 and resumed ends where a straight run ends."""
+    hp = _short(
+        maxSteps=4,
+        gradientAccumulationSteps=2,
+        gradientCheckpointing=True,
+        lrScheduler="constant",
+    )
+    reg = {
+        "ema": {"enabled": True, "decay": 0.9, "offloadToCpu": True},
+        "captionDropout": 0.5,
+        "snrGamma": 5.0,
+        "noiseOffset": 0.05,
+    }
+    ckpt = {"everySteps": 2, "keepLast": 5}
+    straight = _run(
+        tiny_job(
+            inputs, tmp_path / "a", hyperparameters=hp, regularization=reg, checkpointing=ckpt
+        ),
+        tmp_path / "wa",
+    )
+    assert straight.loop.state.images_seen == 4 * 2 * 2  # accumulation: 2 batches per step
+    assert all(loss == loss and loss > 0 for loss in straight.loop.losses)  # finite
+    first = tiny_job(
+        inputs,
+        tmp_path / "b",
+        hyperparameters={**hp, "maxSteps": 2},
+        regularization=reg,
+        checkpointing=ckpt,
+    )
+    _run(first, tmp_path / "wb")
+    resumed = _run(
+        tiny_job(
+            inputs, tmp_path / "b", hyperparameters=hp, regularization=reg, checkpointing=ckpt
+        ),
+        tmp_path / "wb2",
+    )
+    assert len(resumed.loop.losses) == 2  # only steps 3 and 4 ran
+    for name in ("trainable.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        a = load_file(_checkpoint(tmp_path / "a", 4) / name)
+        b = load_file(_checkpoint(tmp_path / "b", 4) / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_adamw8bit_without_bitsandbytes_is_a_clear_error(inputs: Path, tmp_path: Path):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    job = tiny_job(inputs, tmp_path / "o", hyperparameters=_short(optimizer="adamw8bit"))
+    r = run_cli(["run", str(write_job(tmp_path / "j.yaml", job)), "--local"])
+    assert r.returncode == api.EXIT_CONFIG_ERROR
+    assert "adamw8bit" in r.stderr and "bitsandbytes" in r.stderr
+    assert "Traceback" not in r.stderr
