@@ -16,12 +16,15 @@ from difftrain.train.synthetic import default_local_job, write_shapes_dataset
 REPO = Path(__file__).resolve().parent.parent
 
 
-def prepare_local_inputs(root: Path, *, images: int = 48) -> Path:
-    """A tiny diffusers model folder and a shapes dataset under ``root`` (made once per root)."""
+def prepare_local_inputs(root: Path, *, images: int = 48, **model: Any) -> Path:
+    """A tiny diffusers model folder and a shapes dataset under ``root`` (made once per root).
+
+    ``model`` goes to build_tiny_pipeline_folder (prediction_type, vae_steps, context_length).
+    """
     from difftrain.models.tiny import build_tiny_pipeline_folder
 
     if not (root / "base-model" / "model_index.json").exists():
-        build_tiny_pipeline_folder(root / "base-model", seed=0)
+        build_tiny_pipeline_folder(root / "base-model", seed=0, **model)
     if not (root / "dataset").exists():
         write_shapes_dataset(root / "dataset", images, size=64, seed=0)
     return root

@@ -58,91 +58,101 @@ def _popen(args: list[str]) -> subprocess.Popen:
     )
 
 
-# --- it learns --------------------------------------------------------------------------------
+# --- it learns ---------------------------------------------------------------------------------
+
+# The measure, fixed before the run: on held-out shapes images, at high noise (t in [700, 1000),
+# where the colours are hidden in the noise and only the caption can tell them), the model's
+# denoising loss under the true caption against the same caption with both colours replaced by
+# two others. Same images, same noise, same timesteps for both.
+HELD_OUT = 12
+NOISES = 8
 
 
-def _caption_losses(components, unet, pairs, swap) -> float:
-    """Mean denoising loss of ``pairs`` under their captions (or swapped ones), fixed noise."""
-    from difftrain.data import ImageTransform
-    from difftrain.train.objective import step_generator
+def _wrong_colours(caption: str) -> str:
+    from difftrain.train.synthetic import COLOURS, caption_for
 
-    pre = api.PreprocessingSpec(resolution=64)
-    transform = ImageTransform(pre)
-    tok = components.tokenizer
-    sched = components.noise_scheduler
-    losses = []
+    words = caption.split()
+    colour, background = words[1], words[-2]
+    others = [c for c in COLOURS if c not in (colour, background)]
+    return caption_for(words[2], others[0], others[1])
+
+
+def _paired_losses(model) -> tuple[list[float], list[float]]:
     import random
 
+    from difftrain.data.transforms import ImageTransform
+    from difftrain.train.objective import step_generator, target_for
+    from difftrain.train.synthetic import COLOURS, SHAPES, caption_for, draw_shape
+
+    transform = ImageTransform(api.PreprocessingSpec(resolution=64))
+    rng = random.Random(99)  # new positions and sizes: images the model has not seen
+    names = list(COLOURS)
+    tok, sched = model.tokenizer, model.noise_scheduler
+    true, wrong = [], []
     with torch.no_grad():
-        for i, (image, caption) in enumerate(pairs):
-            if swap:
-                caption = swap(caption)
+        for i in range(HELD_OUT):
+            colour, background = names[i % 6], names[(i + 3) % 6]
+            shape = SHAPES[i % 3]
+            image = draw_shape(64, shape, colour, background, rng)
+            caption = caption_for(shape, colour, background)
             pixels = transform(image, rng=random.Random(0), flip=False)[None]
-            latents = components.vae.encode(pixels).latent_dist.mean
-            latents = latents * components.vae.config.scaling_factor
-            ids = tok(
-                [caption],
-                padding="max_length",
-                max_length=tok.model_max_length,
-                return_tensors="pt",
-            ).input_ids
-            text = components.text_encoder(ids)[0]
-            for j in range(4):
+            latents = model.vae.encode(pixels).latent_dist.mean * model.vae.config.scaling_factor
+            texts = []
+            for cap in (caption, _wrong_colours(caption)):
+                ids = tok(
+                    [cap],
+                    padding="max_length",
+                    max_length=tok.model_max_length,
+                    return_tensors="pt",
+                ).input_ids
+                texts.append(model.text_encoder(ids)[0])
+            for j in range(NOISES):
                 gen = step_generator(123, i, j)
                 noise = torch.randn(latents.shape, generator=gen)
-                t = torch.randint(100, 900, (1,), generator=gen)
+                t = torch.randint(700, 1000, (1,), generator=gen)
                 noisy = sched.add_noise(latents, noise, t)
-                pred = unet(noisy, t, encoder_hidden_states=text).sample
-                losses.append(torch.nn.functional.mse_loss(pred, noise).item())
-    return sum(losses) / len(losses)
+                target = target_for(sched, latents, noise, t, model.prediction_type)
+                for text, out in zip(texts, (true, wrong), strict=True):
+                    pred = model.unet(noisy, t, encoder_hidden_states=text).sample
+                    out.append(torch.nn.functional.mse_loss(pred, target).item())
+    return true, wrong
 
 
-def test_local_run_learns_the_shapes_and_follows_the_prompt(inputs: Path, tmp_path: Path):
-    """Loss falls clearly, and the model's denoising loss is lower under the true caption than
-    under one with the colours swapped (a measure fixed before the run)."""
+def test_local_run_learns_the_shapes_and_follows_the_prompt(tmp_path: Path):
+    """Loss falls clearly, and the denoising loss under the true caption is clearly lower than
+    under wrong colours (the tiny model: v-prediction, a VAE pre-trained on shapes, a 16-token
+    text context; see tests' HELD_OUT measure above)."""
     from difftrain.models import load_base_model
-    from difftrain.train.synthetic import COLOURS, caption_for, draw_shape
 
+    inputs = prepare_local_inputs(
+        tmp_path / "inputs", prediction_type="v_prediction", vae_steps=150, context_length=16
+    )
     job = tiny_job(
         inputs,
         tmp_path / "out",
         hyperparameters={
             "batchSize": 8,
-            "learningRate": 5e-4,
-            "maxSteps": 200,
+            "learningRate": 1e-3,
+            "maxSteps": 300,
             "warmupSteps": 10,
             "mixedPrecision": "no",
         },
-        checkpointing={"everySteps": 200, "keepLast": 1},
+        checkpointing={"everySteps": 300, "keepLast": 1},
     )
     outcome = _run(job, tmp_path / "work")
     losses = outcome.loop.losses
-    assert len(losses) == 200
+    assert len(losses) == 300
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
-    assert last < 0.6 * first, (first, last)
+    assert last < 0.5 * first, (first, last)
 
     base = api.BaseModelSpec(uri=str(tmp_path / "out" / "export" / "diffusers"))
     trained = load_base_model(base, None, work_dir=tmp_path / "load")
-    import random
-
-    rng = random.Random(99)  # held-out images: new positions and sizes
-    names = list(COLOURS)
-    held_out = []
-    for k in range(8):
-        colour, background = names[k % 6], names[(k + 3) % 6]
-        shape = ["circle", "square", "triangle"][k % 3]
-        held_out.append(
-            (draw_shape(64, shape, colour, background, rng), caption_for(shape, colour, background))
-        )
-
-    def swap(caption: str) -> str:
-        words = caption.split()
-        colour, background = words[1], words[-2]
-        return caption_for(words[2], background, colour)
-
-    true_loss = _caption_losses(trained, trained.unet, held_out, None)
-    swapped_loss = _caption_losses(trained, trained.unet, held_out, swap)
-    assert true_loss < 0.9 * swapped_loss, (true_loss, swapped_loss)
+    assert trained.prediction_type == "v_prediction"
+    true, wrong = _paired_losses(trained)
+    mean_true, mean_wrong = sum(true) / len(true), sum(wrong) / len(wrong)
+    assert mean_true < 0.9 * mean_wrong, (mean_true, mean_wrong)
+    favoured = sum(a < b for a, b in zip(true, wrong, strict=True)) / len(true)
+    assert favoured >= 0.75, favoured
 
 
 # --- resume -----------------------------------------------------------------------------------
