@@ -113,6 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     for noisy in ("httpx", "urllib3", "PIL", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_libraries()
     env = dict(os.environ)
     topology = Topology.from_env(env, args.processes)
     if topology.per_machine > 1 and not inside_launcher(env):
@@ -135,6 +136,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError):
                 Path(args.termination_log).write_text(message[:4000])
         return 1 if transient else api.EXIT_CONFIG_ERROR
+
+
+def _quiet_libraries() -> None:
+    """No per-file progress bars or optional-dependency notices from the model libraries."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
