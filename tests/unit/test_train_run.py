@@ -88,7 +88,8 @@ def _paired_losses(model) -> tuple[list[float], list[float]]:
     rng = random.Random(99)  # new positions and sizes: images the model has not seen
     names = list(COLOURS)
     tok, sched = model.tokenizer, model.noise_scheduler
-    true, wrong = [], []
+    true: list[float] = []
+    wrong: list[float] = []
     with torch.no_grad():
         for i in range(HELD_OUT):
             colour, background = names[i % 6], names[(i + 3) % 6]
