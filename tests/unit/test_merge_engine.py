@@ -457,3 +457,13 @@ def test_folders_and_missing_inputs_are_refused_by_name(tmp_path, tiny_sd1):
         merge(spec(tmp_path, [tiny_sd1["a"], folder]))
     with pytest.raises(MergeError, match=r"models\[1\] .*nope.safetensors does not exist"):
         merge(spec(tmp_path, [tiny_sd1["a"], tmp_path / "nope.safetensors"]))
+
+
+def test_a_merge_leaves_the_callers_grad_mode_alone(tmp_path, tiny_sd1):
+    """Merging runs without autograd but must not switch it off for the rest of the process
+    (a trainer in the same process needs it)."""
+    import torch
+
+    assert torch.is_grad_enabled()
+    merge(spec(tmp_path, [tiny_sd1["a"], tiny_sd1["b"]]))
+    assert torch.is_grad_enabled()

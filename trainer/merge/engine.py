@@ -137,8 +137,15 @@ def merge(
     progress: ProgressFn | None = None,
 ) -> MergeResult:
     """Run one ModelMerge spec end to end and commit the output."""
+    # no autograd for merges, without changing the caller's grad mode
+    with torch.no_grad():
+        return _merge(spec, config, progress)
+
+
+def _merge(
+    spec: ModelMergeSpec, config: StoreConfig | None, progress: ProgressFn | None
+) -> MergeResult:
     started = time.monotonic()
-    torch.set_grad_enabled(False)
     if spec.method in CHECKPOINT_METHODS:
         plan = plan_checkpoint_merge(spec, config)
         layout_source = plan.models[0]

@@ -98,6 +98,11 @@ def _conditioning_images(spec: DiffusionTrainingJobSpec, options: RunOptions) ->
 
 def run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
     """Train ``job`` to its end (or until a stop is requested) and export the result."""
+    with torch.enable_grad():  # whatever grad mode the caller left behind
+        return _run_training(job, options)
+
+
+def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
     from difftrain.data.cache import CACHE_FOLDER, LatentCache, cache_key
     from difftrain.data.cleaning import load_dataset, write_report
     from difftrain.data.images import decode_rgb
