@@ -318,3 +318,64 @@ def test_metrics_are_served_with_the_contract_names_and_move():
     assert after["difftrain_step"] == 5 and after["difftrain_total_steps"] == 10
     assert after["difftrain_images_seen_total"] == before["difftrain_images_seen_total"] + 16
     assert after["difftrain_checkpoint_duration_seconds_count"] == 1
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+
+def test_prefetched_and_inline_batches_are_the_same_and_resume_at_a_position():
+    import random
+
+    from difftrain.train.batches import (
+        BatchBuilder,
+        Example,
+        InlineBatches,
+        Prefetcher,
+        data_position,
+    )
+
+    class Sampler:
+        def __init__(self) -> None:
+            self.epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            order = list(range(6))
+            random.Random(self.epoch).shuffle(order)
+            return iter([order[:3], order[3:]])
+
+    class Cached:
+        def __init__(self, i: int) -> None:
+            self.latent_params = torch.full((8, 2, 2), float(i))
+            self.latent_params_flipped = None
+            self.text_embeddings = torch.full((3, 4), float(i))
+
+    examples = [
+        Example(key=str(i), caption=f"c{i}", size=(4, 4), cached=Cached(i)) for i in range(6)
+    ]
+    builder = BatchBuilder(
+        examples,
+        seed=1,
+        transform=None,
+        decode=None,
+        flip_probability=0.0,
+        caption_dropout=0.0,
+        scaling_factor=0.5,
+    )
+    inline = InlineBatches(data_position(Sampler(), 0, 0), builder)
+    ahead = Prefetcher(data_position(Sampler(), 0, 0), builder)
+    seq_a = [inline.next() for _ in range(5)]
+    seq_b = [ahead.next() for _ in range(5)]
+    ahead.close()
+    for (ea, ia, ba), (eb, ib, bb) in zip(seq_a, seq_b, strict=True):
+        assert (ea, ia, ba.captions) == (eb, ib, bb.captions)
+        assert ba.latents is not None and bb.latents is not None
+        assert torch.equal(ba.latents, bb.latents)
+    # resuming at (epoch 1, batch 1) gives what the uninterrupted sequence gave there
+    resumed = InlineBatches(data_position(Sampler(), 1, 1), builder).next()
+    assert resumed[:2] == seq_a[3][:2] and resumed[2].captions == seq_a[3][2].captions
+    first, second = resumed[2].latents, seq_a[3][2].latents
+    assert first is not None and second is not None
+    assert torch.equal(first, second)

@@ -148,6 +148,22 @@ class BatchBuilder:
         return sample * self.scaling_factor
 
 
+class InlineBatches:
+    """Builds each batch when it is asked for: for training on the CPU itself, where a
+    background thread only competes with the model's own threads (measured ~25% slower)."""
+
+    def __init__(self, source: Iterator[tuple[int, int, list[int]]], build: BatchBuilder) -> None:
+        self.source = source
+        self.build = build
+
+    def next(self) -> tuple[int, int, Batch]:
+        epoch, index, indices = next(self.source)
+        return epoch, index, self.build(epoch, index, indices)
+
+    def close(self) -> None:
+        return None
+
+
 class Prefetcher:
     """Builds the next batches on a background thread while the model trains on this one."""
 

@@ -16,7 +16,13 @@ import torch
 from difftrain.api import DiffusionTrainingJobSpec
 from difftrain.storage import Store
 from difftrain.train import objective
-from difftrain.train.batches import Batch, BatchBuilder, Prefetcher, data_position
+from difftrain.train.batches import (
+    Batch,
+    BatchBuilder,
+    InlineBatches,
+    Prefetcher,
+    data_position,
+)
 from difftrain.train.checkpoint import CheckpointStore, TrainingState
 from difftrain.train.ema import EMA
 from difftrain.train.methods import (
@@ -346,7 +352,11 @@ class Trainer:
         if self.ema is not None and self.state.step == 0:
             self.ema.update(-1)  # start from the initial weights
         source = data_position(inp.sampler, self.state.epoch, self.state.batch_in_epoch)
-        prefetch = Prefetcher(source, inp.builder)
+        prefetch: Prefetcher | InlineBatches = (
+            InlineBatches(source, inp.builder)
+            if self.device.type == "cpu"
+            else Prefetcher(source, inp.builder)
+        )
         try:
             while self.state.step < total:
                 if self._stop_agreed():
