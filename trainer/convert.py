@@ -90,5 +90,11 @@ def vae_up_levels(keys: set[str]) -> int:
 
 
 def text_encoder_key_to_ldm_sd1(key: str) -> str:
-    """CLIP text model keys (transformers names) under SD1's ``cond_stage_model.transformer.``."""
+    """CLIP text model keys (transformers names) under SD1's ``cond_stage_model.transformer.``.
+
+    SD1 files name them ``text_model.encoder...`` (transformers 4's state-dict names); transformers
+    5 drops the ``text_model.`` level, so it is put back.
+    """
+    if not key.startswith("text_model."):
+        key = "text_model." + key
     return TEXT_ENCODER_LDM_SD1 + key

@@ -62,3 +62,13 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def test_sd1_text_encoder_keys_have_the_real_files_names():
+    """Real SD1 files name the CLIP weights cond_stage_model.transformer.text_model.*, whatever
+    the installed transformers calls them."""
+    from difftrain.convert import text_encoder_key_to_ldm_sd1
+
+    expected = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+    assert text_encoder_key_to_ldm_sd1("encoder.layers.0.mlp.fc1.weight") == expected
+    assert text_encoder_key_to_ldm_sd1("text_model.encoder.layers.0.mlp.fc1.weight") == expected
