@@ -161,11 +161,13 @@ def test_dashboard_renders_and_queries_metrics_the_operator_exports(control_plan
     operator_queried = {q for q in queried if q.startswith("difftrain_operator_")}
     assert operator_queried
     assert operator_queried <= exported, operator_queried - exported
-    # the trainer's names are the contract the training runtime must export
-    assert {
-        "difftrain_loss",
-        "difftrain_images_per_second",
-        "difftrain_step",
-        "difftrain_total_steps",
-        "difftrain_eta_seconds",
-    } <= queried
+    # every training panel queries a series the trainer exports
+    from difftrain.train.metrics import TrainingMetrics
+
+    trainer = TrainingMetrics("job", "ns", 0)
+    trainer_exported = {
+        sample.name for family in trainer.registry.collect() for sample in family.samples
+    }
+    trainer_queried = queried - operator_queried
+    assert {"difftrain_loss", "difftrain_images_per_second", "difftrain_step"} <= trainer_queried
+    assert trainer_queried <= trainer_exported, trainer_queried - trainer_exported
