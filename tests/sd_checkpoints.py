@@ -21,6 +21,7 @@ from difftrain.convert import (
     vae_up_levels,
 )
 from difftrain.merge.tensorio import CODES, OutputTensor, StreamingWriter
+from difftrain.models.tiny import TINY_UNET_CONFIG, TINY_VAE_CONFIG
 
 Shapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
@@ -76,28 +77,9 @@ CLIP_L: dict[str, Any] = {
     "projection_dim": 768,
 }
 
-TINY_UNET: dict[str, Any] = {
-    "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [32, 64],
-    "layers_per_block": 1,
-    "cross_attention_dim": 32,
-    "attention_head_dim": 4,
-    "norm_num_groups": 8,
-}
-TINY_VAE: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 2,
-    "up_block_types": ["UpDecoderBlock2D"] * 2,
-    "block_out_channels": [16, 32],
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 8,
-}
+# The package's tiny model, with the small latent size and norm groups of these fixtures.
+TINY_UNET: dict[str, Any] = {**TINY_UNET_CONFIG, "sample_size": 8, "norm_num_groups": 8}
+TINY_VAE: dict[str, Any] = {k: v for k, v in TINY_VAE_CONFIG.items() if k != "sample_size"}
 TINY_CLIP: dict[str, Any] = {
     "vocab_size": 1000,
     "bos_token_id": 0,

@@ -26,6 +26,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return prepare_local_inputs(tmp_path_factory.mktemp("inputs"))
 
 
+def _short(**hp) -> dict:
+    return {"batchSize": 2, "maxSteps": 3, "warmupSteps": 1, "mixedPrecision": "no", **hp}
+
+
 def _run(job: dict, work: Path):
     resource = api.parse_resource(job)
     assert isinstance(resource, api.DiffusionTrainingJob)
@@ -205,12 +209,7 @@ def test_sigterm_checkpoints_and_exits_75_and_metrics_move(inputs: Path, tmp_pat
     job = tiny_job(
         inputs,
         out,
-        hyperparameters={
-            "batchSize": 2,
-            "maxSteps": 100000,
-            "warmupSteps": 1,
-            "mixedPrecision": "no",
-        },
+        hyperparameters=_short(maxSteps=100000),
         checkpointing={"everySteps": 100000, "keepLast": 1},
     )
     path = write_job(tmp_path / "job.yaml", job)
@@ -300,12 +299,7 @@ def test_two_cpu_processes_train_one_model(inputs: Path, tmp_path: Path):
     job = tiny_job(
         inputs,
         out,
-        hyperparameters={
-            "batchSize": 2,
-            "maxSteps": 6,
-            "warmupSteps": 1,
-            "mixedPrecision": "no",
-        },
+        hyperparameters=_short(maxSteps=6),
         checkpointing={"everySteps": 3, "keepLast": 3},
     )
     path = write_job(tmp_path / "job.yaml", job)
@@ -357,10 +351,6 @@ def test_missing_model_pickle_and_bad_options_give_clear_errors(inputs: Path, tm
 
 
 # --- DreamBooth, ControlNet, text-encoder LoRA --------------------------------------------------
-
-
-def _short(**hp) -> dict:
-    return {"batchSize": 2, "maxSteps": 3, "warmupSteps": 1, "mixedPrecision": "no", **hp}
 
 
 def test_dreambooth_generates_class_images_once_and_trains_with_the_prior(
@@ -490,3 +480,37 @@ def test_adamw8bit_without_bitsandbytes_is_a_clear_error(inputs: Path, tmp_path:
     assert r.returncode == api.EXIT_CONFIG_ERROR
     assert "adamw8bit" in r.stderr and "bitsandbytes" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_boomerang_variants_keep_their_source_images_conditioning(inputs: Path, tmp_path: Path):
+    from PIL import Image, ImageOps
+
+    cond = tmp_path / "edges"
+    cond.mkdir()
+    for path in sorted((inputs / "dataset").glob("*.png")):
+        ImageOps.grayscale(Image.open(path)).convert("RGB").save(cond / path.name)
+    job = tiny_job(
+        inputs,
+        tmp_path / "out",
+        method="controlnet",
+        controlnet={"conditioningUri": str(cond)},
+        hyperparameters=_short(maxSteps=2),
+        preprocessing={"resolution": 64, "boomerang": {"enabled": True, "copies": 1}},
+    )
+    job["spec"]["dataset"]["uri"] = str(inputs / "dataset")
+    outcome = _run(job, tmp_path / "work")
+    assert outcome.report.augmented == 48
+    assert outcome.loop.state.step == 2
+
+
+def test_prior_preservation_with_buckets_is_refused_before_any_work(inputs: Path, tmp_path: Path):
+    job = tiny_job(
+        inputs,
+        tmp_path / "o",
+        dreambooth={"instancePrompt": "a sks circle", "classPrompt": "a circle"},
+        preprocessing={"resolution": 64, "buckets": {"enabled": True}},
+    )
+    r = run_cli(["run", str(write_job(tmp_path / "j.yaml", job)), "--local"])
+    assert r.returncode == api.EXIT_CONFIG_ERROR
+    assert "priorPreservation" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()

@@ -13,7 +13,6 @@ import json
 import logging
 import re
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,16 +215,3 @@ class CheckpointStore:
             trainable=trainable,
             components=components,
         )
-
-
-def timed_save(
-    checkpoints: CheckpointStore,
-    work_dir: Path,
-    state: TrainingState,
-    trainable: dict[str, torch.Tensor],
-    components: dict[str, Any],
-) -> tuple[str, float]:
-    """Save a checkpoint and return its URI and how long it took."""
-    start = time.perf_counter()
-    uri = checkpoints.save(work_dir, state, trainable, components)
-    return uri, time.perf_counter() - start

@@ -117,7 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     topology = Topology.from_env(env, args.processes)
     if topology.per_machine > 1 and not inside_launcher(env):
-        return launch(sys.argv[1:] if args.job is None else _argv(args), topology)
+        return launch(sys.argv[1:], topology)
 
     work_dir = args.work_dir or (DEFAULT_LOCAL_DIR if args.local or args.job is None else None)
     if work_dir is None:
@@ -148,10 +148,6 @@ def _quiet_libraries() -> None:
         lib.disable_progress_bar()
 
 
-def _argv(args: argparse.Namespace) -> list[str]:
-    return sys.argv[1:]
-
-
 def _run(args: argparse.Namespace, job: Any, work_dir: Path, env: dict[str, str]) -> int:
     from difftrain import api
     from difftrain.cli import _store_config
@@ -173,7 +169,7 @@ def _run(args: argparse.Namespace, job: Any, work_dir: Path, env: dict[str, str]
     options = RunOptions(
         work_dir=work_dir / "scratch",
         store_config=_store_config(job.spec.storage),  # type: ignore[arg-type]
-        metrics_port=port if int(env.get("LOCAL_RANK", "0")) == 0 else None,
+        metrics_port=port,
         job_name=name,
         namespace=namespace,
         reporter=reporter,

@@ -44,6 +44,16 @@ class PriorPairedSampler:
             yield list(batch) + [self.n_instance + rng.randrange(self.n_class) for _ in batch]
 
 
+def check_prior_settings(spec: DiffusionTrainingJobSpec) -> None:
+    """Refuse what prior preservation cannot do yet, before any data or model is loaded."""
+    db = spec.dreambooth
+    if db is not None and db.prior_preservation and spec.preprocessing.buckets.enabled:
+        raise TrainingConfigError(
+            "dreambooth.priorPreservation does not work with preprocessing.buckets yet; "
+            "turn buckets off or set priorPreservation: false"
+        )
+
+
 def _given_images(uri: str, store: Store, limit: int) -> list[bytes]:
     base = uri.rstrip("/")
     found = sorted(u for u in store.list(base + "/") if u.lower().endswith(IMAGE_SUFFIXES))
@@ -101,11 +111,6 @@ def class_examples(
 
     db = spec.dreambooth
     assert db is not None and db.class_prompt is not None
-    if spec.preprocessing.buckets.enabled:
-        raise TrainingConfigError(
-            "dreambooth.priorPreservation does not work with preprocessing.buckets yet; "
-            "turn buckets off or set priorPreservation: false"
-        )
     images: list[bytes] = []
     if db.class_data_uri:
         store = open_store(db.class_data_uri, options.store_config)

@@ -6,7 +6,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -343,7 +342,7 @@ class Trainer:
             flag = self.acc.reduce(flag, reduction="sum")
         return bool(flag.item() > 0)
 
-    def run(self, on_step: Callable[[int, float], None] | None = None) -> LoopResult:
+    def run(self) -> LoopResult:
         """Train from the current state to ``total_steps`` (or until a stop is requested)."""
         inp = self.inp
         total = inp.total_steps
@@ -402,8 +401,6 @@ class Trainer:
                 step_time = time.perf_counter() - step_start
                 result.step_seconds += step_time
                 self._report(mean_loss, all_images, step_time, waited)
-                if on_step is not None:
-                    on_step(self.state.step, mean_loss)
                 step = self.state.step
                 if should_sample(step, total, self.spec.sampling.every_steps):
                     result.samples = self._sample(step)

@@ -6,6 +6,7 @@ The same function runs in a pod (``difftrain run /etc/difftrain/job.yaml``) and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -108,8 +109,10 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
     from difftrain.data.images import decode_rgb
     from difftrain.data.transforms import ImageTransform
     from difftrain.models import load_base_model
+    from difftrain.train.dreambooth import check_prior_settings
 
     spec = job.spec.resolved()
+    check_prior_settings(spec)
     hp = spec.hyperparameters
     pre = spec.preprocessing
     acc = _accelerator(spec)
@@ -154,9 +157,7 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
             f"(dropped: {report.dropped}); relax dataset.cleaning or add data"
         )
     if spec.dreambooth is not None:
-        pairs = [
-            type(p)(**{**p.__dict__, "caption": spec.dreambooth.instance_prompt}) for p in pairs
-        ]
+        pairs = [dataclasses.replace(p, caption=spec.dreambooth.instance_prompt) for p in pairs]
     conditioning: dict[str, bytes] = {}
     if spec.controlnet is not None:
         conditioning = _conditioning_images(spec, options)
@@ -213,7 +214,7 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
                 caption=s.caption,
                 size=sizes[i],
                 cached=s,
-                conditioning=conditioning.get(s.key),
+                conditioning=conditioning.get(source_key(s.key)),
             )
             for i, s in enumerate(samples)
         ]
@@ -229,7 +230,7 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
                 caption=p.caption,
                 size=sizes[i],
                 data=p.data,
-                conditioning=conditioning.get(p.key),
+                conditioning=conditioning.get(source_key(p.key)),
             )
             for i, p in enumerate(pairs)
         ]
@@ -273,7 +274,8 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
     sample_conditioning = None
     if spec.method == "controlnet":
         sample_conditioning = [
-            decode_rgb(conditioning[e.key], e.key) for e in examples[:SAMPLE_PROMPTS_FROM_DATA]
+            decode_rgb(conditioning[source_key(e.key)], e.key)
+            for e in examples[:SAMPLE_PROMPTS_FROM_DATA]
         ]
         if not spec.sampling.prompts:
             prompts = [e.caption for e in examples[:SAMPLE_PROMPTS_FROM_DATA]]
@@ -310,6 +312,11 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
     reporter.close()
     acc.end_training()
     return RunOutcome(result.interrupted, result, outputs, report, cache_hit)
+
+
+def source_key(key: str) -> str:
+    """The training image a Boomerang variant (``<key>~boomerang<i>``) was made from."""
+    return key.split("~", 1)[0]
 
 
 def _sizes(spec: DiffusionTrainingJobSpec, pairs: list[Any]) -> list[tuple[int, int]]:
@@ -350,7 +357,7 @@ def _with_boomerang(
     variants = boomerang_variants(pairs, components, transform, sizes=sizes, **args)
     report.augmented = len(variants)
     by_key = {p.key: s for p, s in zip(pairs, sizes, strict=True)}
-    extra_sizes = [by_key[v.key.split("~", 1)[0]] for v in variants]
+    extra_sizes = [by_key[source_key(v.key)] for v in variants]
     return pairs + variants, sizes + extra_sizes
 
 
