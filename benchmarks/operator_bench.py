@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +54,29 @@ def _rss_mib(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-def run(count: int) -> None:
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _api_requests(plane) -> Counter[str]:  # type: ignore[no-untyped-def]
+    """The API server's request counters, as 'VERB resource' -> count (watches excluded)."""
+    counts: Counter[str] = Counter()
+    text = plane.kubectl("get", "--raw", "/metrics").stdout
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        if labels.get("verb") in ("WATCH", "LIST") and labels.get("resource") == "":
+            continue
+        key = f"{labels.get('verb')} {labels.get('resource')}"
+        if labels.get("subresource"):
+            key += "/" + labels["subresource"]
+        counts[key] += int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
+def run(count: int, profile: Path | None = None, server_profile: Path | None = None) -> None:
     from kubernetes import client, config
 
     from difftrain import api
@@ -108,6 +134,36 @@ def run(count: int) -> None:
         watcher.start()
         time.sleep(1)
         applied: dict[str, float] = {}
+        pids = {p.name: p.proc.pid for p in plane.processes if p.proc is not None}
+        pids["operator"] = operator.pid
+        cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+        requests_before = _api_requests(plane)
+        spy = None
+        if profile is not None:  # sampled stacks of the operator during the burst
+            spy = subprocess.Popen(
+                [
+                    *("py-spy", "record", "--format", "raw", "--rate", "200", "--nonblocking"),
+                    *("--pid", str(operator.pid), "--output", str(profile)),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1)
+        pprof = None
+        if server_profile is not None:  # the API server's CPU profile (Go pprof) for 10 s
+            pprof = threading.Thread(
+                target=lambda: server_profile.write_bytes(
+                    subprocess.run(
+                        [
+                            *(str(plane.bin_dir / "kubectl"), f"--kubeconfig={plane.kubeconfig}"),
+                            *("get", "--raw", "/debug/pprof/profile?seconds=10"),
+                        ],
+                        capture_output=True,
+                        check=True,
+                    ).stdout
+                )
+            )
+            pprof.start()
         t0 = time.perf_counter()
         for i in range(count):
             name = f"job-{i}"
@@ -131,9 +187,15 @@ def run(count: int) -> None:
         while len(jobs_seen) < count and time.monotonic() < deadline:
             time.sleep(0.1)
         stop.set()
+        if pprof is not None:
+            pprof.join()
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
+        cpu_used = {name: _cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+        requests = _api_requests(plane) - requests_before
         rss, hwm = _rss_mib(operator.pid)
-        fields = Path(f"/proc/{operator.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        operator_cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        operator_cpu = cpu_used["operator"]
         burst_seconds = max(jobs_seen.values(), default=t0) - t0
         latencies = [jobs_seen[n] - applied[n] for n in applied if n in jobs_seen]
     finally:
@@ -159,9 +221,23 @@ def run(count: int) -> None:
         f"all Jobs created {burst_seconds:.1f}s after the first apply; operator CPU time "
         f"{operator_cpu:.1f}s ({os.cpu_count()} cores shared with the control plane)"
     )
+    print(
+        "CPU seconds from the first apply to the last Job: "
+        + ", ".join(f"{name} {seconds:.1f}" for name, seconds in cpu_used.items())
+    )
+    print(f"API requests in that time, per resource ({sum(requests.values())} in all):")
+    for key, n in requests.most_common():
+        print(f"  {key:<40} {n / count:6.2f}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=200)
-    run(parser.parse_args().count)
+    parser.add_argument(
+        "--profile", type=Path, help="write py-spy's raw stacks of the operator during the burst"
+    )
+    parser.add_argument(
+        "--server-profile", type=Path, help="write the API server's Go CPU profile (first 10 s)"
+    )
+    args = parser.parse_args()
+    run(args.count, args.profile, args.server_profile)

@@ -47,6 +47,10 @@ class OperatorSettings:
     run_as_user: int = 1000
 
 
+# libyaml's emitter when PyYAML was built with it: same output, a fraction of the CPU
+_Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
 def child_name(name: str, suffix: str = "", limit: int = 63) -> str:
     """A deterministic DNS-label name for a child object, shortened with a hash when too long."""
     full = f"{name}-{suffix}" if suffix else name
@@ -189,7 +193,7 @@ def _config_map(
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": meta,
-        "data": {key: yaml.safe_dump(resolved, sort_keys=False)},
+        "data": {key: yaml.dump(resolved, Dumper=_Dumper, sort_keys=False)},
     }
 
 

@@ -13,6 +13,10 @@ import asyncio
 import json
 import logging
 import os
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -20,10 +24,12 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from difftrain import api
-from difftrain_operator import builders, metrics, status
+from difftrain_operator import builders, kube, metrics, status
+from difftrain_operator.kube import Kube, Obj
 
 logger = logging.getLogger(__name__)
 PLURAL = "diffusiontrainingjobs"
+MERGE_PLURAL = "modelmerges"
 SETTINGS_KEY = "difftrain_settings"
 
 
@@ -51,7 +57,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # an Event per handler run would double the API writes of a burst of new resources
     settings.posting.level = logging.WARNING
     # sync handlers run in a thread pool; their time is mostly waiting for the API server
-    settings.execution.max_workers = 16  # keep <= connection_pool_maxsize of _client()
+    settings.execution.max_workers = 16  # keep <= connection_pool_maxsize of _kube()
     try:
         config.load_incluster_config()
     except config.ConfigException:
@@ -59,133 +65,203 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo[SETTINGS_KEY] = operator_settings()
 
 
-_shared: dict[str, client.ApiClient] = {}
+_shared: dict[str, Kube] = {}
 
 
-def _client() -> client.ApiClient:
+def _kube() -> Kube:
     """One API client (one connection pool) for every handler, made after login."""
     if "api" not in _shared:
         cfg = client.Configuration.get_default_copy()
         # as many pooled connections as handler threads: an exhausted pool opens a new TLS
         # connection per call, and the handshakes were most of the operator's CPU under load
         cfg.connection_pool_maxsize = 32
-        _shared["api"] = client.ApiClient(cfg)
+        _shared["api"] = Kube(client.ApiClient(cfg))
     return _shared["api"]
 
 
-def _raw(call: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call the API and parse the JSON ourselves: the client's model classes are slow to build."""
-    response = call(*args, _preload_content=False, **kwargs)
-    try:
-        return json.loads(response.data)
-    finally:
-        response.release_conn()  # back to the pool: no new TLS handshake for the next call
-
-
-def _apply(obj: dict[str, Any]) -> None:
+def _apply(obj: Obj) -> None:
     """Create a child; if it exists, leave it (Jobs' templates are immutable) but sync suspend."""
-    api_client = _client()
-    kind = obj["kind"]
-    ns = obj["metadata"]["namespace"]
-    name = obj["metadata"]["name"]
-    creators = {
-        "ConfigMap": lambda: client.CoreV1Api(api_client).create_namespaced_config_map(
-            ns, obj, _preload_content=False
-        ),
-        "ServiceAccount": lambda: client.CoreV1Api(api_client).create_namespaced_service_account(
-            ns, obj, _preload_content=False
-        ),
-        "Service": lambda: client.CoreV1Api(api_client).create_namespaced_service(
-            ns, obj, _preload_content=False
-        ),
-        "Role": lambda: client.RbacAuthorizationV1Api(api_client).create_namespaced_role(
-            ns, obj, _preload_content=False
-        ),
-        "RoleBinding": lambda: client.RbacAuthorizationV1Api(
-            api_client
-        ).create_namespaced_role_binding(ns, obj, _preload_content=False),
-        "Job": lambda: client.BatchV1Api(api_client).create_namespaced_job(
-            ns, obj, _preload_content=False
-        ),
-    }
     try:
-        response = creators[kind]()
-        response.drain_conn()  # the body is not needed, but the connection goes back clean
-        response.release_conn()
+        _kube().create(obj)
     except ApiException as exc:
         if exc.status != 409:
             raise
-        if kind == "Job":
-            client.BatchV1Api(api_client).patch_namespaced_job(
-                name, ns, {"spec": {"suspend": obj["spec"]["suspend"]}}
-            )
+        if obj["kind"] == "Job":
+            meta = obj["metadata"]
+            suspend = {"spec": {"suspend": obj["spec"]["suspend"]}}
+            _kube().patch("Job", meta["namespace"], meta["name"], suspend)
 
 
-def _secret_missing(namespace: str, spec: api.DiffusionTrainingJobSpec) -> str | None:
-    if spec.storage is None or spec.storage.secret_ref is None:
+def _apply_all(objects: Iterable[Obj]) -> None:
+    for obj in objects:
+        _apply(obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the operator knows of the cluster: Kopf indexes, fed by its own watch streams.
+#
+# Status refreshes read the resource, its Job and its pods from these instead of the API server,
+# so a refresh costs one PATCH (or nothing when nothing changed). Kopf fills every index before it
+# runs any other handler, after a restart as well, and updates it before the handlers of the same
+# event run. The indexes are only ever read on the event loop: Kopf writes them there.
+# ---------------------------------------------------------------------------------------------
+
+MANAGED = {"app.kubernetes.io/managed-by": builders.MANAGED_BY}
+
+
+def _plain(body: kopf.Body) -> Obj:
+    return {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
+
+
+@kopf.index(api.GROUP, api.VERSION, PLURAL)
+async def training_jobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, name): _plain(body)}
+
+
+@kopf.index(api.GROUP, api.VERSION, MERGE_PLURAL)
+async def model_merges(namespace: str, name: str, body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, name): _plain(body)}
+
+
+@kopf.index("batch", "v1", "jobs", labels=MANAGED)
+async def child_jobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, name): _plain(body)}
+
+
+@kopf.index("", "v1", "pods", labels=MANAGED)
+async def child_pods(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> Any:
+    if owner := labels.get(builders.JOB_LABEL):
+        return {("dtj", namespace, owner): _plain(body)}
+    if owner := labels.get(builders.MERGE_LABEL):
+        return {("merge", namespace, owner): _plain(body)}
+    return None
+
+
+@dataclass(frozen=True)
+class Views:
+    """The live indexes, as Kopf passes them to every handler."""
+
+    training_jobs: kopf.Index[tuple[str, str], Obj]
+    model_merges: kopf.Index[tuple[str, str], Obj]
+    child_jobs: kopf.Index[tuple[str, str], Obj]
+    child_pods: kopf.Index[tuple[str, str, str], Obj]
+
+    @classmethod
+    def of(cls, kwargs: dict[str, Any]) -> Views:
+        return cls(
+            kwargs["training_jobs"],
+            kwargs["model_merges"],
+            kwargs["child_jobs"],
+            kwargs["child_pods"],
+        )
+
+    @staticmethod
+    def one(index: kopf.Index[Any, Obj], key: Any) -> Obj | None:
+        for value in index.get(key, ()):
+            found: Obj = value
+            return found
         return None
-    ref = spec.storage.secret_ref
+
+
+# The status fields the operator owns (phase, conditions, accounting), as it last wrote them, by
+# resource uid. The watch may not have delivered a write yet when the next refresh runs; these
+# values are newer than the index's then. Nobody else writes these fields (the trainer writes its
+# progress, the user the spec), so the overlay is never older than the index. Empty after a
+# restart, when the index, listed afresh, is current.
+_written: dict[str, Obj] = {}
+_locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+
+
+def _owned(body: Obj) -> Obj:
+    current = dict(body.get("status") or {})
+    current.update(_written.get(body["metadata"]["uid"], {}))
+    return current
+
+
+def _lock(key: tuple[str, str, str]) -> asyncio.Lock:
+    return _locks.setdefault(key, asyncio.Lock())
+
+
+def _forget(key: tuple[str, str, str], kind: str) -> None:
+    _locks.pop(key, None)
+    metrics.record_phase(kind, key[1], key[2], None)
+
+
+def _write_status(body: Obj, plural: str, patch: Obj) -> None:
+    """Patch the status subresource and remember what the operator wrote (blocking)."""
+    meta = body["metadata"]
     try:
-        secret = client.CoreV1Api(_client()).read_namespaced_secret(ref.name, namespace)
+        _kube().patch_status(api.GROUP, api.VERSION, meta["namespace"], plural, meta["name"], patch)
     except ApiException as exc:
         if exc.status == 404:
-            return f"Secret {ref.name!r} (storage.secretRef) does not exist in {namespace}"
+            return  # deleted meanwhile; its children go with it
         raise
-    missing = [k for k in (ref.access_key_key, ref.secret_key_key) if k not in (secret.data or {})]
+    _written.setdefault(meta["uid"], {}).update(patch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that read the cluster: cached for a few seconds, so a burst of new resources that share
+# a Secret and a node pool costs one read, not one per resource.
+# ---------------------------------------------------------------------------------------------
+
+CHECK_CACHE_SECONDS = 10.0
+_check_lock = threading.Lock()
+_secrets: dict[tuple[str, str], tuple[float, set[str]]] = {}
+_nodes: list[tuple[float, list[Obj] | None]] = []
+
+
+def _secret_keys(namespace: str, name: str) -> set[str] | None:
+    """The data keys of a Secret (None if it does not exist); a found Secret is cached."""
+    with _check_lock:
+        cached = _secrets.get((namespace, name))
+        if cached and time.monotonic() - cached[0] < CHECK_CACHE_SECONDS:
+            return cached[1]
+        try:
+            secret = _kube().get("Secret", namespace, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                _secrets.pop((namespace, name), None)
+                return None  # not cached: the retry must see it as soon as it is created
+            raise
+        keys = set((secret.get("data") or {}).keys()) | set(secret.get("stringData") or {})
+        _secrets[(namespace, name)] = (time.monotonic(), keys)
+        return keys
+
+
+def _secret_missing(namespace: str, ref: api.SecretKeyRefs | None) -> str | None:
+    if ref is None:
+        return None
+    keys = _secret_keys(namespace, ref.name)
+    if keys is None:
+        return f"Secret {ref.name!r} (storage.secretRef) does not exist in {namespace}"
+    missing = [k for k in (ref.access_key_key, ref.secret_key_key) if k not in keys]
     if missing:
         return f"Secret {ref.name!r} has no key {missing[0]!r} (storage.secretRef)"
     return None
 
 
-def _patch_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
-    client.CustomObjectsApi(_client()).patch_namespaced_custom_object_status(
-        api.GROUP, api.VERSION, namespace, PLURAL, name, {"status": patch}
-    )
+def _node_list() -> list[Obj] | None:
+    """The nodes (None when this operator may not list them), cached for a few seconds."""
+    with _check_lock:
+        if _nodes and time.monotonic() - _nodes[0][0] < CHECK_CACHE_SECONDS:
+            return _nodes[0][1]
+        try:
+            nodes: list[Obj] | None = _kube().nodes()
+        except ApiException as exc:
+            if exc.status != 403:
+                raise
+            nodes = None  # a namespaced install may not see nodes; the scheduler says it later
+        _nodes[:] = [(time.monotonic(), nodes)]
+        return nodes
 
 
-@kopf.on.resume(api.GROUP, api.VERSION, PLURAL)
-@kopf.on.create(api.GROUP, api.VERSION, PLURAL)
-@kopf.on.update(api.GROUP, api.VERSION, PLURAL, field="spec")
-def reconcile_training_job(
-    body: kopf.Body, name: str, namespace: str, uid: str, memo: kopf.Memo, reason: str, **_: Any
-) -> None:
-    """Make the children match the spec, then fold their state into the status."""
-    if reason == "create":
-        metrics.CREATED.labels("DiffusionTrainingJob").inc()
-    with metrics.reconcile_timer("DiffusionTrainingJob"):
-        _reconcile_training_job(body, name, namespace, uid, memo)
-
-
-def _reconcile_training_job(
-    body: kopf.Body, name: str, namespace: str, uid: str, memo: kopf.Memo
-) -> None:
-    if (body.get("status") or {}).get("phase") in status.FINISHED:
-        return  # finished is final: a Job removed by its TTL is not run again
-    try:
-        resource = api.parse_resource(dict(body))
-    except api.SpecError as exc:
-        _fail(body, namespace, name, "InvalidSpec", str(exc))
-        raise kopf.PermanentError(str(exc)) from None
-    assert isinstance(resource, api.DiffusionTrainingJob)
-    problem = _secret_missing(namespace, resource.spec)
-    if problem:
-        _wait(body, namespace, name, "SecretMissing", problem)
-        raise kopf.TemporaryError(problem, delay=30)
-    children = builders.build_training_children(resource, uid, memo[SETTINGS_KEY])
-    for obj in children.all():
-        _apply(obj)
-    # advisory, so off the path from apply to Job
-    _check_gpu_capacity(body, namespace, name, resource.spec.resources)
-    refresh_status(namespace, name)
-
-
-def gpu_shortfall(nodes: list[Any], resource_name: str, wanted: int) -> str | None:
+def gpu_shortfall(nodes: list[Obj], resource_name: str, wanted: int) -> str | None:
     """Why no node can ever hold one worker, or None if one can (pure)."""
     if wanted <= 0:
         return None
     best = 0
     for node in nodes:
-        allocatable = (node.status.allocatable if node.status else None) or {}
+        allocatable = (node.get("status") or {}).get("allocatable") or {}
         try:
             best = max(best, int(allocatable.get(resource_name, 0)))
         except ValueError:
@@ -199,58 +275,69 @@ def gpu_shortfall(nodes: list[Any], resource_name: str, wanted: int) -> str | No
     )
 
 
-def _check_gpu_capacity(body: kopf.Body, namespace: str, name: str, res: api.ResourcesSpec) -> None:
-    """Tell the user early when the cluster has no node that fits one worker."""
+def _capacity_problem(res: api.ResourcesSpec) -> str | bool | None:
+    """A capacity problem, None if a node fits one worker, False if nodes cannot be seen."""
+    nodes = _node_list()
+    if nodes is None:
+        return False
+    return gpu_shortfall(nodes, res.gpu_resource_name, res.gpus_per_worker)
+
+
+# ---------------------------------------------------------------------------------------------
+# DiffusionTrainingJob
+# ---------------------------------------------------------------------------------------------
+
+
+@kopf.on.resume(api.GROUP, api.VERSION, PLURAL)
+@kopf.on.create(api.GROUP, api.VERSION, PLURAL)
+@kopf.on.update(api.GROUP, api.VERSION, PLURAL, field="spec")
+async def reconcile_training_job(
+    body: kopf.Body, name: str, namespace: str, uid: str, memo: kopf.Memo, reason: str, **kw: Any
+) -> None:
+    """Make the children match the spec, then fold their state into the status."""
+    if reason == "create":
+        metrics.CREATED.labels("DiffusionTrainingJob").inc()
+    with metrics.reconcile_timer("DiffusionTrainingJob"):
+        await _reconcile_training_job(Views.of(kw), body, name, namespace, uid, memo)
+
+
+async def _reconcile_training_job(
+    views: Views, body: kopf.Body, name: str, namespace: str, uid: str, memo: kopf.Memo
+) -> None:
+    if (body.get("status") or {}).get("phase") in status.FINISHED:
+        return  # finished is final: a Job removed by its TTL is not run again
+    plain = _plain(body)
     try:
-        nodes = client.CoreV1Api(_client()).list_node().items
-    except ApiException as exc:
-        if exc.status == 403:
-            return  # a namespaced install may not see nodes; the scheduler will say it later
-        raise
-    problem = gpu_shortfall(nodes, res.gpu_resource_name, res.gpus_per_worker)
-    current = body.get("status") or {}
-    conditions = [c for c in current.get("conditions") or [] if c.get("type") != "Schedulable"]
-    old: dict[str, Any] = next(
-        (c for c in current.get("conditions") or [] if c.get("type") == "Schedulable"), {}
-    )
-    value = "False" if problem else "True"
-    conditions.append(
-        {
-            "type": "Schedulable",
-            "status": value,
-            "reason": "InsufficientGPUs" if problem else "CapacityAvailable",
-            "message": problem or "",
-            "lastTransitionTime": old.get("lastTransitionTime")
-            if old.get("status") == value
-            else status.rfc3339(status.now()),
-        }
-    )
-    if problem and old.get("status") != "False":
-        kopf.event(body, type="Warning", reason="InsufficientGPUs", message=problem)
-    _patch_status(namespace, name, {"conditions": conditions})
+        resource = api.parse_resource(dict(body))
+    except api.SpecError as exc:
+        await asyncio.to_thread(_fail, plain, "InvalidSpec", str(exc))
+        raise kopf.PermanentError(str(exc)) from None
+    assert isinstance(resource, api.DiffusionTrainingJob)
+    ref = resource.spec.storage.secret_ref if resource.spec.storage else None
+    problem = await asyncio.to_thread(_secret_missing, namespace, ref)
+    if problem:
+        await asyncio.to_thread(_wait, plain, "SecretMissing", problem)
+        raise kopf.TemporaryError(problem, delay=30)
+    children = builders.build_training_children(resource, uid, memo[SETTINGS_KEY])
+    await asyncio.to_thread(_apply_all, children.all())
+    # advisory, after the children: an autoscaler needs the pending pods to add a node
+    capacity = await asyncio.to_thread(_capacity_problem, resource.spec.resources)
+    await refresh_status(views, namespace, name, capacity=capacity)
 
 
-def _fail(body: kopf.Body, namespace: str, name: str, reason: str, message: str) -> None:
+def _fail(body: Obj, reason: str, message: str) -> None:
     kopf.event(body, type="Warning", reason=reason, message=message[:1024])
     folded = status.Folded("Failed", reason, message, 0, None, None, 0.0)
-    current = body.get("status") or {}
-    _patch_status(
-        namespace,
-        name,
-        {
-            "phase": "Failed",
-            "conditions": status.merge_conditions(
-                list(current.get("conditions") or []),
-                folded,
-                body.get("metadata", {}).get("generation"),
-            ),
-        },
-    )
+    current = _owned(body)
+    generation = body["metadata"].get("generation")
+    conditions = status.merge_conditions(list(current.get("conditions") or []), folded, generation)
+    plural = PLURAL if body.get("kind") == "DiffusionTrainingJob" else MERGE_PLURAL
+    _write_status(body, plural, {"phase": "Failed", "conditions": conditions})
 
 
-def _wait(body: kopf.Body, namespace: str, name: str, reason: str, message: str) -> None:
+def _wait(body: Obj, reason: str, message: str) -> None:
     kopf.event(body, type="Warning", reason=reason, message=message[:1024])
-    current = body.get("status") or {}
+    current = _owned(body)
     conditions = [c for c in current.get("conditions") or [] if c.get("type") != "Ready"]
     conditions.append(
         {
@@ -261,87 +348,76 @@ def _wait(body: kopf.Body, namespace: str, name: str, reason: str, message: str)
             "lastTransitionTime": status.rfc3339(status.now()),
         }
     )
-    _patch_status(namespace, name, {"phase": "Pending", "conditions": conditions})
+    plural = PLURAL if body.get("kind") == "DiffusionTrainingJob" else MERGE_PLURAL
+    _write_status(body, plural, {"phase": "Pending", "conditions": conditions})
 
 
-def _read_children(
-    namespace: str, job_name: str, pod_selector: str
-) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """The child Job (None when it does not exist) and its pods, as API-shaped dicts."""
-    try:
-        job = _raw(client.BatchV1Api(_client()).read_namespaced_job, job_name, namespace)
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
-        job = None
-    pods = _raw(
-        client.CoreV1Api(_client()).list_namespaced_pod, namespace, label_selector=pod_selector
-    )["items"]
-    return job, pods
+async def refresh_status(
+    views: Views, namespace: str, name: str, capacity: str | bool | None = False
+) -> None:
+    """Fold the resource's Job and pods (from the indexes) into its status; write what changed.
 
-
-def refresh_status(namespace: str, name: str) -> None:
-    """Re-read the resource, its Job and pods, and write the folded status."""
-    objects = client.CustomObjectsApi(_client())
-    try:
-        body = objects.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, PLURAL, name)
-    except ApiException as exc:
-        if exc.status == 404:
-            metrics.record_phase("DiffusionTrainingJob", namespace, name, None)
+    ``capacity``: a GPU capacity problem to record in the Schedulable condition, None when a node
+    fits one worker, False to leave that condition as it is.
+    """
+    key = ("dtj", namespace, name)
+    async with _lock(key):
+        body = Views.one(views.training_jobs, (namespace, name))
+        if body is None:
+            _forget(key, "DiffusionTrainingJob")
             return  # deleted; its children go with it (owner references)
-        raise
-    resource = api.parse_resource(body)
-    assert isinstance(resource, api.DiffusionTrainingJob)
-    job, pods = _read_children(
-        namespace, builders.child_name(name, limit=52), f"{builders.JOB_LABEL}={name}"
-    )
-    current = body.get("status") or {}
-    if job is None and current.get("phase") in status.FINISHED:
-        return  # the Job was deleted after finishing (ttlSecondsAfterFinished): keep the result
-    folded = status.fold(
-        status.Observed(
-            job=job,
-            pods=pods,
-            suspend=resource.spec.suspend,
-            trainer_step=current.get("step"),
-            gpus_per_pod=resource.spec.resources.gpus_per_worker,
+        current = _owned(body)
+        job_name = builders.child_name(name, limit=52)
+        job = Views.one(views.child_jobs, (namespace, job_name))
+        if job is None and current.get("phase") in status.FINISHED:
+            return  # the Job was deleted after finishing (ttlSecondsAfterFinished): keep the result
+        try:
+            resource = api.parse_resource(body)
+        except api.SpecError:
+            return  # the reconcile handler has failed it with the reason
+        assert isinstance(resource, api.DiffusionTrainingJob)
+        folded = status.fold(
+            status.Observed(
+                job=job,
+                pods=list(views.child_pods.get(key, ())),
+                suspend=resource.spec.suspend,
+                trainer_step=current.get("step"),
+                gpus_per_pod=resource.spec.resources.gpus_per_worker,
+            )
         )
-    )
-    price = operator_settings().price_per_gpu_hour
-    patch: dict[str, Any] = {
-        "phase": folded.phase,
-        "restarts": folded.restarts,
-        "gpuHours": folded.gpu_hours,
-        "estimatedCost": round(folded.gpu_hours * price, 2),
-        "observedGeneration": body["metadata"].get("generation"),
-        "conditions": status.merge_conditions(
-            list(current.get("conditions") or []), folded, body["metadata"].get("generation")
-        ),
-    }
-    if folded.start_time:
-        patch["startTime"] = folded.start_time
-    if folded.completion_time:
-        patch["completionTime"] = folded.completion_time
-    if current.get("phase") != folded.phase:
-        kind = "Warning" if folded.phase == "Failed" else "Normal"
-        kopf.event(body, type=kind, reason=folded.phase, message=folded.message[:1024])
-    if any(current.get(k) != v for k, v in patch.items()):  # no write when nothing changed
-        _patch_status(namespace, name, patch)
-    metrics.record_phase("DiffusionTrainingJob", namespace, name, folded.phase, folded.reason)
+        generation = body["metadata"].get("generation")
+        price = operator_settings().price_per_gpu_hour
+        patch = status.training_patch(current, generation, folded, price)
+        warn_capacity = False
+        if capacity is not False:
+            problem = capacity if isinstance(capacity, str) else None
+            patch["conditions"], warn_capacity = status.with_schedulable(
+                patch["conditions"], problem
+            )
+        changed = status.changes(current, patch)
+        if changed:
+            await asyncio.to_thread(_write_status, body, PLURAL, changed)
+        if warn_capacity:
+            kopf.event(body, type="Warning", reason="InsufficientGPUs", message=str(capacity))
+        if current.get("phase") != folded.phase:
+            kind = "Warning" if folded.phase == "Failed" else "Normal"
+            kopf.event(body, type=kind, reason=folded.phase, message=folded.message[:1024])
+        metrics.record_phase("DiffusionTrainingJob", namespace, name, folded.phase, folded.reason)
 
 
-_scheduled: dict[tuple[str, str, str], asyncio.Task[None]] = {}
+_scheduled: set[tuple[str, str, str]] = set()
 COALESCE_SECONDS = 0.25
 
 
 async def _child_changed(
-    namespace: str, labels: dict[str, str] | None, at_once: bool = False
+    views: Views, namespace: str, labels: dict[str, str] | None, at_once: bool = False
 ) -> None:
     """Schedule one status refresh for the owner; events in the next 250 ms share it.
 
-    ``at_once`` refreshes now (a Job about to disappear must be read while it exists).
+    ``at_once`` refreshes now (a Job about to disappear must be seen while it exists).
     """
     labels = labels or {}
+    refresh: Callable[[Views, str, str], Awaitable[None]]
     if owner := labels.get(builders.JOB_LABEL):
         key, refresh = ("dtj", namespace, owner), refresh_status
     elif owner := labels.get(builders.MERGE_LABEL):
@@ -349,28 +425,31 @@ async def _child_changed(
     else:
         return
     if at_once:
-        await asyncio.to_thread(refresh, namespace, owner)
+        await refresh(views, namespace, owner)
         return
     if key in _scheduled:
         return  # a refresh is already due; it will read the newest state
 
     async def later() -> None:
         await asyncio.sleep(COALESCE_SECONDS)
-        _scheduled.pop(key, None)  # events from now on schedule a new refresh
+        _scheduled.discard(key)  # events from now on schedule a new refresh
         try:
-            await asyncio.to_thread(refresh, namespace, owner)
+            await refresh(views, namespace, owner)
         except ApiException as exc:
             logger.warning("status refresh of %s/%s failed: %s", namespace, owner, exc.reason)
 
-    _scheduled[key] = asyncio.create_task(later())
+    _scheduled.add(key)
+    task = asyncio.create_task(later())
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
 
 
-MANAGED = {"app.kubernetes.io/managed-by": builders.MANAGED_BY}
+_tasks: set[asyncio.Task[None]] = set()
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
 async def job_changed(
-    namespace: str, name: str, labels: dict[str, str], meta: kopf.Meta, **_: Any
+    namespace: str, name: str, labels: dict[str, str], meta: kopf.Meta, **kw: Any
 ) -> None:
     """A child Job moved: fold it into its resource's status.
 
@@ -379,7 +458,7 @@ async def job_changed(
     """
     finalizers = list(meta.get("finalizers") or [])
     leaving = bool(meta.get("deletionTimestamp")) and builders.RESULT_FINALIZER in finalizers
-    await _child_changed(namespace, labels, at_once=leaving)
+    await _child_changed(Views.of(kw), namespace, labels, at_once=leaving)
     if leaving:
         index = finalizers.index(builders.RESULT_FINALIZER)
         path = f"/metadata/finalizers/{index}"
@@ -389,71 +468,58 @@ async def job_changed(
             {"op": "remove", "path": path},
         ]
         try:
-            await asyncio.to_thread(
-                client.BatchV1Api(_client()).patch_namespaced_job, name, namespace, patch
-            )
+            await asyncio.to_thread(_kube().patch, "Job", namespace, name, patch, kube.JSON_PATCH)
         except ApiException as exc:
             if exc.status not in (404, 422):  # already gone, or released by an earlier event
                 raise
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
-async def pod_changed(namespace: str, labels: dict[str, str], **_: Any) -> None:
+async def pod_changed(namespace: str, labels: dict[str, str], **kw: Any) -> None:
     """A child pod moved (scheduled, running, preempted, finished)."""
-    await _child_changed(namespace, labels)
+    await _child_changed(Views.of(kw), namespace, labels)
 
 
 # ---------------------------------------------------------------------------------------------
 # ModelMerge
 # ---------------------------------------------------------------------------------------------
 
-MERGE_PLURAL = "modelmerges"
-
 
 @kopf.on.resume(api.GROUP, api.VERSION, MERGE_PLURAL)
 @kopf.on.create(api.GROUP, api.VERSION, MERGE_PLURAL)
-def reconcile_merge(
-    body: kopf.Body, name: str, namespace: str, uid: str, memo: kopf.Memo, reason: str, **_: Any
+async def reconcile_merge(
+    body: kopf.Body, name: str, namespace: str, uid: str, memo: kopf.Memo, reason: str, **kw: Any
 ) -> None:
     """Run the merge as a Job (once: a merge is not changed after it started)."""
     if reason == "create":
         metrics.CREATED.labels("ModelMerge").inc()
     with metrics.reconcile_timer("ModelMerge"):
-        _reconcile_merge(body, name, namespace, uid, memo)
+        await _reconcile_merge(Views.of(kw), body, name, namespace, uid, memo)
 
 
-def _reconcile_merge(body: kopf.Body, name: str, namespace: str, uid: str, memo: kopf.Memo) -> None:
+async def _reconcile_merge(
+    views: Views, body: kopf.Body, name: str, namespace: str, uid: str, memo: kopf.Memo
+) -> None:
     if (body.get("status") or {}).get("phase") in status.FINISHED:
         return
+    plain = _plain(body)
     try:
         resource = api.parse_resource(dict(body))
     except api.SpecError as exc:
-        kopf.event(body, type="Warning", reason="InvalidSpec", message=str(exc)[:1024])
-        _patch_merge_status(namespace, name, {"phase": "Failed"})
+        await asyncio.to_thread(_fail, plain, "InvalidSpec", str(exc))
         raise kopf.PermanentError(str(exc)) from None
     assert isinstance(resource, api.ModelMerge)
     ref = resource.spec.storage.secret_ref if resource.spec.storage else None
-    if ref is not None:
-        try:
-            client.CoreV1Api(_client()).read_namespaced_secret(ref.name, namespace)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-            message = f"Secret {ref.name!r} (storage.secretRef) does not exist in {namespace}"
-            kopf.event(body, type="Warning", reason="SecretMissing", message=message)
-            raise kopf.TemporaryError(message, delay=30) from None
-    for obj in builders.build_merge_children(resource, uid, memo[SETTINGS_KEY]):
-        _apply(obj)
-    refresh_merge_status(namespace, name)
+    problem = await asyncio.to_thread(_secret_missing, namespace, ref)
+    if problem:
+        await asyncio.to_thread(_wait, plain, "SecretMissing", problem)
+        raise kopf.TemporaryError(problem, delay=30)
+    children = builders.build_merge_children(resource, uid, memo[SETTINGS_KEY])
+    await asyncio.to_thread(_apply_all, children)
+    await refresh_merge_status(views, namespace, name)
 
 
-def _patch_merge_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
-    client.CustomObjectsApi(_client()).patch_namespaced_custom_object_status(
-        api.GROUP, api.VERSION, namespace, MERGE_PLURAL, name, {"status": patch}
-    )
-
-
-def _termination_message(pods: list[dict[str, Any]]) -> str | None:
+def _termination_message(pods: list[Obj]) -> str | None:
     for pod in pods:
         for cs in pod.get("status", {}).get("containerStatuses") or []:
             message = (cs.get("state", {}).get("terminated") or {}).get("message")
@@ -463,63 +529,64 @@ def _termination_message(pods: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def refresh_merge_status(namespace: str, name: str) -> None:
+async def refresh_merge_status(views: Views, namespace: str, name: str) -> None:
     """Fold the merge Job into the ModelMerge status; on success, the merge's own report."""
-    try:
-        body = client.CustomObjectsApi(_client()).get_namespaced_custom_object(
-            api.GROUP, api.VERSION, namespace, MERGE_PLURAL, name
-        )
-    except ApiException as exc:
-        if exc.status == 404:
+    key = ("merge", namespace, name)
+    async with _lock(key):
+        body = Views.one(views.model_merges, (namespace, name))
+        if body is None:
+            _forget(key, "ModelMerge")
             return
-        raise
-    job, pods = _read_children(
-        namespace, builders.child_name(name, "merge", limit=52), f"{builders.MERGE_LABEL}={name}"
-    )
-    if job is None and (body.get("status") or {}).get("phase") in status.FINISHED:
-        return
-    folded = status.fold(status.Observed(job, pods, False, trainer_step=1, gpus_per_pod=0))
-    phase = {"Preparing": "Running", "Suspended": "Pending"}.get(folded.phase, folded.phase)
-    current = body.get("status") or {}
-    generation = body["metadata"].get("generation")
-    message = _termination_message(pods)
-    detail = message if phase == "Failed" and message else folded.message
-    folded = status.Folded(
-        phase,
-        folded.reason,
-        detail,
-        folded.restarts,
-        folded.start_time,
-        folded.completion_time,
-        0.0,
-    )
-    patch: dict[str, Any] = {
-        "phase": phase,
-        "observedGeneration": generation,
-        "conditions": status.merge_conditions(
-            list(current.get("conditions") or []), folded, generation
-        ),
-    }
-    if folded.start_time:
-        patch["startTime"] = folded.start_time
-    if folded.completion_time:
-        patch["completionTime"] = folded.completion_time
-    if phase == "Succeeded" and message:
-        try:
-            report = json.loads(message)
-        except json.JSONDecodeError:
-            report = {}
-        for key in ("outputUri", "sha256", "shortHash", "sizeBytes", "tensors", "durationSeconds"):
-            if key in report:
-                patch[key] = report[key]
-    if current.get("phase") != phase:
-        kind = "Warning" if phase == "Failed" else "Normal"
-        kopf.event(body, type=kind, reason=phase, message=detail[:1024])
-    _patch_merge_status(namespace, name, patch)
-    metrics.record_phase("ModelMerge", namespace, name, phase, folded.reason)
+        current = _owned(body)
+        job = Views.one(views.child_jobs, (namespace, builders.child_name(name, "merge", limit=52)))
+        if job is None and current.get("phase") in status.FINISHED:
+            return
+        pods = list(views.child_pods.get(key, ()))
+        folded = status.fold(status.Observed(job, pods, False, trainer_step=1, gpus_per_pod=0))
+        phase = {"Preparing": "Running", "Suspended": "Pending"}.get(folded.phase, folded.phase)
+        generation = body["metadata"].get("generation")
+        message = _termination_message(pods)
+        detail = message if phase == "Failed" and message else folded.message
+        folded = status.Folded(
+            phase,
+            folded.reason,
+            detail,
+            folded.restarts,
+            folded.start_time,
+            folded.completion_time,
+            0.0,
+        )
+        patch: Obj = {
+            "phase": phase,
+            "observedGeneration": generation,
+            "conditions": status.merge_conditions(
+                list(current.get("conditions") or []), folded, generation
+            ),
+        }
+        if folded.start_time:
+            patch["startTime"] = folded.start_time
+        if folded.completion_time:
+            patch["completionTime"] = folded.completion_time
+        if phase == "Succeeded" and message:
+            try:
+                report = json.loads(message)
+            except json.JSONDecodeError:
+                report = {}
+            for field in ("outputUri", "sha256", "shortHash", "sizeBytes", "tensors"):
+                if field in report:
+                    patch[field] = report[field]
+            if "durationSeconds" in report:
+                patch["durationSeconds"] = report["durationSeconds"]
+        changed = status.changes(current, patch)
+        if changed:
+            await asyncio.to_thread(_write_status, body, MERGE_PLURAL, changed)
+        if current.get("phase") != phase:
+            kind = "Warning" if phase == "Failed" else "Normal"
+            kopf.event(body, type=kind, reason=phase, message=detail[:1024])
+        metrics.record_phase("ModelMerge", namespace, name, phase, folded.reason)
 
 
 @kopf.on.field(api.GROUP, api.VERSION, PLURAL, field="status.step")
-async def trainer_reported(namespace: str, name: str, **_: Any) -> None:
+async def trainer_reported(namespace: str, name: str, **kw: Any) -> None:
     """The trainer's first step report moves Preparing to Running."""
-    await asyncio.to_thread(refresh_status, namespace, name)
+    await refresh_status(Views.of(kw), namespace, name)

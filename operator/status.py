@@ -199,3 +199,49 @@ def merge_conditions(
     # conditions other parties own (the trainer's, for instance) are kept as they are
     out += [c for c in existing if c.get("type") not in CONDITION_TYPES]
     return out
+
+
+def training_patch(current: Obj, generation: int | None, folded: Folded, price: float) -> Obj:
+    """The status fields the operator owns for a DiffusionTrainingJob, from a folded state."""
+    patch: Obj = {
+        "phase": folded.phase,
+        "restarts": folded.restarts,
+        "gpuHours": folded.gpu_hours,
+        "estimatedCost": round(folded.gpu_hours * price, 2),
+        "observedGeneration": generation,
+        "conditions": merge_conditions(list(current.get("conditions") or []), folded, generation),
+    }
+    if folded.start_time:
+        patch["startTime"] = folded.start_time
+    if folded.completion_time:
+        patch["completionTime"] = folded.completion_time
+    return patch
+
+
+def with_schedulable(
+    conditions: list[Obj], problem: str | None, at: dt.datetime | None = None
+) -> tuple[list[Obj], bool]:
+    """``conditions`` with the Schedulable condition set from a capacity ``problem`` (None: fits).
+
+    Also says whether the condition has just turned False (the moment to post a Warning).
+    """
+    old: Obj = next((c for c in conditions if c.get("type") == "Schedulable"), {})
+    value = "False" if problem else "True"
+    updated = [c for c in conditions if c.get("type") != "Schedulable"]
+    updated.append(
+        {
+            "type": "Schedulable",
+            "status": value,
+            "reason": "InsufficientGPUs" if problem else "CapacityAvailable",
+            "message": problem or "",
+            "lastTransitionTime": old.get("lastTransitionTime")
+            if old.get("status") == value
+            else rfc3339(at or now()),
+        }
+    )
+    return updated, bool(problem) and old.get("status") != "False"
+
+
+def changes(current: Obj, patch: Obj) -> Obj:
+    """The part of ``patch`` that differs from ``current`` (empty: nothing to write)."""
+    return {k: v for k, v in patch.items() if current.get(k) != v}

@@ -235,17 +235,19 @@ def test_merge_runs_on_cpu_unless_a_gpu_is_asked_for():
 
 
 def test_gpu_shortfall_names_what_is_missing():
-    from types import SimpleNamespace
-
     from difftrain_operator.handlers import gpu_shortfall
 
     def node(gpus):
-        return SimpleNamespace(status=SimpleNamespace(allocatable={"nvidia.com/gpu": gpus}))
+        return {
+            "metadata": {"name": f"n{gpus}"},
+            "status": {"allocatable": {"nvidia.com/gpu": gpus}},
+        }
 
     assert gpu_shortfall([node("4"), node("8")], "nvidia.com/gpu", 8) is None
     message = gpu_shortfall([node("4")], "nvidia.com/gpu", 8)
     assert message is not None and "largest offers 4" in message
     assert gpu_shortfall([], "nvidia.com/gpu", 0) is None  # CPU-only workers need no GPU
+    assert gpu_shortfall([{"metadata": {"name": "cpu"}}], "nvidia.com/gpu", 1) is not None
 
 
 def test_every_child_is_owned_by_its_resource():
