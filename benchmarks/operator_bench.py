@@ -76,7 +76,12 @@ def _api_requests(plane) -> Counter[str]:  # type: ignore[no-untyped-def]
     return counts
 
 
-def run(count: int, profile: Path | None = None, server_profile: Path | None = None) -> None:
+def run(
+    count: int,
+    clients: int = 1,
+    profile: Path | None = None,
+    server_profile: Path | None = None,
+) -> None:
     from kubernetes import client, config
 
     from difftrain import api
@@ -94,6 +99,11 @@ def run(count: int, profile: Path | None = None, server_profile: Path | None = N
         core, objects = client.CoreV1Api(), client.CustomObjectsApi()
         for ns in ("baseline", "bench"):
             core.create_namespace({"metadata": {"name": ns}})
+        # a GPU node, as in the clusters this runs in (without one, every resource also gets an
+        # InsufficientGPUs Warning)
+        core.create_node({"metadata": {"name": "gpu-node"}})
+        gpus = {"nvidia.com/gpu": "8"}
+        core.patch_node_status("gpu-node", {"status": {"allocatable": gpus, "capacity": gpus}})
         core.create_namespaced_secret(
             "bench",
             {"metadata": {"name": "creds"}, "stringData": {"accessKey": "a", "secretKey": "b"}},
@@ -164,24 +174,35 @@ def run(count: int, profile: Path | None = None, server_profile: Path | None = N
                 )
             )
             pprof.start()
+
+        def apply(indices: range) -> None:
+            for i in indices:
+                name = f"job-{i}"
+                body = {
+                    "apiVersion": api.API_VERSION,
+                    "kind": "DiffusionTrainingJob",
+                    "metadata": {"name": name},
+                    "spec": {
+                        "baseModel": {"uri": "s3://models/sd15"},
+                        "dataset": {"uri": "s3://data/pets"},
+                        "output": {"uri": f"s3://runs/{name}"},
+                        "storage": {"endpoint": "minio:9000", "secretRef": {"name": "creds"}},
+                    },
+                }
+                objects.create_namespaced_custom_object(
+                    api.GROUP, api.VERSION, "bench", "diffusiontrainingjobs", body
+                )
+                applied[name] = time.perf_counter()
+
+        # `clients` appliers in parallel, each with its share of the resources
+        appliers = [
+            threading.Thread(target=apply, args=(range(c, count, clients),)) for c in range(clients)
+        ]
         t0 = time.perf_counter()
-        for i in range(count):
-            name = f"job-{i}"
-            body = {
-                "apiVersion": api.API_VERSION,
-                "kind": "DiffusionTrainingJob",
-                "metadata": {"name": name},
-                "spec": {
-                    "baseModel": {"uri": "s3://models/sd15"},
-                    "dataset": {"uri": "s3://data/pets"},
-                    "output": {"uri": f"s3://runs/{name}"},
-                    "storage": {"endpoint": "minio:9000", "secretRef": {"name": "creds"}},
-                },
-            }
-            objects.create_namespaced_custom_object(
-                api.GROUP, api.VERSION, "bench", "diffusiontrainingjobs", body
-            )
-            applied[name] = time.perf_counter()
+        for thread in appliers:
+            thread.start()
+        for thread in appliers:
+            thread.join()
         apply_seconds = time.perf_counter() - t0
         deadline = time.monotonic() + 600
         while len(jobs_seen) < count and time.monotonic() < deadline:
@@ -204,7 +225,10 @@ def run(count: int, profile: Path | None = None, server_profile: Path | None = N
             operator.wait(timeout=30)
         plane.stop()
 
-    print(f"{count} resources applied in {apply_seconds:.2f}s; {len(latencies)} child Jobs seen")
+    print(
+        f"{count} resources applied by {clients} client(s) in {apply_seconds:.2f}s; "
+        f"{len(latencies)} child Jobs seen"
+    )
     print(f"{'path':<34} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
     for label, values in (
         ("baseline: ConfigMap create->watch", baseline),
@@ -233,6 +257,7 @@ def run(count: int, profile: Path | None = None, server_profile: Path | None = N
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=1, help="parallel appliers (default 1)")
     parser.add_argument(
         "--profile", type=Path, help="write py-spy's raw stacks of the operator during the burst"
     )
@@ -240,4 +265,4 @@ if __name__ == "__main__":
         "--server-profile", type=Path, help="write the API server's Go CPU profile (first 10 s)"
     )
     args = parser.parse_args()
-    run(args.count, args.profile, args.server_profile)
+    run(args.count, args.clients, args.profile, args.server_profile)

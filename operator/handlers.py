@@ -15,7 +15,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +43,11 @@ def operator_settings() -> builders.OperatorSettings:
     )
 
 
+THREADS = 32  # blocking API calls in flight at most; also the size of the connection pool
+
+
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Annotation storage under our prefix, watch timeouts, peering."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -56,8 +60,11 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # Events for warnings only: the handlers post their own Events on every phase change, and
     # an Event per handler run would double the API writes of a burst of new resources
     settings.posting.level = logging.WARNING
-    # sync handlers run in a thread pool; their time is mostly waiting for the API server
-    settings.execution.max_workers = 16  # keep <= connection_pool_maxsize of _kube()
+    # The handlers are async; their blocking API calls run in the loop's default executor (6
+    # threads on 2 cores unless set), and mostly wait for the API server.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(THREADS, thread_name_prefix="difftrain-api")
+    )
     try:
         config.load_incluster_config()
     except config.ConfigException:
@@ -74,7 +81,7 @@ def _kube() -> Kube:
         cfg = client.Configuration.get_default_copy()
         # as many pooled connections as handler threads: an exhausted pool opens a new TLS
         # connection per call, and the handshakes were most of the operator's CPU under load
-        cfg.connection_pool_maxsize = 32
+        cfg.connection_pool_maxsize = THREADS
         _shared["api"] = Kube(client.ApiClient(cfg))
     return _shared["api"]
 
@@ -92,9 +99,18 @@ def _apply(obj: Obj) -> None:
             _kube().patch("Job", meta["namespace"], meta["name"], suspend)
 
 
-def _apply_all(objects: Iterable[Obj]) -> None:
-    for obj in objects:
-        _apply(obj)
+# Children that others depend on go first: pods need their ServiceAccount and ConfigMap when the
+# Job controller creates them, a RoleBinding names its Role. Each wave is created in parallel.
+SECOND_WAVE = ("RoleBinding", "Job")
+
+
+async def _apply_all(objects: Iterable[Obj]) -> None:
+    objects = list(objects)
+    for wave in (
+        [o for o in objects if o["kind"] not in SECOND_WAVE],
+        [o for o in objects if o["kind"] in SECOND_WAVE],
+    ):
+        await asyncio.gather(*(asyncio.to_thread(_apply, obj) for obj in wave))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,8 +313,12 @@ async def reconcile_training_job(
     """Make the children match the spec, then fold their state into the status."""
     if reason == "create":
         metrics.CREATED.labels("DiffusionTrainingJob").inc()
-    with metrics.reconcile_timer("DiffusionTrainingJob"):
-        await _reconcile_training_job(Views.of(kw), body, name, namespace, uid, memo)
+    _reconciling.add(("dtj", namespace, name))
+    try:
+        with metrics.reconcile_timer("DiffusionTrainingJob"):
+            await _reconcile_training_job(Views.of(kw), body, name, namespace, uid, memo)
+    finally:
+        _reconciling.discard(("dtj", namespace, name))
 
 
 async def _reconcile_training_job(
@@ -318,11 +338,15 @@ async def _reconcile_training_job(
     if problem:
         await asyncio.to_thread(_wait, plain, "SecretMissing", problem)
         raise kopf.TemporaryError(problem, delay=30)
+    # advisory: the children are created all the same (an autoscaler needs the pending pods to
+    # add a node); known before the Job exists, so the first status write carries it
+    _capacity[(namespace, name)] = await asyncio.to_thread(
+        _capacity_problem, resource.spec.resources
+    )
     children = builders.build_training_children(resource, uid, memo[SETTINGS_KEY])
-    await asyncio.to_thread(_apply_all, children.all())
-    # advisory, after the children: an autoscaler needs the pending pods to add a node
-    capacity = await asyncio.to_thread(_capacity_problem, resource.spec.resources)
-    await refresh_status(views, namespace, name, capacity=capacity)
+    await _apply_all(children.all())
+    # the status follows shortly, in one write with what the Job controller does meanwhile
+    _schedule(views, ("dtj", namespace, name))
 
 
 def _fail(body: Obj, reason: str, message: str) -> None:
@@ -352,16 +376,16 @@ def _wait(body: Obj, reason: str, message: str) -> None:
     _write_status(body, plural, {"phase": "Pending", "conditions": conditions})
 
 
-async def refresh_status(
-    views: Views, namespace: str, name: str, capacity: str | bool | None = False
-) -> None:
-    """Fold the resource's Job and pods (from the indexes) into its status; write what changed.
+# GPU capacity found by the reconcile handler, for the next status write: a problem (str), None
+# when a node fits one worker, False when the nodes cannot be seen
+_capacity: dict[tuple[str, str], str | bool | None] = {}
 
-    ``capacity``: a GPU capacity problem to record in the Schedulable condition, None when a node
-    fits one worker, False to leave that condition as it is.
-    """
+
+async def refresh_status(views: Views, namespace: str, name: str) -> None:
+    """Fold the resource's Job and pods (from the indexes) into its status; write what changed."""
     key = ("dtj", namespace, name)
     async with _lock(key):
+        capacity = _capacity.get((namespace, name), False)
         body = Views.one(views.training_jobs, (namespace, name))
         if body is None:
             _forget(key, "DiffusionTrainingJob")
@@ -397,6 +421,8 @@ async def refresh_status(
         changed = status.changes(current, patch)
         if changed:
             await asyncio.to_thread(_write_status, body, PLURAL, changed)
+        if _capacity.get((namespace, name), False) is capacity:
+            _capacity.pop((namespace, name), None)  # written (a newer finding waits its turn)
         if warn_capacity:
             kopf.event(body, type="Warning", reason="InsufficientGPUs", message=str(capacity))
         if current.get("phase") != folded.phase:
@@ -406,37 +432,34 @@ async def refresh_status(
 
 
 _scheduled: set[tuple[str, str, str]] = set()
-COALESCE_SECONDS = 0.25
+_tasks: set[asyncio.Task[None]] = set()
+# Status writes wait this long, so that what happens meanwhile (the Job controller starting the
+# Job and creating pods, several pod updates) lands in one PATCH: each write of a custom resource
+# costs the API server a full decode, validation (CEL included) and encode.
+COALESCE_SECONDS = 0.5
+MAX_DEFER_SECONDS = 10.0
+# reconciles creating children right now (their keys)
+_reconciling: set[tuple[str, str, str]] = set()
 
 
-async def _child_changed(
-    views: Views, namespace: str, labels: dict[str, str] | None, at_once: bool = False
-) -> None:
-    """Schedule one status refresh for the owner; events in the next 250 ms share it.
-
-    ``at_once`` refreshes now (a Job about to disappear must be seen while it exists).
-    """
-    labels = labels or {}
-    refresh: Callable[[Views, str, str], Awaitable[None]]
-    if owner := labels.get(builders.JOB_LABEL):
-        key, refresh = ("dtj", namespace, owner), refresh_status
-    elif owner := labels.get(builders.MERGE_LABEL):
-        key, refresh = ("merge", namespace, owner), refresh_merge_status
-    else:
-        return
-    if at_once:
-        await refresh(views, namespace, owner)
-        return
+def _schedule(views: Views, key: tuple[str, str, str]) -> None:
+    """Refresh ``key``'s status in COALESCE_SECONDS; requests until then share that refresh."""
     if key in _scheduled:
         return  # a refresh is already due; it will read the newest state
+    refresh = refresh_status if key[0] == "dtj" else refresh_merge_status
 
     async def later() -> None:
         await asyncio.sleep(COALESCE_SECONDS)
-        _scheduled.discard(key)  # events from now on schedule a new refresh
+        # status writes yield to child creation: during a burst of new resources the API server's
+        # time goes to the Jobs first, and the writes that wait merge with later changes
+        deadline = asyncio.get_running_loop().time() + MAX_DEFER_SECONDS
+        while _reconciling and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(COALESCE_SECONDS)
+        _scheduled.discard(key)  # requests from now on schedule a new refresh
         try:
-            await refresh(views, namespace, owner)
+            await refresh(views, key[1], key[2])
         except ApiException as exc:
-            logger.warning("status refresh of %s/%s failed: %s", namespace, owner, exc.reason)
+            logger.warning("status refresh of %s/%s failed: %s", key[1], key[2], exc.reason)
 
     _scheduled.add(key)
     task = asyncio.create_task(later())
@@ -444,7 +467,24 @@ async def _child_changed(
     task.add_done_callback(_tasks.discard)
 
 
-_tasks: set[asyncio.Task[None]] = set()
+async def _child_changed(
+    views: Views, namespace: str, labels: dict[str, str] | None, at_once: bool = False
+) -> None:
+    """Schedule a status refresh for the child's owner.
+
+    ``at_once`` refreshes now (a Job about to disappear must be seen while it exists).
+    """
+    labels = labels or {}
+    if owner := labels.get(builders.JOB_LABEL):
+        key = ("dtj", namespace, owner)
+    elif owner := labels.get(builders.MERGE_LABEL):
+        key = ("merge", namespace, owner)
+    else:
+        return
+    if at_once:
+        await (refresh_status if key[0] == "dtj" else refresh_merge_status)(views, namespace, owner)
+    else:
+        _schedule(views, key)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
@@ -493,8 +533,12 @@ async def reconcile_merge(
     """Run the merge as a Job (once: a merge is not changed after it started)."""
     if reason == "create":
         metrics.CREATED.labels("ModelMerge").inc()
-    with metrics.reconcile_timer("ModelMerge"):
-        await _reconcile_merge(Views.of(kw), body, name, namespace, uid, memo)
+    _reconciling.add(("merge", namespace, name))
+    try:
+        with metrics.reconcile_timer("ModelMerge"):
+            await _reconcile_merge(Views.of(kw), body, name, namespace, uid, memo)
+    finally:
+        _reconciling.discard(("merge", namespace, name))
 
 
 async def _reconcile_merge(
@@ -515,8 +559,8 @@ async def _reconcile_merge(
         await asyncio.to_thread(_wait, plain, "SecretMissing", problem)
         raise kopf.TemporaryError(problem, delay=30)
     children = builders.build_merge_children(resource, uid, memo[SETTINGS_KEY])
-    await asyncio.to_thread(_apply_all, children)
-    await refresh_merge_status(views, namespace, name)
+    await _apply_all(children)
+    _schedule(views, ("merge", namespace, name))
 
 
 def _termination_message(pods: list[Obj]) -> str | None:

@@ -76,7 +76,7 @@ def fold(observed: Observed, at: dt.datetime | None = None) -> Folded:
         return Folded("Pending", "Creating", "creating the child Job", restarts, None, None, 0.0)
     status = job.get("status", {})
     restarts += int(status.get("failed", 0))
-    start = status.get("startTime")
+    start = first_pod_start(pods)
     completion = status.get("completionTime")
     hours = gpu_hours(pods, observed.gpus_per_pod, at)
 
@@ -148,6 +148,16 @@ def _waiting_reason(pods: list[Obj]) -> tuple[str, str]:
     if not pods:
         return "WaitingForPods", "the Job has not created its pods yet"
     return "PodsPending", "waiting for the pods to start"
+
+
+def first_pod_start(pods: list[Obj]) -> str | None:
+    """When training started: the first worker pod taken by a node.
+
+    Not the Job's own startTime, which only says when the Job controller first saw the Job; a
+    Job can wait hours for GPUs after that.
+    """
+    starts = [t for p in pods if (t := parse_time(p.get("status", {}).get("startTime")))]
+    return rfc3339(min(starts)) if starts else None
 
 
 def gpu_hours(pods: list[Obj], gpus_per_pod: int, at: dt.datetime) -> float:

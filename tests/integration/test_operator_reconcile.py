@@ -224,6 +224,36 @@ def _start_job(kube_api, namespace, name):
     )
 
 
+def test_status_is_only_written_when_what_it_shows_changes(kube_api, namespace, operator):
+    _start_job(kube_api, namespace, "quiet")
+    core = client.CoreV1Api(kube_api)
+    pod = wait_for(lambda: core.list_namespaced_pod(namespace).items, what="a pod")[0]
+    wait_for(
+        lambda: status_of(kube_api, namespace, "quiet").get("phase") == "Pending", what="Pending"
+    )
+    objects = client.CustomObjectsApi(kube_api)
+
+    def version() -> str:
+        obj = objects.get_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, "diffusiontrainingjobs", "quiet"
+        )
+        return str(obj["metadata"]["resourceVersion"])
+
+    time.sleep(2)  # the operator's own writes (status, Kopf's annotations) have landed
+    before = version()
+    # a pod change the status does not show: the operator looks, and writes nothing
+    core.patch_namespaced_pod(pod.metadata.name, namespace, {"metadata": {"labels": {"x": "y"}}})
+    time.sleep(2)
+    assert version() == before
+    # one it shows: written
+    set_pod_phase(kube_api, namespace, pod.metadata.name, "Running")
+    wait_for(
+        lambda: status_of(kube_api, namespace, "quiet").get("phase") == "Preparing",
+        what="Preparing",
+    )
+    assert version() != before
+
+
 def test_suspend_and_resume_map_to_the_child_job(kube_api, namespace, operator):
     job = _start_job(kube_api, namespace, "susp")
     objects = client.CustomObjectsApi(kube_api)

@@ -115,3 +115,10 @@ def test_conditions_of_other_owners_are_kept():
         [trainer], Folded("Running", "Training", "", 0, None, None, 0.0), generation=None, at=T0
     )
     assert trainer in merged
+
+
+def test_start_time_is_when_the_first_worker_pod_started_not_when_the_job_was_created():
+    waiting = job(startTime="2026-11-26T08:00:00Z")
+    assert fold(observed(waiting, [pod(phase="Pending", start=None)]), T0).start_time is None
+    started = [pod(start="2026-11-26T11:30:00Z"), pod(start="2026-11-26T11:00:00Z")]
+    assert fold(observed(waiting, started), T0).start_time == "2026-11-26T11:00:00Z"
