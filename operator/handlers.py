@@ -100,17 +100,35 @@ def _apply(obj: Obj) -> None:
 
 
 # Children that others depend on go first: pods need their ServiceAccount and ConfigMap when the
-# Job controller creates them, a RoleBinding names its Role. Each wave is created in parallel.
-SECOND_WAVE = ("RoleBinding", "Job")
+# Job controller creates them, a RoleBinding names its Role. The Job is always created last, so
+# an existing Job means every other child was created. Each wave is created in parallel.
+WAVES = (("RoleBinding",), ("Job",))
 
 
 async def _apply_all(objects: Iterable[Obj]) -> None:
     objects = list(objects)
-    for wave in (
-        [o for o in objects if o["kind"] not in SECOND_WAVE],
-        [o for o in objects if o["kind"] in SECOND_WAVE],
-    ):
+    later = {kind for wave in WAVES for kind in wave}
+    waves = [[o for o in objects if o["kind"] not in later]]
+    waves += [[o for o in objects if o["kind"] in wave] for wave in WAVES]
+    for wave in waves:
         await asyncio.gather(*(asyncio.to_thread(_apply, obj) for obj in wave))
+
+
+async def _ensure_children(views: Views, objects: list[Obj]) -> None:
+    """Create the children, unless their Job exists already: then only its suspend is synced.
+
+    After a restart every resource is resumed; with its Job in the index that costs no API call.
+    """
+    job = next(o for o in objects if o["kind"] == "Job")
+    namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
+    existing = Views.one(views.child_jobs, (namespace, name))
+    if existing is None:
+        await _apply_all(objects)
+        return
+    suspend = bool(job["spec"].get("suspend"))
+    if bool((existing.get("spec") or {}).get("suspend")) != suspend:
+        patch = {"spec": {"suspend": suspend}}
+        await asyncio.to_thread(_kube().patch, "Job", namespace, name, patch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +362,7 @@ async def _reconcile_training_job(
         _capacity_problem, resource.spec.resources
     )
     children = builders.build_training_children(resource, uid, memo[SETTINGS_KEY])
-    await _apply_all(children.all())
+    await _ensure_children(views, children.all())
     # the status follows shortly, in one write with what the Job controller does meanwhile
     _schedule(views, ("dtj", namespace, name))
 
@@ -559,7 +577,7 @@ async def _reconcile_merge(
         await asyncio.to_thread(_wait, plain, "SecretMissing", problem)
         raise kopf.TemporaryError(problem, delay=30)
     children = builders.build_merge_children(resource, uid, memo[SETTINGS_KEY])
-    await _apply_all(children)
+    await _ensure_children(views, list(children))
     _schedule(views, ("merge", namespace, name))
 
 

@@ -323,15 +323,28 @@ def test_preempted_pod_does_not_fail_the_job(kube_api, namespace, operator):
     assert status_of(kube_api, namespace, "pre").get("phase") != "Failed"
 
 
+def _refused_creates(control_plane) -> int:
+    """Creates the API server has refused with 409 Conflict (already exists), all kinds."""
+    total = 0
+    for line in control_plane.kubectl("get", "--raw", "/metrics").stdout.splitlines():
+        counter = line.startswith("apiserver_request_total{")
+        if counter and 'code="409"' in line and 'verb="POST"' in line:
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
 def test_operator_restart_creates_no_duplicates(
     kube_api, namespace, control_plane, operator, tmp_path
 ):
     _start_job(kube_api, namespace, "again")
     operator.terminate()
     operator.wait(timeout=20)
+    refused = _refused_creates(control_plane)
     second = start_operator(control_plane.kubeconfig, namespace, tmp_path / "second.log")
     try:
         time.sleep(6)  # the new operator resumes every resource it finds
+        # it saw the Job in its index and created nothing again (no create refused as existing)
+        assert _refused_creates(control_plane) == refused
         objects = client.CustomObjectsApi(kube_api)
         objects.patch_namespaced_custom_object_status(
             api.GROUP,
