@@ -198,17 +198,25 @@ class Views:
 
 
 # The status fields the operator owns (phase, conditions, accounting), as it last wrote them, by
-# resource uid. The watch may not have delivered a write yet when the next refresh runs; these
+# resource (and its uid). The watch may not have delivered a write yet when the next refresh runs; these
 # values are newer than the index's then. Nobody else writes these fields (the trainer writes its
 # progress, the user the spec), so the overlay is never older than the index. Empty after a
 # restart, when the index, listed afresh, is current.
-_written: dict[str, Obj] = {}
+_written: dict[tuple[str, str, str], tuple[str, Obj]] = {}  # key -> (uid, fields)
 _locks: dict[tuple[str, str, str], asyncio.Lock] = {}
 
 
+def _key(body: Obj) -> tuple[str, str, str]:
+    kind = "dtj" if body.get("kind") == "DiffusionTrainingJob" else "merge"
+    return kind, body["metadata"]["namespace"], body["metadata"]["name"]
+
+
 def _owned(body: Obj) -> Obj:
+    """The status, with the operator's own fields as it last wrote them."""
     current = dict(body.get("status") or {})
-    current.update(_written.get(body["metadata"]["uid"], {}))
+    uid, fields = _written.get(_key(body), ("", {}))
+    if uid == body["metadata"]["uid"]:  # not a deleted namesake's
+        current.update(fields)
     return current
 
 
@@ -218,6 +226,7 @@ def _lock(key: tuple[str, str, str]) -> asyncio.Lock:
 
 def _forget(key: tuple[str, str, str], kind: str) -> None:
     _locks.pop(key, None)
+    _written.pop(key, None)
     metrics.record_phase(kind, key[1], key[2], None)
 
 
@@ -230,7 +239,10 @@ def _write_status(body: Obj, plural: str, patch: Obj) -> None:
         if exc.status == 404:
             return  # deleted meanwhile; its children go with it
         raise
-    _written.setdefault(meta["uid"], {}).update(patch)
+    uid, fields = _written.get(_key(body), ("", {}))
+    if uid != meta["uid"]:
+        fields = {}
+    _written[_key(body)] = (meta["uid"], {**fields, **patch})
 
 
 # ---------------------------------------------------------------------------------------------

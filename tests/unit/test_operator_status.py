@@ -122,3 +122,21 @@ def test_start_time_is_when_the_first_worker_pod_started_not_when_the_job_was_cr
     assert fold(observed(waiting, [pod(phase="Pending", start=None)]), T0).start_time is None
     started = [pod(start="2026-11-26T11:30:00Z"), pod(start="2026-11-26T11:00:00Z")]
     assert fold(observed(waiting, started), T0).start_time == "2026-11-26T11:00:00Z"
+
+
+def test_the_operators_last_write_overlays_a_status_the_watch_has_not_delivered_yet():
+    from difftrain_operator import handlers
+
+    def body(uid):
+        meta = {"namespace": "ns", "name": "a", "uid": uid}
+        status = {"phase": "Pending", "step": 7}
+        return {"kind": "DiffusionTrainingJob", "metadata": meta, "status": status}
+
+    handlers._written[("dtj", "ns", "a")] = ("u1", {"phase": "Preparing"})
+    try:
+        # the operator's own field is its newer write; the trainer's field is the index's
+        assert handlers._owned(body("u1")) == {"phase": "Preparing", "step": 7}
+        # a resource deleted and created again under the same name starts from its own status
+        assert handlers._owned(body("u2")) == {"phase": "Pending", "step": 7}
+    finally:
+        handlers._written.clear()
