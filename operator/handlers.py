@@ -198,10 +198,10 @@ class Views:
 
 
 # The status fields the operator owns (phase, conditions, accounting), as it last wrote them, by
-# resource (and its uid). The watch may not have delivered a write yet when the next refresh runs; these
-# values are newer than the index's then. Nobody else writes these fields (the trainer writes its
-# progress, the user the spec), so the overlay is never older than the index. Empty after a
-# restart, when the index, listed afresh, is current.
+# resource (and its uid). The watch may not have delivered a write yet when the next refresh runs:
+# these values are newer than the index's then. Nobody else writes these fields (the trainer
+# writes its progress, the user the spec), so the overlay is never older than the index. Empty
+# after a restart, when the index, listed afresh, is current.
 _written: dict[tuple[str, str, str], tuple[str, Obj]] = {}  # key -> (uid, fields)
 _locks: dict[tuple[str, str, str], asyncio.Lock] = {}
 
