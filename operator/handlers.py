@@ -86,17 +86,36 @@ def _kube() -> Kube:
     return _shared["api"]
 
 
+class ForeignChildError(Exception):
+    """A child's name is taken by an object another resource (a deleted namesake) still owns."""
+
+
+def _check_owner(existing: Obj, desired: Obj) -> None:
+    """Raise ForeignChildError unless ``existing`` belongs to the same resource as ``desired``."""
+    want = {ref["uid"] for ref in desired["metadata"].get("ownerReferences") or []}
+    have = {ref.get("uid") for ref in existing.get("metadata", {}).get("ownerReferences") or []}
+    if not want & have:
+        meta = desired["metadata"]
+        raise ForeignChildError(
+            f"{desired['kind']} {meta['name']} still belongs to an earlier resource of this name "
+            "(deleted, its children not yet); the children are created once it is gone"
+        )
+
+
 def _apply(obj: Obj) -> None:
-    """Create a child; if it exists, leave it (Jobs' templates are immutable) but sync suspend."""
+    """Create a child; if it exists and is ours, leave it (Jobs' templates are immutable) but
+    sync a Job's suspend; if a deleted namesake still owns it, raise ForeignChildError."""
     try:
         _kube().create(obj)
     except ApiException as exc:
         if exc.status != 409:
             raise
-        if obj["kind"] == "Job":
-            meta = obj["metadata"]
-            suspend = {"spec": {"suspend": obj["spec"]["suspend"]}}
-            _kube().patch("Job", meta["namespace"], meta["name"], suspend)
+        meta = obj["metadata"]
+        existing = _kube().get(obj["kind"], meta["namespace"], meta["name"])
+        _check_owner(existing, obj)
+        suspend = (obj.get("spec") or {}).get("suspend")
+        if obj["kind"] == "Job" and bool(existing["spec"].get("suspend")) != bool(suspend):
+            _kube().patch("Job", meta["namespace"], meta["name"], {"spec": {"suspend": suspend}})
 
 
 # Children that others depend on go first: pods need their ServiceAccount and ConfigMap when the
@@ -125,10 +144,20 @@ async def _ensure_children(views: Views, objects: list[Obj]) -> None:
     if existing is None:
         await _apply_all(objects)
         return
+    _check_owner(existing, job)
     suspend = bool(job["spec"].get("suspend"))
     if bool((existing.get("spec") or {}).get("suspend")) != suspend:
         patch = {"spec": {"suspend": suspend}}
         await asyncio.to_thread(_kube().patch, "Job", namespace, name, patch)
+
+
+async def _ensure_children_or_wait(views: Views, body: Obj, objects: list[Obj]) -> None:
+    """The children, or a waiting condition and a retry while a namesake's are being deleted."""
+    try:
+        await _ensure_children(views, objects)
+    except ForeignChildError as exc:
+        await asyncio.to_thread(_wait, body, "PreviousChildrenTerminating", str(exc))
+        raise kopf.TemporaryError(str(exc), delay=5) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +403,7 @@ async def _reconcile_training_job(
         _capacity_problem, resource.spec.resources
     )
     children = builders.build_training_children(resource, uid, memo[SETTINGS_KEY])
-    await _ensure_children(views, children.all())
+    await _ensure_children_or_wait(views, plain, children.all())
     # the status follows shortly, in one write with what the Job controller does meanwhile
     _schedule(views, ("dtj", namespace, name))
 
@@ -406,6 +435,21 @@ def _wait(body: Obj, reason: str, message: str) -> None:
     _write_status(body, plural, {"phase": "Pending", "conditions": conditions})
 
 
+def _owned_by(obj: Obj, uid: str) -> bool:
+    return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+def _own_children(
+    views: Views, body: Obj, key: tuple[str, str, str], job_name: str
+) -> tuple[Obj | None, list[Obj]]:
+    """The resource's Job and that Job's pods; a deleted namesake's leftovers are not its own."""
+    job = Views.one(views.child_jobs, (key[1], job_name))
+    if job is None or not _owned_by(job, body["metadata"]["uid"]):
+        return None, []
+    pods = [p for p in views.child_pods.get(key, ()) if _owned_by(p, job["metadata"]["uid"])]
+    return job, pods
+
+
 # GPU capacity found by the reconcile handler, for the next status write: a problem (str), None
 # when a node fits one worker, False when the nodes cannot be seen
 _capacity: dict[tuple[str, str], str | bool | None] = {}
@@ -422,7 +466,7 @@ async def refresh_status(views: Views, namespace: str, name: str) -> None:
             return  # deleted; its children go with it (owner references)
         current = _owned(body)
         job_name = builders.child_name(name, limit=52)
-        job = Views.one(views.child_jobs, (namespace, job_name))
+        job, pods = _own_children(views, body, key, job_name)
         if job is None and current.get("phase") in status.FINISHED:
             return  # the Job was deleted after finishing (ttlSecondsAfterFinished): keep the result
         try:
@@ -433,7 +477,7 @@ async def refresh_status(views: Views, namespace: str, name: str) -> None:
         folded = status.fold(
             status.Observed(
                 job=job,
-                pods=list(views.child_pods.get(key, ())),
+                pods=pods,
                 suspend=resource.spec.suspend,
                 trainer_step=current.get("step"),
                 gpus_per_pod=resource.spec.resources.gpus_per_worker,
@@ -442,6 +486,7 @@ async def refresh_status(views: Views, namespace: str, name: str) -> None:
         generation = body["metadata"].get("generation")
         price = operator_settings().price_per_gpu_hour
         patch = status.training_patch(current, generation, folded, price)
+        patch["conditions"] = status.with_ready(patch["conditions"], job is not None)
         warn_capacity = False
         if capacity is not False:
             problem = capacity if isinstance(capacity, str) else None
@@ -589,7 +634,7 @@ async def _reconcile_merge(
         await asyncio.to_thread(_wait, plain, "SecretMissing", problem)
         raise kopf.TemporaryError(problem, delay=30)
     children = builders.build_merge_children(resource, uid, memo[SETTINGS_KEY])
-    await _ensure_children(views, list(children))
+    await _ensure_children_or_wait(views, plain, list(children))
     _schedule(views, ("merge", namespace, name))
 
 
@@ -612,10 +657,10 @@ async def refresh_merge_status(views: Views, namespace: str, name: str) -> None:
             _forget(key, "ModelMerge")
             return
         current = _owned(body)
-        job = Views.one(views.child_jobs, (namespace, builders.child_name(name, "merge", limit=52)))
+        job_name = builders.child_name(name, "merge", limit=52)
+        job, pods = _own_children(views, body, key, job_name)
         if job is None and current.get("phase") in status.FINISHED:
             return
-        pods = list(views.child_pods.get(key, ()))
         folded = status.fold(status.Observed(job, pods, False, trainer_step=1, gpus_per_pod=0))
         phase = {"Preparing": "Running", "Suspended": "Pending"}.get(folded.phase, folded.phase)
         generation = body["metadata"].get("generation")
@@ -633,8 +678,9 @@ async def refresh_merge_status(views: Views, namespace: str, name: str) -> None:
         patch: Obj = {
             "phase": phase,
             "observedGeneration": generation,
-            "conditions": status.merge_conditions(
-                list(current.get("conditions") or []), folded, generation
+            "conditions": status.with_ready(
+                status.merge_conditions(list(current.get("conditions") or []), folded, generation),
+                job is not None,
             ),
         }
         if folded.start_time:

@@ -255,3 +255,23 @@ def with_schedulable(
 def changes(current: Obj, patch: Obj) -> Obj:
     """The part of ``patch`` that differs from ``current`` (empty: nothing to write)."""
     return {k: v for k, v in patch.items() if current.get(k) != v}
+
+
+def with_ready(conditions: list[Obj], job_exists: bool, at: dt.datetime | None = None) -> list[Obj]:
+    """Ready=True once the children exist, replacing a waiting Ready=False (SecretMissing, ...).
+
+    Before the Job exists the condition is left as the reconcile handler set it.
+    """
+    if not job_exists:
+        return conditions
+    old: Obj = next((c for c in conditions if c.get("type") == "Ready"), {})
+    if old.get("status") == "True":
+        return conditions
+    ready = {
+        "type": "Ready",
+        "status": "True",
+        "reason": "ChildrenCreated",
+        "message": "",
+        "lastTransitionTime": rfc3339(at or now()),
+    }
+    return [c for c in conditions if c.get("type") != "Ready"] + [ready]

@@ -502,3 +502,83 @@ def test_deleting_the_resource_removes_its_children(kube_api, namespace, operato
         timeout=120,
         what="the ConfigMap to be deleted",
     )
+
+
+def _condition(kube_api, namespace, name, kind):
+    conditions = status_of(kube_api, namespace, name).get("conditions") or []
+    return next((c for c in conditions if c["type"] == kind), None)
+
+
+def test_a_namesake_waits_for_the_deleted_resources_children(kube_api, namespace, operator):
+    """Deleted and applied again at once: the old children must not stand in for the new ones."""
+    old_job = _start_job(kube_api, namespace, "twice")
+    core, batch = client.CoreV1Api(kube_api), client.BatchV1Api(kube_api)
+    objects = client.CustomObjectsApi(kube_api)
+    selector = "difftrain.dev/job=twice"
+    config_map = core.list_namespaced_config_map(namespace, label_selector=selector).items[0]
+    hold = {"metadata": {"finalizers": ["test.difftrain.dev/hold"]}}
+    core.patch_namespaced_config_map(config_map.metadata.name, namespace, hold)
+    objects.delete_namespaced_custom_object(
+        api.GROUP, api.VERSION, namespace, "diffusiontrainingjobs", "twice"
+    )
+    wait_for(
+        lambda: (
+            not objects.list_namespaced_custom_object(
+                api.GROUP, api.VERSION, namespace, "diffusiontrainingjobs"
+            )["items"]
+        ),
+        what="the first resource to be deleted",
+    )
+    # what the garbage collector does, without waiting for it (it can take 30 s or more here)
+    batch.delete_namespaced_job(old_job.metadata.name, namespace, propagation_policy="Background")
+    rbac = client.RbacAuthorizationV1Api(kube_api)
+    for listing, delete in (
+        (core.list_namespaced_service_account, core.delete_namespaced_service_account),
+        (rbac.list_namespaced_role, rbac.delete_namespaced_role),
+        (rbac.list_namespaced_role_binding, rbac.delete_namespaced_role_binding),
+        (core.list_namespaced_config_map, core.delete_namespaced_config_map),  # held: terminating
+    ):
+        for item in listing(namespace, label_selector=selector).items:
+            delete(item.metadata.name, namespace)
+    created = create(
+        kube_api,
+        namespace,
+        training_job("twice", storage={"endpoint": "minio:9000", "secretRef": {"name": "creds"}}),
+    )
+    uid = created["metadata"]["uid"]
+    # the old ConfigMap is held (terminating, still owned by the deleted resource): wait, say why
+    ready = wait_for(
+        lambda: (
+            (c := _condition(kube_api, namespace, "twice", "Ready"))
+            and c["status"] == "False"
+            and c
+        ),
+        what="Ready=False while the old children are deleted",
+    )
+    assert ready["reason"] == "PreviousChildrenTerminating"
+    assert "still belongs to an earlier resource" in ready["message"]  # its Job or ConfigMap
+    assert any(
+        e.reason == "PreviousChildrenTerminating"
+        for e in core.list_namespaced_event(namespace).items
+    )
+    assert not [
+        j
+        for j in batch.list_namespaced_job(namespace).items
+        if j.metadata.owner_references[0].uid == uid
+    ]
+
+    core.patch_namespaced_config_map(
+        config_map.metadata.name, namespace, {"metadata": {"finalizers": None}}
+    )
+
+    def owned(items):
+        return [o for o in items if o.metadata.owner_references[0].uid == uid]
+
+    wait_for(
+        lambda: owned(batch.list_namespaced_job(namespace).items), timeout=90, what="a new Job"
+    )
+    assert owned(core.list_namespaced_config_map(namespace, label_selector=selector).items)
+    wait_for(
+        lambda: (c := _condition(kube_api, namespace, "twice", "Ready")) and c["status"] == "True",
+        what="Ready=True once the children exist",
+    )

@@ -140,3 +140,21 @@ def test_the_operators_last_write_overlays_a_status_the_watch_has_not_delivered_
         assert handlers._owned(body("u2")) == {"phase": "Pending", "step": 7}
     finally:
         handlers._written.clear()
+
+
+def test_ready_turns_true_once_the_children_exist_and_keeps_its_time():
+    from difftrain_operator.status import with_ready
+
+    waiting = [{"type": "Ready", "status": "False", "reason": "SecretMissing", "message": "x"}]
+    assert with_ready(waiting, job_exists=False) == waiting  # still waiting: left as set
+    ready = with_ready(waiting, job_exists=True, at=T0)
+    assert ready == [
+        {
+            "type": "Ready",
+            "status": "True",
+            "reason": "ChildrenCreated",
+            "message": "",
+            "lastTransitionTime": "2026-11-26T12:00:00Z",
+        }
+    ]
+    assert with_ready(ready, job_exists=True) is ready  # no new transition time, no write
