@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -370,14 +370,40 @@ async def reconcile_training_job(
     body: kopf.Body, name: str, namespace: str, uid: str, memo: kopf.Memo, reason: str, **kw: Any
 ) -> None:
     """Make the children match the spec, then fold their state into the status."""
+    key = ("dtj", namespace, name)
+    work = _reconcile_training_job(Views.of(kw), body, name, namespace, uid, memo)
+    await _reconcile_one(key, "DiffusionTrainingJob", reason, work)
+
+
+async def _reconcile_one(
+    key: tuple[str, str, str], kind: str, reason: str, work: Coroutine[Any, Any, None]
+) -> None:
+    """Run one reconcile: counted, timed, and known to be creating children while it runs."""
     if reason == "create":
-        metrics.CREATED.labels("DiffusionTrainingJob").inc()
-    _reconciling.add(("dtj", namespace, name))
+        metrics.CREATED.labels(kind).inc()
+    _reconciling.add(key)
     try:
-        with metrics.reconcile_timer("DiffusionTrainingJob"):
-            await _reconcile_training_job(Views.of(kw), body, name, namespace, uid, memo)
+        with metrics.reconcile_timer(kind):
+            await work
     finally:
-        _reconciling.discard(("dtj", namespace, name))
+        _reconciling.discard(key)
+
+
+async def _checked(
+    body: kopf.Body, plain: Obj, namespace: str
+) -> api.DiffusionTrainingJob | api.ModelMerge:
+    """The parsed resource; a bad spec fails it for good, a missing Secret waits and retries."""
+    try:
+        resource = api.parse_resource(dict(body))
+    except api.SpecError as exc:
+        await asyncio.to_thread(_fail, plain, "InvalidSpec", str(exc))
+        raise kopf.PermanentError(str(exc)) from None
+    ref = resource.spec.storage.secret_ref if resource.spec.storage else None
+    problem = await asyncio.to_thread(_secret_missing, namespace, ref)
+    if problem:
+        await asyncio.to_thread(_wait, plain, "SecretMissing", problem)
+        raise kopf.TemporaryError(problem, delay=30)
+    return resource
 
 
 async def _reconcile_training_job(
@@ -386,17 +412,8 @@ async def _reconcile_training_job(
     if (body.get("status") or {}).get("phase") in status.FINISHED:
         return  # finished is final: a Job removed by its TTL is not run again
     plain = _plain(body)
-    try:
-        resource = api.parse_resource(dict(body))
-    except api.SpecError as exc:
-        await asyncio.to_thread(_fail, plain, "InvalidSpec", str(exc))
-        raise kopf.PermanentError(str(exc)) from None
+    resource = await _checked(body, plain, namespace)
     assert isinstance(resource, api.DiffusionTrainingJob)
-    ref = resource.spec.storage.secret_ref if resource.spec.storage else None
-    problem = await asyncio.to_thread(_secret_missing, namespace, ref)
-    if problem:
-        await asyncio.to_thread(_wait, plain, "SecretMissing", problem)
-        raise kopf.TemporaryError(problem, delay=30)
     # advisory: the children are created all the same (an autoscaler needs the pending pods to
     # add a node); known before the Job exists, so the first status write carries it
     _capacity[(namespace, name)] = await asyncio.to_thread(
@@ -606,14 +623,9 @@ async def reconcile_merge(
     body: kopf.Body, name: str, namespace: str, uid: str, memo: kopf.Memo, reason: str, **kw: Any
 ) -> None:
     """Run the merge as a Job (once: a merge is not changed after it started)."""
-    if reason == "create":
-        metrics.CREATED.labels("ModelMerge").inc()
-    _reconciling.add(("merge", namespace, name))
-    try:
-        with metrics.reconcile_timer("ModelMerge"):
-            await _reconcile_merge(Views.of(kw), body, name, namespace, uid, memo)
-    finally:
-        _reconciling.discard(("merge", namespace, name))
+    key = ("merge", namespace, name)
+    work = _reconcile_merge(Views.of(kw), body, name, namespace, uid, memo)
+    await _reconcile_one(key, "ModelMerge", reason, work)
 
 
 async def _reconcile_merge(
@@ -622,17 +634,8 @@ async def _reconcile_merge(
     if (body.get("status") or {}).get("phase") in status.FINISHED:
         return
     plain = _plain(body)
-    try:
-        resource = api.parse_resource(dict(body))
-    except api.SpecError as exc:
-        await asyncio.to_thread(_fail, plain, "InvalidSpec", str(exc))
-        raise kopf.PermanentError(str(exc)) from None
+    resource = await _checked(body, plain, namespace)
     assert isinstance(resource, api.ModelMerge)
-    ref = resource.spec.storage.secret_ref if resource.spec.storage else None
-    problem = await asyncio.to_thread(_secret_missing, namespace, ref)
-    if problem:
-        await asyncio.to_thread(_wait, plain, "SecretMissing", problem)
-        raise kopf.TemporaryError(problem, delay=30)
     children = builders.build_merge_children(resource, uid, memo[SETTINGS_KEY])
     await _ensure_children_or_wait(views, plain, list(children))
     _schedule(views, ("merge", namespace, name))
