@@ -317,6 +317,24 @@ def test_two_cpu_processes_train_one_model(inputs: Path, tmp_path: Path):
         "step-00000006",
     ]
     assert (out / "export" / "model.safetensors").exists()
+    # the main process read and cleaned the images; the other got the kept pairs from it
+    assert "kept pairs from the main process's cleaning (rank 1 read no image)" in done.stderr
+    assert "rank 0 read no image" not in done.stderr
+
+
+def test_a_dataset_error_on_the_main_process_stops_every_process(inputs: Path, tmp_path: Path):
+    empty = tmp_path / "empty-dataset"
+    empty.mkdir()
+    job = tiny_job(inputs, tmp_path / "out", hyperparameters=_short(maxSteps=2))
+    job["spec"]["dataset"]["uri"] = str(empty)
+    path = write_job(tmp_path / "job.yaml", job)
+    done = run_cli(
+        ["run", str(path), "--local", "--processes", "2", "--work-dir", str(tmp_path / "w")],
+        env={"DIFFTRAIN_MAIN_PORT": str(free_port())},
+        timeout=120,  # a process left waiting for the main one would hang here
+    )
+    assert done.returncode == api.EXIT_CONFIG_ERROR, done.stderr[-4000:]
+    assert "dataset.uri" in done.stderr and "Traceback" not in done.stderr
 
 
 # --- clear errors -------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ import logging
 import random
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +31,9 @@ from difftrain.train.loop import LoopInputs, LoopResult, Trainer
 from difftrain.train.methods import TrainingConfigError, attach
 from difftrain.train.metrics import TrainingMetrics
 from difftrain.train.report import Reporter
+
+if TYPE_CHECKING:
+    from difftrain.data.cleaning import CleaningResult
 
 logger = logging.getLogger(__name__)
 
@@ -140,15 +144,22 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
             work_dir=options.work_dir / "model",
         )
 
-    # Data: listed and cleaned (deterministic, so every process gets the same pairs).
+    # Data: listed and cleaned (deterministic, so every process gets the same pairs). With the
+    # latent cache and several processes, only the main process reads and cleans the images; the
+    # others get the kept pairs' list from it and read only the cache.
     tokenizer = components.tokenizer
     data_store = open_store(spec.dataset.uri, options.store_config)
-    cleaned = load_dataset(
-        spec.dataset,
-        data_store,
-        count_tokens=lambda text: len(tokenizer(text).input_ids),
-        max_tokens=tokenizer.model_max_length,
-    )
+
+    def clean() -> CleaningResult:
+        return load_dataset(
+            spec.dataset,
+            data_store,
+            count_tokens=lambda text: len(tokenizer(text).input_ids),
+            max_tokens=tokenizer.model_max_length,
+        )
+
+    shared = pre.cache_latents and acc.num_processes > 1
+    cleaned = _clean_on_main(acc, clean) if shared else clean()
     report = cleaned.report
     pairs = list(cleaned.pairs)
     if not pairs:
@@ -187,6 +198,12 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
         with acc.main_process_first():
             samples = cache.lookup(key)
             cache_hit = samples is not None
+            if samples is None and pairs and not pairs[0].data:
+                # shared pairs carry no image bytes; the main process's cache is not there (it
+                # cannot be, unless it vanished meanwhile): read and clean the images here too
+                logger.warning("latent cache not found after the main process built it")
+                data = {p.key: p.data for p in clean().pairs}
+                pairs = [dataclasses.replace(p, data=data[p.key]) for p in pairs]
             if samples is None:
                 all_pairs, all_sizes = pairs, sizes
                 if pre.boomerang.enabled:
@@ -317,6 +334,62 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
 def source_key(key: str) -> str:
     """The training image a Boomerang variant (``<key>~boomerang<i>``) was made from."""
     return key.split("~", 1)[0]
+
+
+def _clean_on_main(acc: Any, clean: Callable[[], CleaningResult]) -> CleaningResult:
+    """Clean on the main process only; the others get the result without the image bytes.
+
+    Sent as JSON over the process group (no pickle). An error on the main process reaches the
+    others as a TrainingConfigError with its message, so no process waits forever.
+    """
+    import torch.distributed as dist
+
+    from difftrain.data.cleaning import CleaningResult
+    from difftrain.data.pairs import CleanPair
+
+    payload = b""
+    result: CleaningResult | None = None
+    error: Exception | None = None
+    if acc.is_main_process:
+        try:
+            result = clean()
+            doc: dict[str, Any] = {
+                "report": result.report.to_wire(),
+                "examples": result.examples,
+                "tokensCounted": result.tokens_counted,
+                "pairs": [
+                    [p.key, p.name, p.caption, p.width, p.height, p.sha256] for p in result.pairs
+                ],
+            }
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the others are told
+            error = exc
+            doc = {"error": f"{type(exc).__name__}: {exc}"}
+        payload = json.dumps(doc).encode()
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=acc.device)
+    dist.broadcast(size, src=0)
+    buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=acc.device)
+    if acc.is_main_process:
+        buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    dist.broadcast(buffer, src=0)
+    if error is not None:
+        raise error
+    if result is not None:
+        return result
+    doc = json.loads(buffer.cpu().numpy().tobytes())
+    if "error" in doc:
+        raise TrainingConfigError(f"the main process could not read the dataset: {doc['error']}")
+    pairs = [CleanPair(k, n, b"", c, w, h, sha) for k, n, c, w, h, sha in doc["pairs"]]
+    logger.info(
+        "dataset: %d kept pairs from the main process's cleaning (rank %d read no image)",
+        len(pairs),
+        acc.process_index,
+    )
+    return CleaningResult(
+        pairs=pairs,
+        report=DatasetReport.model_validate(doc["report"]),
+        examples=doc["examples"],
+        tokens_counted=doc["tokensCounted"],
+    )
 
 
 def _sizes(spec: DiffusionTrainingJobSpec, pairs: list[Any]) -> list[tuple[int, int]]:
