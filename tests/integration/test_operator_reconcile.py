@@ -529,17 +529,26 @@ def test_a_namesake_waits_for_the_deleted_resources_children(kube_api, namespace
         ),
         what="the first resource to be deleted",
     )
-    # what the garbage collector does, without waiting for it (it can take 30 s or more here)
-    batch.delete_namespaced_job(old_job.metadata.name, namespace, propagation_policy="Background")
+
+    # what the garbage collector does, without waiting for it (it can take 30 s or more here;
+    # when it is quicker, the object is gone already)
+    def delete(call, name: str, **kwargs) -> None:
+        try:
+            call(name, namespace, **kwargs)
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    delete(batch.delete_namespaced_job, old_job.metadata.name, propagation_policy="Background")
     rbac = client.RbacAuthorizationV1Api(kube_api)
-    for listing, delete in (
+    for listing, remove in (
         (core.list_namespaced_service_account, core.delete_namespaced_service_account),
         (rbac.list_namespaced_role, rbac.delete_namespaced_role),
         (rbac.list_namespaced_role_binding, rbac.delete_namespaced_role_binding),
         (core.list_namespaced_config_map, core.delete_namespaced_config_map),  # held: terminating
     ):
         for item in listing(namespace, label_selector=selector).items:
-            delete(item.metadata.name, namespace)
+            delete(remove, item.metadata.name)
     created = create(
         kube_api,
         namespace,
