@@ -305,3 +305,51 @@ def test_parallel_preparation_gives_the_same_cache(components, tmp_path):
         assert torch.equal(s.latent_params, t.latent_params)
         assert s.latent_params_flipped is not None and t.latent_params_flipped is not None
         assert torch.equal(s.latent_params_flipped, t.latent_params_flipped)
+
+
+def test_a_local_copy_serves_samples_that_hold_no_tensors(components, tmp_path):
+    pairs = make_pairs(5)
+    spec = pre(flip_probability=0.5)
+    cache = LatentCache(LocalStore(), str(tmp_path / "store"))
+    key = cache_key(pairs, spec, components.identity)
+    built = cache.build(key, pairs, components, ImageTransform(spec), batch_size=2)
+    local = tmp_path / "local"
+
+    lazy = cache.lookup(key, local_dir=local)
+    assert lazy is not None
+    assert [s.key for s in lazy] == [p.key for p in pairs]
+    assert [s.caption for s in lazy] == [p.caption for p in pairs]
+    for a, b in zip(built, lazy, strict=True):
+        assert torch.equal(a.latent_params, b.latent_params)
+        assert a.latent_params_flipped is not None and b.latent_params_flipped is not None
+        assert torch.equal(a.latent_params_flipped, b.latent_params_flipped)
+        assert torch.equal(a.text_embeddings, b.text_embeddings)
+        # the sample keeps no tensor: each access reads the memory-mapped local file
+        assert not any(isinstance(getattr(b, slot), torch.Tensor) for slot in b.__slots__)
+    copies = sorted(p.name for p in (local / key).iterdir())
+    assert copies == ["shard-00000.safetensors", "shard-00000.safetensors.sha256"]
+
+    # a verified copy is reused: the store's shard is no longer read
+    for shard in Path(cache.prefix(key)).glob("shard-*.safetensors"):
+        shard.write_bytes(b"gone")
+    again = cache.lookup(key, local_dir=local)
+    assert again is not None and torch.equal(again[0].text_embeddings, built[0].text_embeddings)
+
+
+def test_a_local_copy_is_only_trusted_once_verified(components, tmp_path):
+    pairs = make_pairs(2)
+    cache = LatentCache(LocalStore(), str(tmp_path / "store"))
+    key = cache_key(pairs, pre(), components.identity)
+    built = cache.build(key, pairs, components, ImageTransform(pre()))
+    local = tmp_path / "local"
+    # a copy that was never stamped (a process killed mid-copy) is copied again
+    (local / key).mkdir(parents=True)
+    (local / key / "shard-00000.safetensors").write_bytes(b"half a shard")
+    lazy = cache.lookup(key, local_dir=local)
+    assert lazy is not None and torch.equal(lazy[1].latent_params, built[1].latent_params)
+    # a damaged shard in the store is not copied
+    shard = next(Path(cache.prefix(key)).glob("shard-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert cache.lookup(key, local_dir=tmp_path / "other") is None

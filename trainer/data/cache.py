@@ -25,15 +25,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import shutil
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
@@ -57,15 +59,77 @@ SHARD_SIZE = 256
 Size = tuple[int, int]  # (width, height)
 
 
-@dataclass(frozen=True)
-class CachedSample:
-    """One training example, encoded."""
+class ShardFile:
+    """A cache shard on local disk whose tensors are read on demand (safetensors memory-maps it).
 
-    key: str
-    latent_params: torch.Tensor  # (2C, h, w): mean and logvar, unscaled
-    latent_params_flipped: torch.Tensor | None  # the mirrored image's, when flips are cached
-    text_embeddings: torch.Tensor  # (tokens, D): the text encoder's last hidden state
-    caption: str
+    The pages are the operating system's page cache, shared by every process on the machine,
+    instead of a copy of the whole cache in each process's memory.
+    """
+
+    def __init__(self, path: Path, names: set[str]) -> None:
+        self.path = path
+        self.names = names
+        self._lock = threading.Lock()  # one handle, shared by the loop and a prefetch thread
+        self._handle: Any = None
+
+    def get(self, name: str) -> torch.Tensor:
+        with self._lock:
+            if self._handle is None:
+                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            tensor: torch.Tensor = self._handle.get_tensor(name)
+            return tensor
+
+
+class CachedSample:
+    """One training example, encoded: its tensors in memory, or in a local shard file (read on
+    each access, never kept)."""
+
+    __slots__ = ("_flipped", "_index", "_latent", "_shard", "_text", "caption", "key")
+
+    def __init__(
+        self,
+        key: str,
+        caption: str,
+        latent_params: torch.Tensor | None = None,
+        latent_params_flipped: torch.Tensor | None = None,
+        text_embeddings: torch.Tensor | None = None,
+        *,
+        shard: ShardFile | None = None,
+        index: int = 0,
+    ) -> None:
+        if shard is None and (latent_params is None or text_embeddings is None):
+            raise ValueError("a cached sample needs its tensors or a shard to read them from")
+        self.key = key
+        self.caption = caption
+        self._latent = latent_params
+        self._flipped = latent_params_flipped
+        self._text = text_embeddings
+        self._shard = shard
+        self._index = index
+
+    @property
+    def latent_params(self) -> torch.Tensor:
+        """(2C, h, w): the VAE's mean and log-variance, unscaled."""
+        if self._shard is not None:
+            return self._shard.get(f"{self._index}.latent")
+        assert self._latent is not None
+        return self._latent
+
+    @property
+    def latent_params_flipped(self) -> torch.Tensor | None:
+        """The mirrored image's, when flips are cached."""
+        if self._shard is not None:
+            name = f"{self._index}.latent_flipped"
+            return self._shard.get(name) if name in self._shard.names else None
+        return self._flipped
+
+    @property
+    def text_embeddings(self) -> torch.Tensor:
+        """(tokens, D): the text encoder's last hidden state."""
+        if self._shard is not None:
+            return self._shard.get(f"{self._index}.text")
+        assert self._text is not None
+        return self._text
 
 
 def cache_key(
@@ -115,8 +179,13 @@ class LatentCache:
         """Where the cache with this key lives."""
         return join(self.root, key)
 
-    def lookup(self, key: str) -> list[CachedSample] | None:
-        """The cached samples, or None unless a complete, intact cache with this key exists."""
+    def lookup(self, key: str, local_dir: Path | None = None) -> list[CachedSample] | None:
+        """The cached samples, or None unless a complete, intact cache with this key exists.
+
+        With ``local_dir`` the shards are copied there (once: an intact copy is reused) and the
+        samples read their tensors from those files on each access, so the cache does not have
+        to fit in memory; without it they are loaded into memory.
+        """
         prefix = self.prefix(key)
         manifest = read_manifest(self.store, prefix)
         if manifest is None:
@@ -127,6 +196,12 @@ class LatentCache:
             return None
         samples: list[CachedSample] = []
         for entry in manifest["files"]:
+            if local_dir is not None:
+                path = self._local_copy(prefix, entry, local_dir / key)
+                if path is None:
+                    return None
+                samples.extend(_open_shard(path))
+                continue
             data = self.store.read_range(join(prefix, entry["name"]), 0, int(entry["size"]))
             if hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 logger.warning(
@@ -210,6 +285,31 @@ class LatentCache:
         samples = [s for s in encoded if s is not None]
         self._commit(key, samples, flips=flips)
         return samples
+
+    def _local_copy(self, prefix: str, entry: dict[str, Any], folder: Path) -> Path | None:
+        """A verified local copy of one shard (None if the store's copy is damaged).
+
+        A ``.sha256`` file beside the copy, written after it, says it was verified; processes
+        that copy the same shard at once each write a whole file and rename it into place.
+        """
+        path: Path = folder / str(entry["name"])
+        stamp = path.with_name(path.name + ".sha256")
+        if path.exists() and stamp.exists() and stamp.read_text() == entry["sha256"]:
+            return path
+        data = self.store.read_range(join(prefix, entry["name"]), 0, int(entry["size"]))
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            logger.warning(
+                "cache shard does not match its manifest; rebuilding",
+                extra={"prefix": prefix, "shard": entry["name"]},
+            )
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        unique = f"{os.getpid()}-{threading.get_ident()}"
+        for target, content in ((path, data), (stamp, entry["sha256"].encode())):
+            partial = target.with_name(f".{target.name}.{unique}.partial")
+            partial.write_bytes(content)
+            os.replace(partial, target)
+        return path
 
     def get_or_build(
         self,
@@ -341,6 +441,19 @@ def _write_shard(samples: list[CachedSample], start: int, path: Path) -> None:
         tensors[f"{i}.text"] = sample.text_embeddings
         index.append({"i": i, "key": sample.key, "caption": sample.caption})
     save_file(tensors, str(path), metadata={"format": CACHE_FORMAT, "samples": json.dumps(index)})
+
+
+def _open_shard(path: Path) -> list[CachedSample]:
+    """Samples that read their tensors from the shard file at ``path`` when used."""
+    with path.open("rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(header_len))
+    metadata = header.pop("__metadata__", {})
+    shard = ShardFile(path, set(header))
+    return [
+        CachedSample(key=row["key"], caption=row["caption"], shard=shard, index=row["i"])
+        for row in json.loads(metadata["samples"])
+    ]
 
 
 def _read_shard(data: bytes) -> list[CachedSample]:

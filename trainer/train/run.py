@@ -196,7 +196,7 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
         cache = LatentCache(data_store, join(spec.dataset.uri, CACHE_FOLDER))
         key = cache_key(pairs, pre, components.identity)
         with acc.main_process_first():
-            samples = cache.lookup(key)
+            samples = cache.lookup(key, local_dir=options.work_dir / "latent-cache")
             cache_hit = samples is not None
             if samples is None and pairs and not pairs[0].data:
                 # shared pairs carry no image bytes; the main process's cache is not there (it
