@@ -195,8 +195,9 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
     if pre.cache_latents:
         cache = LatentCache(data_store, join(spec.dataset.uri, CACHE_FOLDER))
         key = cache_key(pairs, pre, components.identity)
+        local_cache = options.work_dir / "latent-cache"
         with acc.main_process_first():
-            samples = cache.lookup(key, local_dir=options.work_dir / "latent-cache")
+            samples = cache.lookup(key, local_dir=local_cache)
             cache_hit = samples is not None
             if samples is None and pairs and not pairs[0].data:
                 # shared pairs carry no image bytes; the main process's cache is not there (it
@@ -220,6 +221,8 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
                     device=acc.device,
                     dtype=torch.float32 if acc.device.type == "cpu" else torch.float16,
                 )
+                # read back through local copies, as a later run would: the built tensors go
+                samples = cache.lookup(key, local_dir=local_cache) or samples
                 sizes = all_sizes
             else:
                 report.augmented = max(0, len(samples) - len(pairs))
