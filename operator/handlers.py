@@ -256,6 +256,7 @@ def _lock(key: tuple[str, str, str]) -> asyncio.Lock:
 def _forget(key: tuple[str, str, str], kind: str) -> None:
     _locks.pop(key, None)
     _written.pop(key, None)
+    _capacity.pop((key[1], key[2]), None)
     metrics.record_phase(kind, key[1], key[2], None)
 
 
@@ -298,7 +299,7 @@ def _secret_keys(namespace: str, name: str) -> set[str] | None:
                 _secrets.pop((namespace, name), None)
                 return None  # not cached: the retry must see it as soon as it is created
             raise
-        keys = set((secret.get("data") or {}).keys()) | set(secret.get("stringData") or {})
+        keys = set(secret.get("data") or {})  # stringData is write-only: never read back
         _secrets[(namespace, name)] = (time.monotonic(), keys)
         return keys
 

@@ -24,7 +24,6 @@ PATHS = {
     "Secret": ("/api/v1", "secrets"),
     "Service": ("/api/v1", "services"),
     "ServiceAccount": ("/api/v1", "serviceaccounts"),
-    "Pod": ("/api/v1", "pods"),
     "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     "Job": ("/apis/batch/v1", "jobs"),
@@ -40,10 +39,9 @@ def collection(kind: str, namespace: str) -> str:
     return f"{prefix}/namespaces/{quote(namespace)}/{plural}"
 
 
-def custom(group: str, version: str, namespace: str, plural: str, name: str = "") -> str:
-    """The URL path of a custom resource (or its collection when ``name`` is empty)."""
-    path = f"/apis/{group}/{version}/namespaces/{quote(namespace)}/{plural}"
-    return f"{path}/{quote(name)}" if name else path
+def custom(group: str, version: str, namespace: str, plural: str, name: str) -> str:
+    """The URL path of a custom resource."""
+    return f"/apis/{group}/{version}/namespaces/{quote(namespace)}/{plural}/{quote(name)}"
 
 
 class Kube:
@@ -59,7 +57,6 @@ class Kube:
         body: Any = None,
         *,
         content_type: str = "application/json",
-        query: list[tuple[str, str]] | None = None,
         parse: bool = True,
     ) -> Any:
         """One call; the parsed JSON response (None when ``parse`` is false)."""
@@ -68,7 +65,7 @@ class Kube:
         method, url, headers, _, _ = self.api_client.param_serialize(
             method=method,
             resource_path=path,
-            query_params=query or [],
+            query_params=[],
             header_params=headers,
             auth_settings=["BearerToken"],
         )

@@ -107,29 +107,30 @@ class CachedSample:
         self._shard = shard
         self._index = index
 
+    def _tensor(self, suffix: str, held: torch.Tensor | None) -> torch.Tensor | None:
+        if self._shard is None:
+            return held
+        name = f"{self._index}.{suffix}"
+        return self._shard.get(name) if name in self._shard.names else None
+
     @property
     def latent_params(self) -> torch.Tensor:
         """(2C, h, w): the VAE's mean and log-variance, unscaled."""
-        if self._shard is not None:
-            return self._shard.get(f"{self._index}.latent")
-        assert self._latent is not None
-        return self._latent
+        tensor = self._tensor("latent", self._latent)
+        assert tensor is not None
+        return tensor
 
     @property
     def latent_params_flipped(self) -> torch.Tensor | None:
         """The mirrored image's, when flips are cached."""
-        if self._shard is not None:
-            name = f"{self._index}.latent_flipped"
-            return self._shard.get(name) if name in self._shard.names else None
-        return self._flipped
+        return self._tensor("latent_flipped", self._flipped)
 
     @property
     def text_embeddings(self) -> torch.Tensor:
         """(tokens, D): the text encoder's last hidden state."""
-        if self._shard is not None:
-            return self._shard.get(f"{self._index}.text")
-        assert self._text is not None
-        return self._text
+        tensor = self._tensor("text", self._text)
+        assert tensor is not None
+        return tensor
 
 
 def cache_key(
@@ -202,12 +203,8 @@ class LatentCache:
                     return None
                 samples.extend(_open_shard(path))
                 continue
-            data = self.store.read_range(join(prefix, entry["name"]), 0, int(entry["size"]))
-            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                logger.warning(
-                    "cache shard does not match its manifest; rebuilding",
-                    extra={"prefix": prefix, "shard": entry["name"]},
-                )
+            data = self._verified(prefix, entry)
+            if data is None:
                 return None
             samples.extend(_read_shard(data))
         if len(samples) != int(meta.get("samples", -1)):
@@ -286,6 +283,17 @@ class LatentCache:
         self._commit(key, samples, flips=flips)
         return samples
 
+    def _verified(self, prefix: str, entry: dict[str, Any]) -> bytes | None:
+        """One shard's bytes from the store, or None when they do not match the manifest."""
+        data = self.store.read_range(join(prefix, entry["name"]), 0, int(entry["size"]))
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            logger.warning(
+                "cache shard does not match its manifest; rebuilding",
+                extra={"prefix": prefix, "shard": entry["name"]},
+            )
+            return None
+        return data
+
     def _local_copy(self, prefix: str, entry: dict[str, Any], folder: Path) -> Path | None:
         """A verified local copy of one shard (None if the store's copy is damaged).
 
@@ -296,12 +304,8 @@ class LatentCache:
         stamp = path.with_name(path.name + ".sha256")
         if path.exists() and stamp.exists() and stamp.read_text() == entry["sha256"]:
             return path
-        data = self.store.read_range(join(prefix, entry["name"]), 0, int(entry["size"]))
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            logger.warning(
-                "cache shard does not match its manifest; rebuilding",
-                extra={"prefix": prefix, "shard": entry["name"]},
-            )
+        data = self._verified(prefix, entry)
+        if data is None:
             return None
         folder.mkdir(parents=True, exist_ok=True)
         unique = f"{os.getpid()}-{threading.get_ident()}"
