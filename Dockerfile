@@ -6,28 +6,44 @@
 # /tmp, which the operator mounts as an emptyDir), matching the Pod Security "restricted" profile.
 # The trainer needs no CUDA base image: the PyTorch wheels bring their CUDA libraries, and the
 # node's driver comes in through the NVIDIA container runtime.
+#
+# Layers: the dependencies are installed from pyproject.toml alone, before the source is copied,
+# so a source change rebuilds only the last small layer; pip's cache is a build cache mount.
+# Any image with Python 3.11+ and its venv module works as PYTHON_IMAGE (the tests build one
+# from Debian's packages: tests/infra/images.py).
 
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN groupadd --gid 1000 difftrain \
  && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin difftrain
 
 FROM base AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY trainer trainer
-COPY operator operator
+COPY pyproject.toml ./
+COPY hack/requirements.py hack/
+RUN python3 -m venv /opt/difftrain
 
 FROM build AS build-operator
-RUN python -m venv /opt/difftrain && /opt/difftrain/bin/pip install .
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python3 hack/requirements.py pyproject.toml > requirements.txt \
+ && /opt/difftrain/bin/pip install -r requirements.txt
+COPY README.md ./
+COPY trainer trainer
+COPY operator operator
+RUN --mount=type=cache,target=/root/.cache/pip /opt/difftrain/bin/pip install --no-deps .
 
 FROM build AS build-trainer
-RUN python -m venv /opt/difftrain && /opt/difftrain/bin/pip install '.[train]'
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python3 hack/requirements.py pyproject.toml train > requirements.txt \
+ && /opt/difftrain/bin/pip install -r requirements.txt
+COPY README.md ./
+COPY trainer trainer
+COPY operator operator
+RUN --mount=type=cache,target=/root/.cache/pip /opt/difftrain/bin/pip install --no-deps .
 
 FROM base AS operator
 COPY --from=build-operator /opt/difftrain /opt/difftrain

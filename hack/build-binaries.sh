@@ -45,7 +45,7 @@ build_go() {
 k8s_build() { (cd k8s && go build -ldflags "-s -w" -o "$tmp/" "k8s.io/kubernetes/cmd/$1"); }
 go_install() { GOBIN="$tmp" go install -ldflags "-s -w ${2:-}" "$1"; }
 
-for cmd in kube-apiserver kube-controller-manager kubectl; do
+for cmd in kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet; do
   build_go "$cmd" "kubernetes-$KUBERNETES_VERSION" k8s_build "$cmd"
 done
 build_go minio "minio-$MINIO_MODULE_VERSION" go_install "github.com/minio/minio@$MINIO_MODULE_VERSION"

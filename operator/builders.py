@@ -45,6 +45,8 @@ class OperatorSettings:
     rendezvous_port: int = 29500
     price_per_gpu_hour: float = 0.0
     run_as_user: int = 1000
+    # time a training pod has after SIGTERM to finish its step and commit a checkpoint
+    trainer_grace_seconds: int = 300
 
 
 # libyaml's emitter when PyYAML was built with it: same output, a fraction of the CPU
@@ -259,6 +261,15 @@ def build_training_children(
             "name": "DIFFTRAIN_NUM_PROCESSES",
             "value": str(workers * max(res.gpus_per_worker, 1)),
         },
+        # the rendezvous of this resource only (a namesake applied later gets another uid)
+        {"name": "DIFFTRAIN_RUN_ID", "value": uid},
+        # where the other workers reach this pod's processes (no DNS name needed for them)
+        {"name": "DIFFTRAIN_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        # the launcher waits this long for its processes' checkpoint, inside the grace period
+        {
+            "name": "DIFFTRAIN_STOP_TIMEOUT",
+            "value": str(max(5, settings.trainer_grace_seconds - 15)),
+        },
         *_store_env(spec.storage),
     ]
     pod_extra: Obj = {}
@@ -309,6 +320,7 @@ def build_training_children(
     }
     pod_spec: Obj = {
         "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": settings.trainer_grace_seconds,
         "serviceAccountName": sa_name,
         "securityContext": pod_sc,
         "containers": [container],

@@ -40,6 +40,9 @@ def operator_settings() -> builders.OperatorSettings:
     return builders.OperatorSettings(
         trainer_image=os.environ.get("DIFFTRAIN_TRAINER_IMAGE", defaults.trainer_image),
         price_per_gpu_hour=float(os.environ.get("DIFFTRAIN_PRICE_PER_GPU_HOUR", "0") or 0),
+        trainer_grace_seconds=int(
+            os.environ.get("DIFFTRAIN_TRAINER_GRACE_SECONDS", "") or defaults.trainer_grace_seconds
+        ),
     )
 
 

@@ -16,6 +16,7 @@ from difftrain.models.components import file_sha256
 from difftrain.models.exports import export_single_file
 from difftrain.models.safetensors_meta import read_metadata, save_safetensors
 from difftrain.storage import Credentials, S3Store, StoreConfig
+from tests.weights import assert_outputs_close, assert_same_weights
 
 
 def store(s3) -> S3Store:
@@ -61,7 +62,8 @@ def test_diffusers_folder_from_the_store(s3, tmp_path: Path) -> None:
     assert remote.source == s3.uri("models/tiny")
     assert remote.prediction_type == "v_prediction" and remote.family == "sd1"
     assert remote.identity == local.identity
-    torch.testing.assert_close(unet_out(remote.unet), unet_out(local.unet), rtol=0, atol=0)
+    assert_same_weights(remote.unet, local.unet)
+    assert_outputs_close(unet_out(remote.unet), unet_out(local.unet))
     fetched = {p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file()}
     assert not [f for f in fetched if f.endswith(".bin") or "safety_checker" in f]
     assert "base/unet/diffusion_pytorch_model.safetensors" in fetched
@@ -84,7 +86,8 @@ def test_single_file_and_sibling_tokenizer_from_the_store(s3, tmp_path: Path) ->
     local.tokenizer.save_pretrained(tmp_path / "tok")
     upload(s3, tmp_path / "tok", "ckpt/tokenizer")
     remote = load_base_model(spec, store(s3), work_dir=tmp_path / "r2")
-    torch.testing.assert_close(unet_out(remote.unet), unet_out(local.unet), rtol=0, atol=0)
+    assert_same_weights(remote.unet, local.unet)
+    assert_outputs_close(unet_out(remote.unet), unet_out(local.unet))
     assert remote.tokenizer("a red circle").input_ids == local.tokenizer("a red circle").input_ids
     assert remote.identity == file_sha256(bare)
 

@@ -23,6 +23,7 @@ from difftrain.models.exports import (
     export_single_file,
 )
 from difftrain.models.safetensors_meta import read_metadata
+from tests.weights import assert_outputs_close, assert_same_weights
 
 METADATA = {
     "difftrain.recipe": json.dumps({"method": "lora", "learningRate": 1e-4}),
@@ -94,10 +95,10 @@ def test_diffusers_folder_loads_back_with_the_same_outputs(tiny: Path, tmp_path:
     trained = load(build_tiny_pipeline_folder(tmp_path / "t", seed=9), tmp_path / "w2").unet
     out = export_diffusers(c, tmp_path / "out", unet=trained, metadata=METADATA)
     pipe = StableDiffusionPipeline.from_pretrained(out)
-    torch.testing.assert_close(unet_out(pipe.unet), unet_out(trained), rtol=0, atol=0)
-    torch.testing.assert_close(
-        text_out(c, pipe.text_encoder), text_out(c, c.text_encoder), rtol=0, atol=0
-    )
+    assert_same_weights(pipe.unet, trained)
+    assert_same_weights(pipe.text_encoder, c.text_encoder)
+    assert_outputs_close(unet_out(pipe.unet), unet_out(trained))
+    assert_outputs_close(text_out(c, pipe.text_encoder), text_out(c, c.text_encoder))
     files = sorted(out.rglob("*.safetensors"))
     assert {f.parent.name for f in files} == {"unet", "vae", "text_encoder"}
     for path in files:
@@ -136,8 +137,9 @@ def test_controlnet_folder_loads_back(tiny: Path, tmp_path: Path) -> None:
     with torch.no_grad():
         ours = controlnet(*args, return_dict=False)
         theirs = loaded(*args, return_dict=False)
+    assert_same_weights(loaded, controlnet)
     for a, b in zip(ours[0], theirs[0], strict=True):
-        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        assert_outputs_close(b, a)
     assert_metadata(out / "diffusion_pytorch_model.safetensors")
 
 
@@ -159,17 +161,13 @@ def test_single_file_loads_back_in_diffusers_from_single_file(
     )
     assert_metadata(path)
     pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(folder))
-    torch.testing.assert_close(unet_out(pipe.unet), unet_out(unet), rtol=0, atol=0)
-    torch.testing.assert_close(
-        text_out(c, pipe.text_encoder), text_out(c, c.text_encoder), rtol=0, atol=0
-    )
+    assert_outputs_close(unet_out(pipe.unet), unet_out(unet))
+    assert_outputs_close(text_out(c, pipe.text_encoder), text_out(c, c.text_encoder))
     images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        torch.testing.assert_close(
+        assert_outputs_close(
             pipe.vae(images, sample_posterior=False).sample,
             c.vae(images, sample_posterior=False).sample,
-            rtol=0,
-            atol=0,
         )
     assert pipe.scheduler.config["prediction_type"] == prediction
     keys = load_file(path).keys()

@@ -19,6 +19,7 @@ from difftrain.models.ldm import text_to_ldm, unet_to_ldm, vae_to_ldm
 from difftrain.models.ldm_configs import text_config, unet_config, vae_config
 from difftrain.models.safetensors_meta import read_metadata, save_safetensors
 from tests.sd_checkpoints import CLIP_L, SD2_UNET, SD15_UNET, SD_VAE, checkpoint_shapes
+from tests.weights import assert_outputs_close, assert_same_weights
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +157,7 @@ def test_hub_id_offline_gives_model_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("linear", "prediction"), [(False, "epsilon"), (True, "v_prediction")], ids=["sd1", "sd2"]
 )
-def test_single_file_round_trip_gives_identical_outputs(
+def test_single_file_round_trip_gives_the_same_outputs(
     tmp_path: Path, linear: bool, prediction: str
 ) -> None:
     folder = build_tiny_pipeline_folder(
@@ -169,9 +170,11 @@ def test_single_file_round_trip_gives_identical_outputs(
     loaded = load(path, tmp_path / "b")
     assert (loaded.family, loaded.prediction_type) == (original.family, prediction)
     assert loaded.scheduler_config["beta_schedule"] == "scaled_linear"
+    for part in ("unet", "vae", "text_encoder"):
+        assert_same_weights(getattr(loaded, part), getattr(original, part))
     ours, theirs = outputs(original), outputs(loaded)
     for name in ours:
-        torch.testing.assert_close(theirs[name], ours[name], rtol=0, atol=0)
+        assert_outputs_close(theirs[name], ours[name])
     assert (
         loaded.tokenizer("a red circle").input_ids == original.tokenizer("a red circle").input_ids
     )

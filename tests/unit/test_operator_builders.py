@@ -144,6 +144,20 @@ def test_several_workers_get_an_indexed_job_and_a_headless_service():
     assert "job-completion-index" in env["DIFFTRAIN_MACHINE_RANK"]["fieldRef"]["fieldPath"]
 
 
+def test_workers_meet_at_a_rendezvous_of_their_own_and_have_time_to_checkpoint():
+    settings = OperatorSettings(trainer_grace_seconds=600)
+    job = build_training_children(
+        training_job(resources={"workers": 2, "gpusPerWorker": 1}), uid="uid-1", settings=settings
+    ).job
+    pod = job["spec"]["template"]["spec"]
+    env = env_of(container(job))
+    assert env["DIFFTRAIN_RUN_ID"] == "uid-1"
+    assert env["DIFFTRAIN_POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    # the launcher's wait for its processes' checkpoint ends inside the pod's grace period
+    assert pod["terminationGracePeriodSeconds"] == 600
+    assert 0 < int(env["DIFFTRAIN_STOP_TIMEOUT"]) < 600
+
+
 def test_pods_meet_the_restricted_profile():
     for obj in (
         build_training_children(training_job(), "u", SETTINGS).job,

@@ -22,7 +22,7 @@ from difftrain.train.checkpoint import (
     unflatten_state,
 )
 from difftrain.train.ema import EMA
-from difftrain.train.launch import Topology, combined_exit_code, process_env
+from difftrain.train.launch import Topology, combined_exit_code, rendezvous_parameters
 from difftrain.train.metrics import TrainingMetrics
 from difftrain.train.report import format_eta, progress_text
 from difftrain.train.sampling import image_grid, should_sample
@@ -233,19 +233,35 @@ def test_launcher_exit_code_tells_the_operator_what_happened(codes, expected):
     assert combined_exit_code(codes) == expected
 
 
-def test_process_ranks_follow_the_machine_rank():
+@pytest.mark.parametrize(
+    ("machines", "gpus", "per_machine"), [(1, 1, 1), (1, 4, 4), (2, 1, 1), (3, 2, 2)]
+)
+def test_every_topology_with_more_than_one_process_is_launched(machines, gpus, per_machine):
+    """N workers x M GPUs: one process group of N*M ranks (2 x 1 used to train 2 copies)."""
     topo = Topology.from_env(
         {
-            "DIFFTRAIN_NUM_MACHINES": "2",
-            "DIFFTRAIN_NUM_PROCESSES": "8",
-            "DIFFTRAIN_MACHINE_RANK": "1",
-            "DIFFTRAIN_MAIN_ADDRESS": "job-0.svc",
+            "DIFFTRAIN_NUM_MACHINES": str(machines),
+            "DIFFTRAIN_NUM_PROCESSES": str(machines * gpus),
+            "DIFFTRAIN_MACHINE_RANK": str(machines - 1),
+            "DIFFTRAIN_MAIN_ADDRESS": "job-0.job-workers.ns.svc",
             "DIFFTRAIN_MAIN_PORT": "29400",
+            "DIFFTRAIN_JOB_NAME": "pokemon",
         }
     )
-    env = process_env(topo, 2, {})
-    assert env["RANK"] == "6" and env["WORLD_SIZE"] == "8" and env["LOCAL_WORLD_SIZE"] == "4"
-    assert env["MASTER_ADDR"] == "job-0.svc" and env["MASTER_PORT"] == "29400"
+    assert topo.per_machine == per_machine and topo.world_size == machines * gpus
+    assert topo.needs_launcher == (machines * gpus > 1)
+    params = rendezvous_parameters(topo)
+    assert (params.backend, params.min_nodes, params.max_nodes) == ("c10d", machines, machines)
+    assert params.endpoint == "job-0.job-workers.ns.svc:29400"
+    # only machine 0 hosts the rendezvous store, whatever its host name
+    assert params.get_as_bool("is_host") == (machines == 1)
+    assert params.run_id == "pokemon"
+
+
+def test_processes_flag_counts_processes_on_this_machine():
+    topo = Topology.from_env({}, processes=2)
+    assert (topo.num_machines, topo.per_machine, topo.world_size) == (1, 2, 2)
+    assert not Topology.from_env({}).needs_launcher
 
 
 def test_eta_and_progress_texts():

@@ -116,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _quiet_libraries()
     env = dict(os.environ)
     topology = Topology.from_env(env, args.processes)
-    if topology.per_machine > 1 and not inside_launcher(env):
+    if topology.needs_launcher and not inside_launcher(env):
         return launch(sys.argv[1:], topology)
 
     work_dir = args.work_dir or (DEFAULT_LOCAL_DIR if args.local or args.job is None else None)
