@@ -42,11 +42,17 @@ build_go() {
   if [ -x "$vdir/$name" ]; then ln -sf "$vdir/$name" "$out/$name"; fi
 }
 
-k8s_build() { (cd k8s && go build -ldflags "-s -w" -o "$tmp/" "k8s.io/kubernetes/cmd/$1"); }
+# The version is stamped as Kubernetes' own build does, so servers and nodes report v1.30.x (Helm
+# checks a chart's kubeVersion against it).
+k8s_version_flags() {
+  local v=${KUBERNETES_VERSION#v} pkg=k8s.io/component-base/version
+  echo "-X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=${v%%.*} -X $pkg.gitMinor=$(echo "$v" | cut -d. -f2)"
+}
+k8s_build() { (cd k8s && go build -ldflags "-s -w $(k8s_version_flags)" -o "$tmp/" "k8s.io/kubernetes/cmd/$1"); }
 go_install() { GOBIN="$tmp" go install -ldflags "-s -w ${2:-}" "$1"; }
 
-for cmd in kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet; do
-  build_go "$cmd" "kubernetes-$KUBERNETES_VERSION" k8s_build "$cmd"
+for cmd in kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet kube-proxy; do
+  build_go "$cmd" "kubernetes-$KUBERNETES_VERSION-stamped" k8s_build "$cmd"
 done
 build_go minio "minio-$MINIO_MODULE_VERSION" go_install "github.com/minio/minio@$MINIO_MODULE_VERSION"
 build_go helm "helm-$HELM_VERSION" go_install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \

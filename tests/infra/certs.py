@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +47,11 @@ def _name(cn: str, org: str | None = None) -> x509.Name:
     return x509.Name(attrs)
 
 
-def generate(directory: Path) -> PKI:
-    """Write a CA, serving and client certificates and the service-account key pair."""
+def generate(directory: Path, extra_ips: Sequence[str] = ()) -> PKI:
+    """Write a CA, serving and client certificates and the service-account key pair.
+
+    ``extra_ips``: more addresses the API server's certificate is valid for (a node's bridge).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     later = now + dt.timedelta(days=2)
@@ -109,6 +113,10 @@ def generate(directory: Path) -> PKI:
             x509.DNSName("kubernetes.default.svc"),
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
             x509.IPAddress(ipaddress.ip_address("10.0.0.1")),
+            *(
+                x509.IPAddress(ipaddress.ip_address(ip))
+                for ip in sorted(set(extra_ips) - {"127.0.0.1", "10.0.0.1"})
+            ),
         ],
     )
     admin_cert, admin_key = leaf("admin", "system:masters", ExtendedKeyUsageOID.CLIENT_AUTH, [])

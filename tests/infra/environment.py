@@ -24,12 +24,20 @@ from tests.infra import certs
 from tests.infra.processes import ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parents[2]
+# what the test infrastructure builds once per machine (binaries, images, containerd's store)
+CACHE_ROOT = Path(
+    os.environ.get("DIFFTRAIN_CACHE")
+    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "difftrain"
+)
 BUILD_SCRIPT = REPO / "hack" / "build-binaries.sh"
 BINARIES = (
     "etcd",
     "kube-apiserver",
     "kube-controller-manager",
     "kubectl",
+    "kube-scheduler",
+    "kubelet",
+    "kube-proxy",
     "minio",
     "helm",
     "kwok",
@@ -64,13 +72,19 @@ class ControlPlane:
     processes: list[ServerProcess] = field(default_factory=list)
     api_port: int = 0
     kubeconfig: Path = Path()
+    # where the API server listens: loopback, or a real node's bridge address that pods reach
+    address: str = "127.0.0.1"
+    pki: certs.PKI | None = None
+    # a real node needs the node lifecycle controller (it lifts the not-ready taint); simulated
+    # nodes are left alone
+    node_lifecycle: bool = False
 
     @property
     def server_url(self) -> str:
-        return f"https://127.0.0.1:{self.api_port}"
+        return f"https://{self.address}:{self.api_port}"
 
     def start(self) -> None:
-        pki = certs.generate(self.work_dir / "pki")
+        pki = self.pki = certs.generate(self.work_dir / "pki", extra_ips=[self.address])
         etcd_port, peer_port = free_port(), free_port()
         self.api_port = free_port()
         etcd = ServerProcess(
@@ -104,8 +118,8 @@ class ControlPlane:
             [
                 str(self.bin_dir / "kube-apiserver"),
                 f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
                 f"--secure-port={self.api_port}",
                 f"--tls-cert-file={pki.server_cert}",
                 f"--tls-private-key-file={pki.server_key}",
@@ -115,6 +129,8 @@ class ControlPlane:
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--authorization-mode=RBAC",
+                # a real node is reached at its address (there is no DNS for node names)
+                "--kubelet-preferred-address-types=InternalIP",
                 "--allow-privileged=true",
                 "--enable-priority-and-fairness=false",
                 f"--cert-dir={self.work_dir / 'apiserver-certs'}",
@@ -178,7 +194,8 @@ class ControlPlane:
                 f"--cluster-signing-cert-file={pki.ca_cert}",
                 f"--cluster-signing-key-file={pki.ca_key}",
                 "--use-service-account-credentials=false",
-                "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service-lb-controller",
+                "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller"
+                + ("" if self.node_lifecycle else ",-nodelifecycle"),
                 "--concurrent-gc-syncs=5",
                 "--v=1",
             ],
@@ -224,10 +241,11 @@ class MinioServer:
     secret_key: str = field(default_factory=lambda: os.urandom(12).hex())
     port: int = 0
     process: ServerProcess | None = None
+    address: str = "127.0.0.1"
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.address}:{self.port}"
 
     def start(self) -> None:
         self.port = free_port()
