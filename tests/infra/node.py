@@ -197,7 +197,10 @@ state = "{base / "state"}"
         self.ctr("images", "import", "--no-unpack=false", str(archive), timeout=1800)
 
     def stop(self) -> None:
-        if self.process is not None:
+        if self.process is not None and self.process.proc is not None:
+            # the shims outlive containerd: stop what the kubelet did not
+            if self.process.proc.poll() is None:
+                self._remove_leftovers()
             self.process.stop(grace=20)
 
 
@@ -326,10 +329,45 @@ class Node:
             "patch", "node", NODE_NAME, "--subresource=status", "--type=json", "-p", patch
         )
 
+    def drain(self, timeout: float = 60) -> None:
+        """Every pod deleted and its sandbox torn down by the kubelet (containers, netns, mounts)."""
+        self.control_plane.kubectl(
+            "delete",
+            "pods",
+            "--all",
+            "--all-namespaces",
+            "--grace-period=0",
+            "--force",
+            "--wait=false",
+            check=False,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if not self.containerd.ctr("tasks", "ls", "-q", timeout=10).stdout.split():
+                    return
+            except (RuntimeError, subprocess.TimeoutExpired):
+                return
+            time.sleep(1)
+
     def stop(self) -> None:
+        if self.processes:
+            self.drain()
         for proc in reversed(self.processes):
             proc.stop(grace=20)
         self.processes.clear()
+
+
+def unmount_under(folder: Path) -> None:
+    """Unmount what a kubelet or containerd left mounted under ``folder`` (deepest first)."""
+    prefix = str(folder.resolve()) + "/"
+    mounts = [
+        line.split()[1]
+        for line in Path("/proc/self/mounts").read_text().splitlines()
+        if line.split()[1].startswith(prefix)
+    ]
+    for point in sorted(mounts, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
 @dataclass
@@ -369,6 +407,11 @@ class NodeCluster:
             raise
 
     def stop(self) -> None:
-        for part in (self.node, self.control_plane, self.containerd, self.minio):
+        if self.node is not None:
+            self.node.stop()
+        if self.containerd is not None:
+            self.containerd.stop()
+        for part in (self.control_plane, self.minio):
             if part is not None:
                 part.stop()
+        unmount_under(self.work_dir)
