@@ -1,9 +1,10 @@
 """The product as users run it: our images on a real node, the chart installed with helm.
 
-One cluster for the e2e tests (torn down after them): a control plane and MinIO on the node's bridge address, the node
-(containerd, kubelet, kube-proxy, scheduler), the images built from our Dockerfile and imported,
-and the chart installed with `helm install`, its operator running as a pod with the chart's
-ServiceAccount. Each test gets a namespace with the store Secret and a bucket of its own.
+One cluster for the e2e tests (torn down after them): a control plane and MinIO on the node's
+bridge address, the node (containerd, kubelet, kube-proxy, scheduler), the images built from our
+Dockerfile and imported, and the chart installed with `helm install`, its operator running as a
+pod with the chart's ServiceAccount. Each test gets a namespace with the store Secret and a
+bucket of its own.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def e2e_namespace(cluster: Cluster) -> Iterator[str]:
 
 
 @pytest.fixture
-def store(cluster: Cluster, e2e_namespace: str) -> Iterator[S3Endpoint]:
+def store(cluster: Cluster, e2e_namespace: str) -> S3Endpoint:
     """A bucket in the cluster's MinIO and the Secret with its keys in the test's namespace."""
     minio = cluster.nodes.minio
     assert minio is not None
@@ -159,7 +160,7 @@ def store(cluster: Cluster, e2e_namespace: str) -> Iterator[S3Endpoint]:
         f"--from-literal=accessKey={ep.access_key}",
         f"--from-literal=secretKey={ep.secret_key}",
     )
-    yield ep
+    return ep
 
 
 def upload_folder(ep: S3Endpoint, folder: Path, prefix: str) -> None:

@@ -330,7 +330,7 @@ class Node:
         )
 
     def drain(self, timeout: float = 60) -> None:
-        """Every pod deleted and its sandbox torn down by the kubelet (containers, netns, mounts)."""
+        """Every pod deleted and its sandbox torn down by the kubelet (containers, netns)."""
         self.control_plane.kubectl(
             "delete",
             "pods",
