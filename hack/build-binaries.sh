@@ -59,16 +59,24 @@ build_go helm "helm-$HELM_VERSION" go_install "helm.sh/helm/v3/cmd/helm@$HELM_VE
   "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 build_go kwok "kwok-$KWOK_VERSION" go_install "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
 
-# etcd: a ready binary, else Debian's etcd-server package (installed when missing and we are root).
-if ! link_ready etcd; then
-  if ! command -v etcd >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-      log "installing Debian's etcd-server"
-      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server) >&2
-    else
-      log "etcd is missing: install Debian's etcd-server or set DIFFTRAIN_TEST_ASSETS"; exit 1
-    fi
+# Debian's packages: etcd, and the real test node's runtime, network and image tools (installed
+# when missing and we are root; tests/infra/node.py names what is missing otherwise).
+packages=()
+if ! link_ready etcd && ! command -v etcd >/dev/null 2>&1; then packages+=(etcd-server); fi
+for pair in containerd:containerd runc:runc buildah:buildah debootstrap:debootstrap \
+            iptables:iptables gcc:gcc; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || packages+=("${pair#*:}")
+done
+[ -x /usr/lib/cni/bridge ] || packages+=(containernetworking-plugins)
+if [ ${#packages[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing Debian's ${packages[*]}"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}") >&2
+  elif [[ " ${packages[*]} " == *" etcd-server "* ]]; then
+    log "etcd is missing: install Debian's etcd-server or set DIFFTRAIN_TEST_ASSETS"; exit 1
+  else
+    log "not root: the real node's tests need Debian's ${packages[*]}"
   fi
-  ln -sf "$(command -v etcd)" "$out/etcd"
 fi
+if ! link_ready etcd; then ln -sf "$(command -v etcd)" "$out/etcd"; fi
 echo "$out"

@@ -307,7 +307,9 @@ def build_training_children(
         "name": CONTAINER,
         "image": res.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "args": ["run", f"{CONFIG_MOUNT}/job.yaml"],
+        "args": ["run", f"{CONFIG_MOUNT}/job.yaml", "--termination-log", "/dev/termination-log"],
+        # a configuration error's one line reaches the resource's Failed condition
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "env": env,
         "ports": [{"name": "metrics", "containerPort": settings.metrics_port}],
         "resources": resources,

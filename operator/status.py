@@ -92,10 +92,11 @@ def fold(observed: Observed, at: dt.datetime | None = None) -> Folded:
         )
     if cond := _job_condition(job, "Failed"):
         reason = cond.get("reason") or "Failed"
+        said = _failure_message(pods)
         return Folded(
             "Failed",
             reason,
-            cond.get("message") or "the Job failed",
+            said or cond.get("message") or "the Job failed",
             restarts,
             start,
             cond.get("lastTransitionTime"),
@@ -134,6 +135,16 @@ def fold(observed: Observed, at: dt.datetime | None = None) -> Folded:
         )
     waiting = _waiting_reason(pods)
     return Folded("Pending", waiting[0], waiting[1], restarts, start, None, hours)
+
+
+def _failure_message(pods: list[Obj]) -> str:
+    """What a failed trainer said last (its termination message: one line naming the field)."""
+    for pod in pods:
+        for cs in pod.get("status", {}).get("containerStatuses") or []:
+            ended = (cs.get("state") or {}).get("terminated") or {}
+            if ended.get("exitCode") not in (None, 0) and ended.get("message"):
+                return str(ended["message"]).strip().splitlines()[-1][:1000]
+    return ""
 
 
 def _waiting_reason(pods: list[Obj]) -> tuple[str, str]:

@@ -17,13 +17,16 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from tests.conftest import S3Endpoint
 from tests.infra import images
 from tests.infra.environment import REPO, ControlPlane, binary_dir
 from tests.infra.node import PAUSE_IMAGE, NodeCluster, missing_prerequisites
+from tests.training import prepare_local_inputs
 
 CHART = REPO / "charts" / "difftrain"
 RELEASE = "difftrain"
@@ -129,17 +132,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         nodes.stop()
 
 
-@pytest.fixture
-def e2e_namespace(cluster: Cluster) -> Iterator[str]:
+def new_namespace(cluster: Cluster) -> str:
     name = f"e2e-{uuid.uuid4().hex[:8]}"
     cluster.kubectl("create", "namespace", name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    return name
 
 
-@pytest.fixture
-def store(cluster: Cluster, e2e_namespace: str) -> S3Endpoint:
-    """A bucket in the cluster's MinIO and the Secret with its keys in the test's namespace."""
+def new_store(cluster: Cluster, namespace: str, secret_key: str | None = None) -> S3Endpoint:
+    """A bucket in the cluster's MinIO and the Secret with its keys in ``namespace``.
+
+    ``secret_key`` replaces the real secret key in the Secret (a wrong one, for the drills).
+    """
     minio = cluster.nodes.minio
     assert minio is not None
     ep = S3Endpoint(
@@ -148,19 +151,114 @@ def store(cluster: Cluster, e2e_namespace: str) -> S3Endpoint:
         secret_key=minio.secret_key,
         bucket=f"e2e-{uuid.uuid4().hex[:10]}",
     )
-    client = ep.client()
-    client.make_bucket(ep.bucket)
+    ep.client().make_bucket(ep.bucket)
     cluster.kubectl(
         "create",
         "secret",
         "generic",
         SECRET,
         "-n",
-        e2e_namespace,
+        namespace,
         f"--from-literal=accessKey={ep.access_key}",
-        f"--from-literal=secretKey={ep.secret_key}",
+        f"--from-literal=secretKey={secret_key or ep.secret_key}",
     )
     return ep
+
+
+@pytest.fixture
+def e2e_namespace(cluster: Cluster) -> Iterator[str]:
+    name = new_namespace(cluster)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def store(cluster: Cluster, e2e_namespace: str) -> S3Endpoint:
+    return new_store(cluster, e2e_namespace)
+
+
+@pytest.fixture(scope="package")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model and the shapes dataset, as `make local` writes them."""
+    return prepare_local_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+def tiny_job(store: S3Endpoint, name: str, **hyperparameters: Any) -> dict[str, Any]:
+    """examples/tiny-job.yaml, pointed at a test's bucket and the cluster's MinIO."""
+    job: dict[str, Any] = yaml.safe_load((REPO / "examples" / "tiny-job.yaml").read_text())
+    spec = job["spec"]
+    job["metadata"]["name"] = name
+    spec["baseModel"]["uri"] = store.uri("models/tiny")
+    spec["dataset"]["uri"] = store.uri("datasets/shapes")
+    spec["output"]["uri"] = store.uri(f"runs/{name}")
+    spec["storage"]["endpoint"] = store.endpoint
+    spec["hyperparameters"].update(hyperparameters)
+    return job
+
+
+def upload_inputs(store: S3Endpoint, inputs: Path) -> None:
+    upload_folder(store, inputs / "base-model", "models/tiny")
+    upload_folder(store, inputs / "dataset", "datasets/shapes")
+
+
+def apply(cluster: Cluster, namespace: str, obj: dict[str, Any], folder: Path) -> None:
+    path = folder / f"{obj['kind']}-{obj['metadata']['name']}.yaml"
+    path.write_text(yaml.safe_dump(obj))
+    cluster.kubectl("apply", "-n", namespace, "-f", str(path))
+
+
+def describe(cluster: Cluster, kind: str, name: str, namespace: str) -> str:
+    """Pods, the trainer's log and the resource, for a failure's message."""
+    pods = cluster.kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False).stdout
+    logs = cluster.kubectl(
+        "logs", "-n", namespace, "-l", f"difftrain.dev/job={name}", "--tail=40", check=False
+    )
+    status = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "yaml", check=False)
+    return f"{pods}\n{logs.stdout}{logs.stderr}\n{status.stdout[-3000:]}"
+
+
+def wait_condition(
+    cluster: Cluster, kind: str, name: str, namespace: str, condition: str, timeout: int
+) -> None:
+    done = cluster.kubectl(
+        "wait",
+        f"--for=condition={condition}",
+        f"--timeout={timeout}s",
+        f"{kind}/{name}",
+        "-n",
+        namespace,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise AssertionError(
+            f"{kind}/{name} not {condition} in {timeout}s:\n"
+            + describe(cluster, kind, name, namespace)
+        )
+
+
+def wait_for(
+    cluster: Cluster, kind: str, name: str, namespace: str, what: str, test: Any, timeout: float
+) -> dict[str, Any]:
+    """Poll the resource until ``test(obj)`` holds; the object then."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+        if got.returncode == 0:
+            obj: dict[str, Any] = json.loads(got.stdout)
+            if test(obj):
+                return obj
+        time.sleep(0.5)
+    raise AssertionError(
+        f"{kind}/{name}: not {what} in {timeout}s:\n" + describe(cluster, kind, name, namespace)
+    )
+
+
+def pods_of(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    out = cluster.kubectl(
+        "get", "pods", "-n", namespace, "-l", f"difftrain.dev/job={name}", "-o", "json"
+    ).stdout
+    items: list[dict[str, Any]] = json.loads(out)["items"]
+    return items
 
 
 def upload_folder(ep: S3Endpoint, folder: Path, prefix: str) -> None:

@@ -158,3 +158,16 @@ def test_ready_turns_true_once_the_children_exist_and_keeps_its_time():
         }
     ]
     assert with_ready(ready, job_exists=True) is ready  # no new transition time, no write
+
+
+def test_a_failed_job_says_what_the_trainer_said():
+    failed = pod(phase="Failed", finished="2026-11-26T11:10:00Z")
+    failed["status"]["containerStatuses"][0]["state"]["terminated"].update(
+        exitCode=3, message="difftrain run: storage.secretRef: the store refused the keys\n"
+    )
+    cond = {"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "rule 2"}
+    folded = fold(observed(job([cond]), [failed]), at=T0)
+    assert (folded.phase, folded.reason) == ("Failed", "PodFailurePolicy")
+    assert folded.message == "difftrain run: storage.secretRef: the store refused the keys"
+    # without a message from the pod, the Job's own
+    assert fold(observed(job([cond]), [pod(phase="Failed")]), at=T0).message == "rule 2"

@@ -1,0 +1,203 @@
+"""Fault drills on the real node: what breaks, what the system promises, what it did.
+
+Each drill prints one line of figures (``drill ...``) that docs/RELIABILITY.md is written from.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import S3Endpoint
+from tests.e2e.conftest import (
+    Cluster,
+    apply,
+    new_store,
+    pods_of,
+    tiny_job,
+    upload_inputs,
+    wait_condition,
+    wait_for,
+)
+
+LONG_STEPS = 80
+EVERY = 20
+
+
+def _checkpoints(store: S3Endpoint, name: str) -> list[int]:
+    """Steps of the committed checkpoints (those whose manifest is written)."""
+    prefix = f"runs/{name}/checkpoints/"
+    steps = []
+    for obj in store.client().list_objects(store.bucket, prefix, recursive=True):
+        if obj.object_name.endswith("/_manifest.json"):
+            steps.append(int(obj.object_name[len(prefix) :].split("/")[0].removeprefix("step-")))
+    return sorted(steps)
+
+
+def _state(store: S3Endpoint, name: str, step: int) -> dict[str, Any]:
+    key = f"runs/{name}/checkpoints/step-{step:08d}/state.json"
+    state: dict[str, Any] = json.loads(store.client().get_object(store.bucket, key).read())
+    return state["state"]  # type: ignore[no-any-return]
+
+
+def _pod_states(watch: subprocess.Popen[str], timeout: float) -> list[dict[str, Any]]:
+    """The pod objects a ``kubectl get --watch -o json`` printed until it terminated."""
+    lines: list[str] = []
+    out = watch.stdout
+    assert out is not None
+    reader = threading.Thread(target=lambda: lines.extend(iter(out.readline, "")))
+    reader.start()
+    decoder = json.JSONDecoder()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            text, seen = "".join(lines).strip(), []
+            while text:
+                try:
+                    obj, end = decoder.raw_decode(text)
+                except json.JSONDecodeError:
+                    break
+                text = text[end:].strip()
+                seen.append(obj)
+                statuses = obj.get("status", {}).get("containerStatuses") or []
+                if any((cs.get("state") or {}).get("terminated") for cs in statuses):
+                    return seen
+            time.sleep(0.5)
+    finally:
+        watch.kill()
+        watch.wait()
+        reader.join(timeout=5)
+    raise AssertionError(f"the pod did not terminate in {timeout}s")
+
+
+def _running_pod(cluster: Cluster, namespace: str, name: str) -> str:
+    for pod in pods_of(cluster, namespace, name):
+        if pod["status"].get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
+            return str(pod["metadata"]["name"])
+    raise AssertionError("no running trainer pod")
+
+
+def test_wrong_credentials_fail_the_job_at_once_with_a_clear_condition(
+    cluster: Cluster, e2e_namespace: str, inputs: Path, tmp_path: Path
+):
+    store = new_store(cluster, e2e_namespace, secret_key="not-the-secret-key")
+    upload_inputs(store, inputs)  # the test's own client has the right keys
+    started = time.monotonic()
+    apply(cluster, e2e_namespace, tiny_job(store, "badkeys"), tmp_path)
+    wait_condition(cluster, "dtj", "badkeys", e2e_namespace, "Failed", 180)
+    seconds = time.monotonic() - started
+    status = cluster.get("dtj", "badkeys", e2e_namespace)["status"]
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True"
+    # the trainer's own line, naming what to fix, reaches the condition
+    assert "difftrain run:" in failed["message"], failed
+    assert "Traceback" not in failed["message"]
+    # a configuration error is not retried: one pod, ended with exit code 3
+    pods = pods_of(cluster, e2e_namespace, "badkeys")
+    assert len(pods) == 1
+    ended = pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert ended["exitCode"] == 3
+    print(f"\ndrill wrong-credentials: Failed after {seconds:.1f} s, pods=1, exit=3")
+
+
+@pytest.mark.parametrize("how", ["delete", "evict"])
+def test_an_interrupted_pod_checkpoints_and_a_new_pod_resumes_to_exactly_max_steps(
+    cluster: Cluster, e2e_namespace: str, store: S3Endpoint, inputs: Path, tmp_path: Path, how
+):
+    """SIGTERM (pod deleted) or preemption (Eviction API): a checkpoint at the step reached,
+    exit 75, a new pod from that checkpoint, no retry of the backoff limit used."""
+    upload_inputs(store, inputs)
+    name = f"long-{how}"
+    job = tiny_job(store, name, maxSteps=LONG_STEPS)
+    job["spec"]["checkpointing"] = {"everySteps": EVERY, "keepLast": 20}
+    apply(cluster, e2e_namespace, job, tmp_path)
+    wait_for(
+        cluster,
+        "dtj",
+        name,
+        e2e_namespace,
+        f"past step {EVERY + 5}",
+        lambda o: (o.get("status") or {}).get("step", 0) > EVERY + 5,
+        300,
+    )
+    pod = _running_pod(cluster, e2e_namespace, name)
+    # every state the pod passes through, before it is gone
+    watch = subprocess.Popen(
+        [
+            str(cluster.control_plane.bin_dir / "kubectl"),
+            f"--kubeconfig={cluster.control_plane.kubeconfig}",
+            "get",
+            "pod",
+            pod,
+            "-n",
+            e2e_namespace,
+            "--watch",
+            "-o",
+            "json",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1)
+    interrupted = time.monotonic()
+    if how == "delete":
+        cluster.kubectl("delete", "pod", pod, "-n", e2e_namespace, "--wait=false")
+    else:
+        eviction = tmp_path / "eviction.json"
+        eviction.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "policy/v1",
+                    "kind": "Eviction",
+                    "metadata": {"name": pod, "namespace": e2e_namespace},
+                }
+            )
+        )
+        cluster.kubectl(
+            "create",
+            "--raw",
+            f"/api/v1/namespaces/{e2e_namespace}/pods/{pod}/eviction",
+            "-f",
+            str(eviction),
+        )
+    seen = _pod_states(watch, timeout=120)
+    # the stopped pod said so: exit 75 after its checkpoint
+    ended = next(
+        cs["state"]["terminated"]
+        for obj in seen
+        for cs in obj.get("status", {}).get("containerStatuses") or []
+        if (cs.get("state") or {}).get("terminated")
+    )
+    assert ended["exitCode"] == 75, ended
+    if how == "evict":
+        conditions = {c["type"] for obj in seen for c in obj["status"].get("conditions", [])}
+        assert "DisruptionTarget" in conditions
+    checkpoint_s = time.monotonic() - interrupted
+    wait_condition(cluster, "dtj", name, e2e_namespace, "Succeeded", 600)
+    recovered_s = time.monotonic() - interrupted
+
+    steps = _checkpoints(store, name)
+    stop_step = next(s for s in steps if s % EVERY)  # the SIGTERM checkpoint, off the schedule
+    assert steps[-1] == LONG_STEPS
+    final = _state(store, name, LONG_STEPS)
+    # no step lost or trained twice: every image of every step counted once
+    assert final["step"] == LONG_STEPS and final["images_seen"] == LONG_STEPS * 4
+    job = cluster.get("job", name, e2e_namespace)
+    assert not job["status"].get("failed"), job["status"]  # the backoff limit is untouched
+    status = cluster.get("dtj", name, e2e_namespace)["status"]
+    assert status["step"] == LONG_STEPS
+    # the new pod resumed from the stop's own checkpoint: nothing trained was lost
+    (new_pod,) = [p for p in pods_of(cluster, e2e_namespace, name) if p["metadata"]["name"] != pod]
+    log = cluster.kubectl("logs", new_pod["metadata"]["name"], "-n", e2e_namespace).stdout
+    assert f"resumed checkpoint={store.uri(f'runs/{name}/checkpoints/step-{stop_step:08d}')}" in log
+    lost = 0
+    print(
+        f"\ndrill {how}: stopped at step {stop_step} (checkpoint {checkpoint_s:.1f} s after "
+        f"the signal), steps lost {lost}, Succeeded {recovered_s:.1f} s after it"
+    )
