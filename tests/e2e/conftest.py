@@ -29,6 +29,8 @@ from tests.infra.node import PAUSE_IMAGE, NodeCluster, missing_prerequisites
 from tests.training import prepare_local_inputs
 
 CHART = REPO / "charts" / "difftrain"
+# the drills' figures, one line each, for docs/RELIABILITY.md (build/ is not committed)
+REPORT = REPO / "build" / "e2e-report.txt"
 RELEASE = "difftrain"
 RELEASE_NS = "difftrain-system"
 SECRET = "minio-credentials"
@@ -67,6 +69,14 @@ class Cluster:
         out = self.kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout
         obj: dict = json.loads(out)
         return obj
+
+
+def report(line: str) -> None:
+    """Print a figure line and keep it in build/e2e-report.txt."""
+    print("\n" + line)
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    with REPORT.open("a", encoding="utf-8") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
 
 def _import(nodes: NodeCluster, ref: str) -> float:
@@ -124,7 +134,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "180s",
         )
         timings["helm install"] = time.monotonic() - install
-        print("\ne2e cluster set-up (s):", json.dumps({k: round(v, 1) for k, v in timings.items()}))
+        shown = json.dumps({k: round(v, 1) for k, v in timings.items()})
+        report(f"e2e cluster set-up (s, 0 = reused): {shown}")
+        report(
+            f"images: operator {images.image_size(operator)}, trainer {images.image_size(trainer)}"
+        )
         yield found
     finally:
         if os.environ.get("DIFFTRAIN_KEEP_LOGS"):

@@ -20,6 +20,7 @@ from tests.e2e.conftest import (
     apply,
     new_store,
     pods_of,
+    report,
     tiny_job,
     upload_inputs,
     wait_condition,
@@ -103,7 +104,7 @@ def test_wrong_credentials_fail_the_job_at_once_with_a_clear_condition(
     assert len(pods) == 1
     ended = pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]
     assert ended["exitCode"] == 3
-    print(f"\ndrill wrong-credentials: Failed after {seconds:.1f} s, pods=1, exit=3")
+    report(f"drill wrong-credentials: Failed after {seconds:.1f} s, pods=1, exit=3")
 
 
 @pytest.mark.parametrize("how", ["delete", "evict"])
@@ -197,7 +198,7 @@ def test_an_interrupted_pod_checkpoints_and_a_new_pod_resumes_to_exactly_max_ste
     log = cluster.kubectl("logs", new_pod["metadata"]["name"], "-n", e2e_namespace).stdout
     assert f"resumed checkpoint={store.uri(f'runs/{name}/checkpoints/step-{stop_step:08d}')}" in log
     lost = 0
-    print(
-        f"\ndrill {how}: stopped at step {stop_step} (checkpoint {checkpoint_s:.1f} s after "
+    report(
+        f"drill {how}: stopped at step {stop_step} (checkpoint {checkpoint_s:.1f} s after "
         f"the signal), steps lost {lost}, Succeeded {recovered_s:.1f} s after it"
     )

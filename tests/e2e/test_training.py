@@ -17,6 +17,7 @@ from tests.e2e.conftest import (
     new_namespace,
     new_store,
     pods_of,
+    report,
     tiny_job,
     upload_inputs,
     wait_condition,
@@ -45,7 +46,7 @@ def trained(cluster: Cluster, inputs: Path, tmp_path_factory: pytest.TempPathFac
         wait_condition(cluster, "dtj", name, namespace, "Succeeded", 600)
     seconds = time.monotonic() - started
     statuses = {n: cluster.get("dtj", n, namespace)["status"] for n in ("tiny-a", "tiny-b")}
-    print(f"\ntwo tiny jobs: apply -> both Succeeded in {seconds:.1f} s")
+    report(f"two tiny jobs: apply -> both Succeeded in {seconds:.1f} s")
     return Trained(namespace, store, statuses, seconds)
 
 
