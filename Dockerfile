@@ -8,7 +8,8 @@
 # node's driver comes in through the NVIDIA container runtime.
 #
 # Layers: the dependencies are installed from pyproject.toml alone, before the source is copied,
-# so a source change rebuilds only the last small layer; pip's cache is a build cache mount.
+# and copied into the final image as a layer of their own; our code comes on top as a wheel, so a
+# source change rebuilds only the last small layers. pip's cache is a build cache mount.
 # Any image with Python 3.11+ and its venv module works as PYTHON_IMAGE (the tests build one
 # from Debian's packages: tests/infra/images.py).
 
@@ -27,26 +28,28 @@ COPY pyproject.toml ./
 COPY hack/requirements.py hack/
 RUN python3 -m venv /opt/difftrain
 
-FROM build AS build-operator
+FROM build AS deps-operator
 RUN --mount=type=cache,target=/root/.cache/pip \
     python3 hack/requirements.py pyproject.toml > requirements.txt \
  && /opt/difftrain/bin/pip install -r requirements.txt
-COPY README.md ./
-COPY trainer trainer
-COPY operator operator
-RUN --mount=type=cache,target=/root/.cache/pip /opt/difftrain/bin/pip install --no-deps .
 
-FROM build AS build-trainer
+FROM build AS deps-trainer
 RUN --mount=type=cache,target=/root/.cache/pip \
     python3 hack/requirements.py pyproject.toml train > requirements.txt \
  && /opt/difftrain/bin/pip install -r requirements.txt
+
+# our own code as a wheel: the final images copy the dependencies' venv as one layer that a source
+# change leaves alone, then install this small wheel on top
+FROM build AS wheel
 COPY README.md ./
 COPY trainer trainer
 COPY operator operator
-RUN --mount=type=cache,target=/root/.cache/pip /opt/difftrain/bin/pip install --no-deps .
+RUN --mount=type=cache,target=/root/.cache/pip /opt/difftrain/bin/pip wheel --no-deps -w /dist .
 
 FROM base AS operator
-COPY --from=build-operator /opt/difftrain /opt/difftrain
+COPY --from=deps-operator /opt/difftrain /opt/difftrain
+COPY --from=wheel /dist /tmp/dist
+RUN /opt/difftrain/bin/pip install --no-deps --no-index /tmp/dist/*.whl && rm -rf /tmp/dist
 ENV PATH=/opt/difftrain/bin:$PATH HOME=/tmp
 USER 1000:1000
 EXPOSE 8080 8081
@@ -54,7 +57,9 @@ ENTRYPOINT ["difftrain"]
 CMD ["operator"]
 
 FROM base AS trainer
-COPY --from=build-trainer /opt/difftrain /opt/difftrain
+COPY --from=deps-trainer /opt/difftrain /opt/difftrain
+COPY --from=wheel /dist /tmp/dist
+RUN /opt/difftrain/bin/pip install --no-deps --no-index /tmp/dist/*.whl && rm -rf /tmp/dist
 # Model hubs and caches write under HOME; /tmp is the pod's writable scratch volume.
 ENV PATH=/opt/difftrain/bin:$PATH HOME=/tmp HF_HOME=/tmp/hf XDG_CACHE_HOME=/tmp/cache
 USER 1000:1000

@@ -188,24 +188,38 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, Urllib3Error | ConnectionError | TimeoutError)
 
 
+# how long a store may be away before an operation gives up: a restarted MinIO or a failed-over
+# load balancer is back within this, and a checkpoint's upload waits for it rather than failing
+RETRY_BUDGET_S = 90.0
+
+
 def retry(
     call: Callable[[], T],
     what: str,
-    attempts: int = 5,
+    budget_s: float = RETRY_BUDGET_S,
     base_delay: float = 0.2,
-    max_delay: float = 10.0,
+    max_delay: float = 5.0,
 ) -> T:
-    """Run ``call``; retry transient failures with exponential backoff and full jitter."""
-    for attempt in range(1, attempts + 1):
+    """Run ``call``; retry transient failures with exponential backoff and full jitter.
+
+    Retries go on while ``budget_s`` seconds have not passed since the first attempt.
+    """
+    deadline = time.monotonic() + budget_s
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return call()
         except Exception as exc:
-            if attempt == attempts or not _is_transient(exc):
+            if not _is_transient(exc) or time.monotonic() >= deadline:
                 raise
-            delay = random.uniform(0, min(max_delay, base_delay * 2**attempt))
-            logger.warning("transient storage error; retrying", extra={"what": what, "err": exc})
+            delay = random.uniform(base_delay, min(max_delay, base_delay * 2**attempt))
+            delay = min(delay, max(0.0, deadline - time.monotonic()))
+            logger.warning(
+                "transient storage error; retrying",
+                extra={"what": what, "err": exc, "attempt": attempt},
+            )
             time.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 class S3Store:

@@ -87,7 +87,7 @@ def _import(nodes: NodeCluster, ref: str) -> float:
     start = time.monotonic()
     archive = images.export(ref)
     try:
-        nodes.containerd.import_archive(archive)
+        nodes.containerd.import_archive(archive, ref)
     finally:
         archive.unlink(missing_ok=True)
     return time.monotonic() - start

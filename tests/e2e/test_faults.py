@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import S3Endpoint
 from tests.e2e.conftest import (
+    RELEASE_NS,
     Cluster,
     apply,
     new_store,
@@ -201,4 +202,104 @@ def test_an_interrupted_pod_checkpoints_and_a_new_pod_resumes_to_exactly_max_ste
     report(
         f"drill {how}: stopped at step {stop_step} (checkpoint {checkpoint_s:.1f} s after "
         f"the signal), steps lost {lost}, Succeeded {recovered_s:.1f} s after it"
+    )
+
+
+def _long_job(store: S3Endpoint, name: str) -> dict[str, Any]:
+    job = tiny_job(store, name, maxSteps=LONG_STEPS)
+    job["spec"]["checkpointing"] = {"everySteps": EVERY, "keepLast": 20}
+    return job
+
+
+def _past(step: int) -> Any:
+    return lambda o: (o.get("status") or {}).get("step", 0) > step
+
+
+def test_minio_away_for_20_seconds_during_checkpoints_is_waited_out(
+    cluster: Cluster, e2e_namespace: str, store: S3Endpoint, inputs: Path, tmp_path: Path
+):
+    minio = cluster.nodes.minio
+    assert minio is not None
+    upload_inputs(store, inputs)
+    apply(cluster, e2e_namespace, _long_job(store, "outage"), tmp_path)
+    wait_for(cluster, "dtj", "outage", e2e_namespace, "past step 5", _past(5), 300)
+    minio.stop()
+    stopped_at = time.monotonic()
+    time.sleep(20)
+    minio.start()
+    wait_condition(cluster, "dtj", "outage", e2e_namespace, "Succeeded", 600)
+    total_s = time.monotonic() - stopped_at
+    # the same pod went on: its uploads waited for the store instead of failing the pod
+    pods = pods_of(cluster, e2e_namespace, "outage")
+    assert len(pods) == 1
+    log = cluster.kubectl("logs", pods[0]["metadata"]["name"], "-n", e2e_namespace).stdout
+    retried = log.count("transient storage error; retrying")
+    assert retried > 0, log[-3000:]
+    # every checkpoint on the schedule is whole: its manifest (written last) is there
+    assert _checkpoints(store, "outage") == list(range(EVERY, LONG_STEPS + 1, EVERY))
+    final = _state(store, "outage", LONG_STEPS)
+    assert final["step"] == LONG_STEPS and final["images_seen"] == LONG_STEPS * 4
+    job = cluster.get("job", "outage", e2e_namespace)
+    assert not job["status"].get("failed"), job["status"]
+    report(
+        f"drill minio-outage: store away 20 s from step >5, {retried} retried calls, pods=1, "
+        f"Succeeded {total_s:.1f} s after the stop"
+    )
+
+
+def test_the_operator_pod_killed_mid_run_leaves_no_duplicates_and_status_goes_on(
+    cluster: Cluster, e2e_namespace: str, store: S3Endpoint, inputs: Path, tmp_path: Path
+):
+    upload_inputs(store, inputs)
+    apply(cluster, e2e_namespace, _long_job(store, "opkill"), tmp_path)
+    wait_for(cluster, "dtj", "opkill", e2e_namespace, "past step 5", _past(5), 300)
+    operators = json.loads(
+        cluster.kubectl(
+            "get",
+            "pods",
+            "-n",
+            RELEASE_NS,
+            "-l",
+            "app.kubernetes.io/name=difftrain",
+            "-o",
+            "json",
+        ).stdout
+    )["items"]
+    assert len(operators) == 1
+    old = operators[0]["metadata"]["name"]
+    killed = time.monotonic()
+    cluster.kubectl("delete", "pod", old, "-n", RELEASE_NS, "--grace-period=0", "--force")
+    step_then = cluster.get("dtj", "opkill", e2e_namespace)["status"]["step"]
+    # the trainer reports its steps itself, with or without the operator
+    wait_for(cluster, "dtj", "opkill", e2e_namespace, "further", _past(step_then + 5), 120)
+    wait_condition(cluster, "dtj", "opkill", e2e_namespace, "Succeeded", 600)
+    total_s = time.monotonic() - killed
+    jobs = json.loads(
+        cluster.kubectl(
+            "get", "jobs", "-n", e2e_namespace, "-l", "difftrain.dev/job=opkill", "-o", "json"
+        ).stdout
+    )["items"]
+    assert len(jobs) == 1 and len(pods_of(cluster, e2e_namespace, "opkill")) == 1
+    configmaps = cluster.kubectl(
+        "get", "configmaps", "-n", e2e_namespace, "-l", "difftrain.dev/job=opkill", "-o", "name"
+    ).stdout.split()
+    assert len(configmaps) == 1
+    now = json.loads(
+        cluster.kubectl(
+            "get",
+            "pods",
+            "-n",
+            RELEASE_NS,
+            "-l",
+            "app.kubernetes.io/name=difftrain",
+            "-o",
+            "json",
+        ).stdout
+    )["items"]
+    assert [p["metadata"]["name"] for p in now] != [old]
+    status = cluster.get("dtj", "opkill", e2e_namespace)["status"]
+    assert status["phase"] == "Succeeded" and status["step"] == LONG_STEPS
+    report(
+        f"drill operator-killed: at step {step_then}; one Job, one pod, one ConfigMap; "
+        f"Succeeded {total_s:.1f} s after the kill"
     )

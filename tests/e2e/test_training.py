@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,3 +110,26 @@ def test_a_model_merge_of_two_outputs_writes_the_merged_file_and_its_hashes(
     assert status["sha256"] == digest and status["shortHash"] == digest[:10]
     assert status["sizeBytes"] == len(data) and status["tensors"] > 0
     assert status["outputUri"] == store.uri("merged/tiny-mix.safetensors")
+
+
+def test_one_worker_with_two_gpus_trains_one_model_with_two_processes(
+    cluster: Cluster, e2e_namespace: str, store: S3Endpoint, inputs: Path, tmp_path: Path
+):
+    """gpusPerWorker: 2 -> the pod's elastic agent starts two ranks of one process group."""
+    upload_inputs(store, inputs)
+    job = tiny_job(store, "twoproc", maxSteps=10)
+    job["spec"]["resources"]["gpusPerWorker"] = 2
+    job["spec"]["checkpointing"] = {"everySteps": 10, "keepLast": 2}
+    apply(cluster, e2e_namespace, job, tmp_path)
+    wait_condition(cluster, "dtj", "twoproc", e2e_namespace, "Succeeded", 600)
+    state = json.loads(
+        store.client()
+        .get_object(store.bucket, "runs/twoproc/checkpoints/step-00000010/state.json")
+        .read()
+    )["state"]
+    assert state["step"] == 10 and state["images_seen"] == 10 * 4 * 2  # two ranks, batch 4
+    (pod,) = pods_of(cluster, e2e_namespace, "twoproc")
+    log = cluster.kubectl("logs", pod["metadata"]["name"], "-n", e2e_namespace).stdout
+    assert "starting processes=2" in log and "rank 1 read no image" in log
+    status = cluster.get("dtj", "twoproc", e2e_namespace)["status"]
+    assert status["gpuHours"] > 0 and status["phase"] == "Succeeded"

@@ -248,7 +248,8 @@ class MinioServer:
         return f"{self.address}:{self.port}"
 
     def start(self) -> None:
-        self.port = free_port()
+        """Start MinIO (again on the same port and data, when it ran before)."""
+        self.port = self.port or free_port()
         data = self.work_dir / "minio-data"
         data.mkdir(parents=True, exist_ok=True)
         self.process = ServerProcess(

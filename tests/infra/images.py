@@ -204,7 +204,21 @@ def project_image(target: str) -> tuple[str, float]:
             str(context / "Dockerfile"),
             str(context),
         )
+    _forget_older(f"localhost/difftrain/{target}", keep=ref)
     return ref, time.monotonic() - start
+
+
+def _forget_older(repository: str, keep: str) -> None:
+    """Remove the earlier builds of ``repository`` (each holds its own layers on this disk)."""
+    listed = json.loads(_buildah("images", "--json").stdout or "[]")
+    older = [
+        name
+        for image in listed
+        for name in image.get("names") or []
+        if name.startswith(repository + ":") and name != keep
+    ]
+    if older:
+        subprocess.run(["buildah", *_storage(), "rmi", *older], capture_output=True, check=False)
 
 
 def image_size(ref: str) -> str:

@@ -193,8 +193,17 @@ state = "{base / "state"}"
     def has_image(self, ref: str) -> bool:
         return ref in self.ctr("images", "ls", "-q").stdout.split()
 
-    def import_archive(self, archive: Path) -> None:
-        self.ctr("images", "import", "--no-unpack=false", str(archive), timeout=1800)
+    def import_archive(self, archive: Path, ref: str) -> None:
+        """Import ``ref`` and drop the earlier imports of its repository (and their layers)."""
+        self.ctr("images", "import", str(archive), timeout=1800)
+        repository = ref.rsplit(":", 1)[0]
+        older = [
+            name
+            for name in self.ctr("images", "ls", "-q").stdout.split()
+            if name.startswith(repository + ":") and name != ref
+        ]
+        if older:
+            self.ctr("images", "rm", "--sync", *older)
 
     def stop(self) -> None:
         if self.process is not None and self.process.proc is not None:

@@ -28,8 +28,11 @@ def test_both_images_run_as_a_non_root_user():
         assert users, f"{target} sets no USER"
         uid = users[-1].split(":")[0]
         assert uid.isdigit() and int(uid) != 0, f"{target} runs as {users[-1]}"
-    assert any("[train]" in line for line in stages["build-trainer"])
-    assert not any("[train]" in line for line in stages["build-operator"])
+    # the trainer's dependencies include the train extra, the operator's do not
+    assert any("pyproject.toml train" in line for line in stages["deps-trainer"])
+    assert not any("pyproject.toml train" in line for line in stages["deps-operator"])
+    for target, deps in (("operator", "deps-operator"), ("trainer", "deps-trainer")):
+        assert f"COPY --from={deps} /opt/difftrain /opt/difftrain" in stages[target]
 
 
 def test_the_operator_command_needs_no_torch():
