@@ -424,3 +424,10 @@ class NodeCluster:
             if part is not None:
                 part.stop()
         unmount_under(self.work_dir)
+        remove_pod_networks()
+
+
+def remove_pod_networks() -> None:
+    """The pods' network namespaces left by sandboxes torn down without CNI (and their veths)."""
+    for netns in Path("/var/run/netns").glob("cni-*"):
+        subprocess.run(["ip", "netns", "delete", netns.name], capture_output=True, check=False)
