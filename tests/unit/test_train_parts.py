@@ -22,7 +22,12 @@ from difftrain.train.checkpoint import (
     unflatten_state,
 )
 from difftrain.train.ema import EMA
-from difftrain.train.launch import Topology, combined_exit_code, rendezvous_parameters
+from difftrain.train.launch import (
+    Topology,
+    combined_exit_code,
+    pod_exit_code,
+    rendezvous_parameters,
+)
 from difftrain.train.metrics import TrainingMetrics
 from difftrain.train.report import format_eta, progress_text
 from difftrain.train.sampling import image_grid, should_sample
@@ -256,6 +261,26 @@ def test_every_topology_with_more_than_one_process_is_launched(machines, gpus, p
     # only machine 0 hosts the rendezvous store, whatever its host name
     assert params.get_as_bool("is_host") == (machines == 1)
     assert params.run_id == "pokemon"
+
+
+def test_a_process_killed_by_a_signal_reports_as_a_shell_would():
+    assert pod_exit_code(-9) == 137 and pod_exit_code(-15) == 143
+    assert pod_exit_code(EXIT_INTERRUPTED) == EXIT_INTERRUPTED and pod_exit_code(0) == 0
+
+
+def test_the_pod_environment_names_the_rendezvous_and_the_stop_timeout():
+    topo = Topology.from_env(
+        {
+            "DIFFTRAIN_RUN_ID": "uid-7",
+            "DIFFTRAIN_JOB_NAME": "pokemon",
+            "DIFFTRAIN_POD_IP": "10.244.0.9",
+            "DIFFTRAIN_STOP_TIMEOUT": "285",
+            "DIFFTRAIN_MAX_RESTARTS": "1",
+        }
+    )
+    assert (topo.run_id, topo.local_address) == ("uid-7", "10.244.0.9")
+    assert (topo.stop_timeout_s, topo.max_restarts) == (285, 1)
+    assert Topology.from_env({"DIFFTRAIN_JOB_NAME": "pokemon"}).run_id == "pokemon"
 
 
 def test_processes_flag_counts_processes_on_this_machine():
