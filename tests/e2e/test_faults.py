@@ -78,6 +78,15 @@ def _pod_states(watch: subprocess.Popen[str], timeout: float) -> list[dict[str, 
     raise AssertionError(f"the pod did not terminate in {timeout}s")
 
 
+def _operator_pods(cluster: Cluster) -> list[dict[str, Any]]:
+    """The operator's pods that the chart's Deployment runs."""
+    out = cluster.kubectl(
+        "get", "pods", "-n", RELEASE_NS, "-l", "app.kubernetes.io/name=difftrain", "-o", "json"
+    ).stdout
+    pods: list[dict[str, Any]] = json.loads(out)["items"]
+    return pods
+
+
 def _running_pod(cluster: Cluster, namespace: str, name: str) -> str:
     for pod in pods_of(cluster, namespace, name):
         if pod["status"].get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
@@ -197,8 +206,11 @@ def test_an_interrupted_pod_checkpoints_and_a_new_pod_resumes_to_exactly_max_ste
     # the new pod resumed from the stop's own checkpoint: nothing trained was lost
     (new_pod,) = [p for p in pods_of(cluster, e2e_namespace, name) if p["metadata"]["name"] != pod]
     log = cluster.kubectl("logs", new_pod["metadata"]["name"], "-n", e2e_namespace).stdout
-    assert f"resumed checkpoint={store.uri(f'runs/{name}/checkpoints/step-{stop_step:08d}')}" in log
-    lost = 0
+    marker = f"resumed checkpoint={store.uri(f'runs/{name}/checkpoints/step-')}"
+    assert marker in log, log[-3000:]
+    resumed = int(log.split(marker, 1)[1][:8])
+    assert resumed == stop_step
+    lost = stop_step - resumed
     report(
         f"drill {how}: stopped at step {stop_step} (checkpoint {checkpoint_s:.1f} s after "
         f"the signal), steps lost {lost}, Succeeded {recovered_s:.1f} s after it"
@@ -253,18 +265,7 @@ def test_the_operator_pod_killed_mid_run_leaves_no_duplicates_and_status_goes_on
     upload_inputs(store, inputs)
     apply(cluster, e2e_namespace, _long_job(store, "opkill"), tmp_path)
     wait_for(cluster, "dtj", "opkill", e2e_namespace, "past step 5", _past(5), 300)
-    operators = json.loads(
-        cluster.kubectl(
-            "get",
-            "pods",
-            "-n",
-            RELEASE_NS,
-            "-l",
-            "app.kubernetes.io/name=difftrain",
-            "-o",
-            "json",
-        ).stdout
-    )["items"]
+    operators = _operator_pods(cluster)
     assert len(operators) == 1
     old = operators[0]["metadata"]["name"]
     killed = time.monotonic()
@@ -284,18 +285,7 @@ def test_the_operator_pod_killed_mid_run_leaves_no_duplicates_and_status_goes_on
         "get", "configmaps", "-n", e2e_namespace, "-l", "difftrain.dev/job=opkill", "-o", "name"
     ).stdout.split()
     assert len(configmaps) == 1
-    now = json.loads(
-        cluster.kubectl(
-            "get",
-            "pods",
-            "-n",
-            RELEASE_NS,
-            "-l",
-            "app.kubernetes.io/name=difftrain",
-            "-o",
-            "json",
-        ).stdout
-    )["items"]
+    now = _operator_pods(cluster)
     assert [p["metadata"]["name"] for p in now] != [old]
     status = cluster.get("dtj", "opkill", e2e_namespace)["status"]
     assert status["phase"] == "Succeeded" and status["step"] == LONG_STEPS

@@ -78,7 +78,9 @@ class Containerd:
     def socket(self) -> Path:
         return self.work_dir / "containerd" / "containerd.sock"
 
-    def ctr(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    def ctr(
+        self, *args: str, timeout: float = 600, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             ["ctr", "--address", str(self.socket), "-n", "k8s.io", *args],
             capture_output=True,
@@ -86,7 +88,7 @@ class Containerd:
             timeout=timeout,
             check=False,
         )
-        if result.returncode != 0:
+        if check and result.returncode != 0:
             raise RuntimeError(f"ctr {' '.join(args)} failed: {result.stderr}")
         return result
 
@@ -160,35 +162,12 @@ state = "{base / "state"}"
 
     def _remove_leftovers(self) -> None:
         """Containers of an earlier run (the content store is kept, its containers are not)."""
-        for line in self.ctr("tasks", "ls", "-q").stdout.split():
-            subprocess.run(
-                [
-                    "ctr",
-                    "--address",
-                    str(self.socket),
-                    "-n",
-                    "k8s.io",
-                    "tasks",
-                    "kill",
-                    "-s",
-                    "SIGKILL",
-                    line,
-                ],
-                capture_output=True,
-                check=False,
-            )
+        for task in self.ctr("tasks", "ls", "-q").stdout.split():
+            self.ctr("tasks", "kill", "-s", "SIGKILL", task, check=False)
         time.sleep(0.5)
-        for line in self.ctr("containers", "ls", "-q").stdout.split():
-            subprocess.run(
-                ["ctr", "--address", str(self.socket), "-n", "k8s.io", "tasks", "rm", "-f", line],
-                capture_output=True,
-                check=False,
-            )
-            subprocess.run(
-                ["ctr", "--address", str(self.socket), "-n", "k8s.io", "containers", "rm", line],
-                capture_output=True,
-                check=False,
-            )
+        for container in self.ctr("containers", "ls", "-q").stdout.split():
+            self.ctr("tasks", "rm", "-f", container, check=False)
+            self.ctr("containers", "rm", container, check=False)
 
     def has_image(self, ref: str) -> bool:
         return ref in self.ctr("images", "ls", "-q").stdout.split()
