@@ -58,6 +58,7 @@ build_go minio "minio-$MINIO_MODULE_VERSION" go_install "github.com/minio/minio@
 build_go helm "helm-$HELM_VERSION" go_install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
   "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 build_go kwok "kwok-$KWOK_VERSION" go_install "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+build_go coredns "coredns-$COREDNS_VERSION" go_install "github.com/coredns/coredns@$COREDNS_VERSION"
 
 # Debian's packages: etcd, and the real test node's runtime, network and image tools (installed
 # when missing and we are root; tests/infra/node.py names what is missing otherwise).

@@ -50,8 +50,10 @@ class Cluster:
         assert self.nodes.control_plane is not None
         return self.nodes.control_plane
 
-    def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.control_plane.kubectl(*args, check=check)
+    def kubectl(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        return self.control_plane.kubectl(*args, check=check, timeout=timeout)
 
     def helm(self, *args: str) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
@@ -242,6 +244,7 @@ def wait_condition(
         "-n",
         namespace,
         check=False,
+        timeout=timeout + 30,
     )
     if done.returncode != 0:
         raise AssertionError(
@@ -273,6 +276,23 @@ def pods_of(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]
     ).stdout
     items: list[dict[str, Any]] = json.loads(out)["items"]
     return items
+
+
+def worker_pods(cluster: Cluster, namespace: str, name: str) -> dict[int, dict[str, Any]]:
+    """The newest pod of each worker index of a multi-worker job."""
+    found: dict[int, dict[str, Any]] = {}
+    pods = pods_of(cluster, namespace, name)
+    for pod in sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"]):
+        index = pod["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]
+        found[int(index)] = pod
+    return found
+
+
+def two_worker_job(store: S3Endpoint, name: str, **hyperparameters: Any) -> dict[str, Any]:
+    """The tiny job on two workers with one (advertised) GPU and half a core each."""
+    job = tiny_job(store, name, **hyperparameters)
+    job["spec"]["resources"].update({"workers": 2, "gpusPerWorker": 1, "cpu": "500m"})
+    return job
 
 
 def upload_folder(ep: S3Endpoint, folder: Path, prefix: str) -> None:

@@ -23,9 +23,11 @@ from tests.e2e.conftest import (
     pods_of,
     report,
     tiny_job,
+    two_worker_job,
     upload_inputs,
     wait_condition,
     wait_for,
+    worker_pods,
 )
 
 LONG_STEPS = 80
@@ -292,4 +294,59 @@ def test_the_operator_pod_killed_mid_run_leaves_no_duplicates_and_status_goes_on
     report(
         f"drill operator-killed: at step {step_then}; one Job, one pod, one ConfigMap; "
         f"Succeeded {total_s:.1f} s after the kill"
+    )
+
+
+@pytest.mark.parametrize("index", [1, 0])
+def test_a_killed_worker_pod_is_replaced_and_every_rank_resumes_from_the_newest_checkpoint(
+    cluster: Cluster, e2e_namespace: str, store: S3Endpoint, inputs: Path, tmp_path: Path, index
+):
+    """One worker pod of two killed outright (SIGKILL to its container, as the OOM killer or a
+    lost node does): the other does not hang in a collective; the Job replaces the pod, the
+    ranks meet again and resume from the newest checkpoint; the job ends at exactly maxSteps."""
+    upload_inputs(store, inputs)
+    name = f"killw{index}"
+    steps_total, every = 40, 10
+    job = two_worker_job(store, name, maxSteps=steps_total)
+    job["spec"]["checkpointing"] = {"everySteps": every, "keepLast": 20}
+    apply(cluster, e2e_namespace, job, tmp_path)
+    wait_for(cluster, "dtj", name, e2e_namespace, f"past step {every + 5}", _past(every + 5), 400)
+    victim = worker_pods(cluster, e2e_namespace, name)[index]
+    container = victim["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+    step_then = cluster.get("dtj", name, e2e_namespace)["status"]["step"]
+    before = _checkpoints(store, name)
+    assert cluster.nodes.containerd is not None
+    killed = time.monotonic()
+    cluster.nodes.containerd.ctr("tasks", "kill", "--signal", "SIGKILL", container)
+    wait_condition(cluster, "dtj", name, e2e_namespace, "Succeeded", 900)
+    recovered_s = time.monotonic() - killed
+
+    pods = pods_of(cluster, e2e_namespace, name)
+    (dead,) = [p for p in pods if p["metadata"]["name"] == victim["metadata"]["name"]]
+    assert dead["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
+    newest = worker_pods(cluster, e2e_namespace, name)
+    assert newest[index]["metadata"]["name"] != victim["metadata"]["name"]  # replaced
+    # a crash is a real failure: it counts against the backoff limit, which was not used up
+    failed = cluster.get("job", name, e2e_namespace)["status"].get("failed", 0)
+    assert 1 <= failed <= job["spec"].get("backoffLimit", 3)
+    # one model, every step trained once by both ranks after the resume
+    assert _checkpoints(store, name)[-1] == steps_total
+    final = _state(store, name, steps_total)
+    assert final["step"] == steps_total and final["images_seen"] == steps_total * 4 * 2
+    # the pod of rank 0 (whichever the rendezvous placed first) logged the resume
+    log = "".join(
+        cluster.kubectl("logs", p["metadata"]["name"], "-n", e2e_namespace).stdout
+        for p in newest.values()
+    )
+    marker = f"resumed checkpoint={store.uri(f'runs/{name}/checkpoints/step-')}"
+    assert marker in log, log[-3000:]
+    resumed = int(log.rsplit(marker, 1)[1][:8])
+    assert resumed == before[-1]  # the newest checkpoint committed before the kill
+    status = cluster.get("dtj", name, e2e_namespace)["status"]
+    assert status["step"] == steps_total
+    report(
+        f"drill worker-{index}-killed: status at step {step_then} when killed, resumed from "
+        f"step {resumed} "
+        f"(steps lost {step_then - resumed}), pods {len(pods)}, Job failures {failed}, "
+        f"Succeeded {recovered_s:.1f} s after the kill"
     )

@@ -20,8 +20,10 @@ from tests.e2e.conftest import (
     pods_of,
     report,
     tiny_job,
+    two_worker_job,
     upload_inputs,
     wait_condition,
+    worker_pods,
 )
 
 
@@ -133,3 +135,42 @@ def test_one_worker_with_two_gpus_trains_one_model_with_two_processes(
     assert "starting processes=2" in log and "rank 1 read no image" in log
     status = cluster.get("dtj", "twoproc", e2e_namespace)["status"]
     assert status["gpuHours"] > 0 and status["phase"] == "Succeeded"
+
+
+def test_two_workers_with_one_gpu_each_train_one_model_in_one_process_group(
+    cluster: Cluster, e2e_namespace: str, store: S3Endpoint, inputs: Path, tmp_path: Path
+):
+    """workers: 2 -> two pods meet at the rendezvous on worker 0's name at the headless Service
+    (resolved by the cluster DNS), train one model, and only rank 0 writes."""
+    upload_inputs(store, inputs)
+    job = two_worker_job(store, "twopods", maxSteps=10)
+    apply(cluster, e2e_namespace, job, tmp_path)
+    started = time.monotonic()
+    wait_condition(cluster, "dtj", "twopods", e2e_namespace, "Succeeded", 600)
+    seconds = time.monotonic() - started
+    pods = worker_pods(cluster, e2e_namespace, "twopods")
+    assert sorted(pods) == [0, 1]
+    logs = {
+        i: cluster.kubectl("logs", p["metadata"]["name"], "-n", e2e_namespace).stdout
+        for i, p in pods.items()
+    }
+    for index, pod in pods.items():
+        ended = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+        assert ended["exitCode"] == 0, logs[index][-3000:]
+        assert f"machine_rank={index} machines=2" in logs[index]
+    # one process group of two ranks: one model, its images counted for both ranks
+    state = json.loads(
+        store.client()
+        .get_object(store.bucket, "runs/twopods/checkpoints/step-00000010/state.json")
+        .read()
+    )["state"]
+    assert state["step"] == 10 and state["images_seen"] == 10 * 4 * 2
+    # the rendezvous orders the machines (not always worker 0 first): the pod of rank 0 read
+    # the data and wrote the outputs, the other neither
+    (writer,) = [i for i, log in logs.items() if "trained 10 steps" in log]
+    other = logs[1 - writer]
+    assert "rank 1 read no image" in other and "rank 1 read no image" not in logs[writer]
+    assert "exported format=" in logs[writer] and "exported format=" not in other
+    status = cluster.get("dtj", "twopods", e2e_namespace)["status"]
+    assert status["step"] == 10 and {o["format"] for o in status["outputs"]} >= {"single_file"}
+    report(f"two workers x one process: apply -> Succeeded in {seconds:.1f} s")

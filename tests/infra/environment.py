@@ -41,6 +41,7 @@ BINARIES = (
     "minio",
     "helm",
     "kwok",
+    "coredns",
 )
 
 
@@ -55,7 +56,7 @@ def binary_dir() -> Path:
     return Path(out.strip().splitlines()[-1])
 
 
-def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
+def http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2, context=context) as resp:
             return bool(resp.status == 200)
@@ -111,7 +112,7 @@ class ControlPlane:
         )
         etcd.start()
         self.processes.append(etcd)
-        etcd.wait_ready(lambda: _http_ok(f"http://127.0.0.1:{etcd_port}/health"), 60)
+        etcd.wait_ready(lambda: http_ok(f"http://127.0.0.1:{etcd_port}/health"), 60)
 
         apiserver = ServerProcess(
             "kube-apiserver",
@@ -142,7 +143,7 @@ class ControlPlane:
         self.processes.append(apiserver)
         ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
         ctx.load_cert_chain(str(pki.admin_cert), str(pki.admin_key))
-        apiserver.wait_ready(lambda: _http_ok(f"{self.server_url}/readyz", ctx), 120)
+        apiserver.wait_ready(lambda: http_ok(f"{self.server_url}/readyz", ctx), 120)
 
         self.kubeconfig = self.work_dir / "kubeconfig"
         self.kubeconfig.write_text(
@@ -208,13 +209,15 @@ class ControlPlane:
             lambda: self.kubectl_ok("get", "serviceaccount", "default", "-n", "default"), 120
         )
 
-    def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         """Run the pinned kubectl against this control plane."""
         result = subprocess.run(
             [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=timeout,
         )
         if check and result.returncode != 0:
             raise AssertionError(
@@ -274,7 +277,7 @@ class MinioServer:
             },
         )
         self.process.start()
-        self.process.wait_ready(lambda: _http_ok(f"http://{self.endpoint}/minio/health/ready"), 90)
+        self.process.wait_ready(lambda: http_ok(f"http://{self.endpoint}/minio/health/ready"), 90)
 
     def stop(self) -> None:
         if self.process is not None:

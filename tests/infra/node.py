@@ -3,9 +3,12 @@
 Pods run as real containers from images imported into containerd's ``k8s.io`` namespace. The
 node's pods sit on a Linux bridge (``dt0``, 10.244.0.0/24, host-local addresses from Debian's CNI
 plugins); the API server and MinIO listen on the bridge's own address, which pods reach directly
-(MinIO) or through the ``kubernetes`` Service's ClusterIP (kube-proxy's iptables rules). There is
-no cluster DNS. The node advertises ``nvidia.com/gpu`` capacity, so GPU requests schedule; no
-device is behind it, and the trainer runs on the CPU.
+(MinIO) or through the ``kubernetes`` Service's ClusterIP (kube-proxy's iptables rules). CoreDNS,
+on the bridge address too, is the cluster DNS: its kubernetes plugin answers Services and the pod
+names of headless Services (``<job>-0.<service>.<namespace>.svc``, where a multi-worker job's
+rendezvous is) and every other name with NXDOMAIN (no outside world here). The node advertises
+``nvidia.com/gpu`` capacity, so GPU requests schedule; no device is behind it, and the trainer
+runs on the CPU.
 
 Needs root (network devices, cgroups, mounts). containerd's content store lives outside the run's
 folder (``~/.cache/difftrain/node``), so images imported once are there for the next run.
@@ -23,13 +26,14 @@ from pathlib import Path
 
 import yaml
 
-from tests.infra.environment import CACHE_ROOT, ControlPlane, MinioServer
+from tests.infra.environment import CACHE_ROOT, ControlPlane, MinioServer, http_ok
 from tests.infra.processes import ServerProcess, free_port
 
 NODE_NAME = "difftrain-node"
 BRIDGE = "dt0"
 BRIDGE_ADDRESS = "10.244.0.1"
 POD_SUBNET = "10.244.0.0/24"
+CLUSTER_DOMAIN = "cluster.local"
 GPU_CAPACITY = 4
 CNI_BIN_DIR = Path("/usr/lib/cni")
 PAUSE_IMAGE = "localhost/difftrain/pause:3.9"
@@ -220,6 +224,7 @@ class Node:
         )
         scheduler.start()
         self.processes.append(scheduler)
+        self._start_dns()
 
         kubelet_dir = self.work_dir / "kubelet"
         kubelet_dir.mkdir(parents=True, exist_ok=True)
@@ -238,7 +243,8 @@ class Node:
             "containerRuntimeEndpoint": f"unix://{self.containerd.socket}",
             "failSwapOn": False,
             "resolvConf": "/etc/resolv.conf",
-            "clusterDomain": "cluster.local",
+            "clusterDomain": CLUSTER_DOMAIN,
+            "clusterDNS": [BRIDGE_ADDRESS],
             "serializeImagePulls": False,
             # a test machine's disk is shared with everything else: never evict for it
             "evictionHard": {
@@ -291,6 +297,38 @@ class Node:
         )
         proxy.start()
         self.processes.append(proxy)
+
+    def _start_dns(self) -> None:
+        """CoreDNS on the bridge address, ready once its kubernetes plugin has synced."""
+        ready_port = free_port()
+        corefile = self.work_dir / "Corefile"
+        corefile.write_text(
+            f"""{CLUSTER_DOMAIN}:53 {{
+    bind {BRIDGE_ADDRESS}
+    errors
+    ready 127.0.0.1:{ready_port}
+    kubernetes {CLUSTER_DOMAIN} {{
+        kubeconfig {self.control_plane.kubeconfig}
+        ttl 5
+    }}
+}}
+.:53 {{
+    bind {BRIDGE_ADDRESS}
+    errors
+    template ANY ANY {{
+        rcode NXDOMAIN
+    }}
+}}
+"""
+        )
+        dns = ServerProcess(
+            "coredns",
+            [str(self.control_plane.bin_dir / "coredns"), "-conf", str(corefile)],
+            self.work_dir,
+        )
+        dns.start()
+        self.processes.append(dns)
+        dns.wait_ready(lambda: http_ok(f"http://127.0.0.1:{ready_port}/ready"), 60)
 
     def _node_ready(self) -> bool:
         """Ready, and the not-ready taint lifted by the node lifecycle controller."""

@@ -132,6 +132,41 @@ def test_a_killed_training_process_restarts_the_group_from_the_newest_checkpoint
     assert state["step"] == 8 and state["images_seen"] == 8 * 2 * 2
 
 
+def test_a_machine_that_dies_whole_is_replaced_and_the_group_resumes(inputs: Path, tmp_path: Path):
+    """A worker pod killed: its agent and its process die; a new machine 1 joins the rendezvous."""
+    out = tmp_path / "out"
+    job = tiny_job(
+        inputs,
+        out,
+        hyperparameters=_short(maxSteps=8),
+        checkpointing={"everySteps": 2, "keepLast": 10},
+    )
+    path = write_job(tmp_path / "job.yaml", job)
+    port = free_port()
+    procs = [
+        _machine(path, tmp_path / f"w{r}", machines=2, per_machine=1, rank=r, port=port)
+        for r in (0, 1)
+    ]
+    deadline = time.monotonic() + 300
+    first = out / "checkpoints" / "step-00000002" / "_manifest.json"
+    while not first.exists():
+        assert all(p.poll() is None for p in procs), "a machine ended before the first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.1)
+    # as when a pod's container is killed: the agent and its training process, at once
+    for pid in (procs[1].pid, *_children(procs[1].pid)):
+        os.kill(pid, signal.SIGKILL)
+    procs[1].wait()
+    replacement = _machine(path, tmp_path / "w1-new", machines=2, per_machine=1, rank=1, port=port)
+    (code0, log0), (code1, log1) = _finish([procs[0], replacement])
+    assert (code0, code1) == (0, 0), log0[-4000:] + log1[-4000:]
+    assert f"resumed checkpoint={out}/checkpoints/step-0000000" in log0, log0[-4000:]
+    # machine 0's process saw its peer gone (not a hang until a collective times out)
+    assert "Connection closed by peer" in log0
+    state = _state(out, 8)
+    assert state["step"] == 8 and state["images_seen"] == 8 * 2 * 2
+
+
 def test_a_configuration_error_on_one_machine_stops_all_without_restarts(
     inputs: Path, tmp_path: Path
 ):
