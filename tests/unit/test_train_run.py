@@ -404,6 +404,7 @@ def test_dreambooth_generates_class_images_once_and_trains_with_the_prior(
 def test_controlnet_trains_on_paired_conditioning_images(inputs: Path, tmp_path: Path):
     from diffusers import ControlNetModel
     from PIL import Image, ImageOps
+    from safetensors import safe_open
 
     cond = tmp_path / "edges"
     cond.mkdir()
@@ -414,7 +415,11 @@ def test_controlnet_trains_on_paired_conditioning_images(inputs: Path, tmp_path:
         inputs,
         out,
         method="controlnet",
-        controlnet={"conditioningUri": str(cond), "conditioningType": "other"},
+        controlnet={
+            "conditioningUri": str(cond),
+            "conditioningType": "canny",
+            "conditioningScale": 0.5,
+        },
         hyperparameters=_short(),
     )
     outcome = _run(job, tmp_path / "work")
@@ -422,6 +427,13 @@ def test_controlnet_trains_on_paired_conditioning_images(inputs: Path, tmp_path:
     assert [o.format for o in outcome.outputs] == ["diffusers"]
     controlnet = ControlNetModel.from_pretrained(outcome.outputs[0].uri)
     assert controlnet.config.cross_attention_dim == 32
+    # the export records what its conditioning images show, and the recipe it came from
+    weights = Path(outcome.outputs[0].uri) / "diffusion_pytorch_model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        header = f.metadata()
+    assert header["difftrain.controlnet.conditioning_type"] == "canny"
+    assert header["difftrain.controlnet.conditioning_scale"] == "0.5"
+    assert json.loads(header["difftrain.recipe"])["method"] == "controlnet"
     assert any((out / "samples").rglob("grid.png"))
 
 

@@ -45,10 +45,16 @@ class ControlNetSpec(APIModel):
         "of the same key (file name without extension)."
     )
     conditioning_type: ConditioningType = Field(
-        default="other", description="What the conditioning images show; recorded in exports."
+        default="other",
+        description="What the conditioning images show; recorded in the exported ControlNet's "
+        "safetensors header (difftrain.controlnet.conditioning_type).",
     )
     conditioning_scale: float = Field(
-        default=1.0, ge=0.0, le=10.0, description="ControlNet output scale used for samples."
+        default=1.0,
+        ge=0.0,
+        le=10.0,
+        description="Scale of the ControlNet's residuals in the samples made during training "
+        "(0: the UNet alone); recorded in the export's header too.",
     )
 
 

@@ -26,6 +26,16 @@ def _commit_folder(store: Store, prefix: str, folder: Path, metadata: dict[str, 
     return hashlib.sha256(listing).hexdigest()
 
 
+def controlnet_metadata(spec: DiffusionTrainingJobSpec) -> dict[str, str]:
+    """What a ControlNet export records about its conditioning (empty for other methods)."""
+    if spec.controlnet is None:
+        return {}
+    return {
+        "difftrain.controlnet.conditioning_type": spec.controlnet.conditioning_type,
+        "difftrain.controlnet.conditioning_scale": str(spec.controlnet.conditioning_scale),
+    }
+
+
 def export_all(
     spec: DiffusionTrainingJobSpec,
     components: Any,
@@ -63,6 +73,7 @@ def export_all(
                     unet=unet,
                     text_encoder=text_encoder,
                     controlnet=controlnet,
+                    metadata={**metadata, **controlnet_metadata(spec)},
                 )
                 uri = join(base, name)
                 digest = _commit_folder(store, uri, folder, metadata)

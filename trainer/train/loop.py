@@ -321,6 +321,9 @@ class Trainer:
                     resolution=self.spec.preprocessing.resolution,
                     device=self.device,
                     conditioning=self.inp.sample_conditioning,
+                    conditioning_scale=(
+                        self.spec.controlnet.conditioning_scale if self.spec.controlnet else 1.0
+                    ),
                 )
             for m in self.wrapped.values():
                 m.train()

@@ -73,13 +73,19 @@ def generate(
     resolution: int,
     device: torch.device,
     conditioning: list[Image.Image] | None = None,
+    conditioning_scale: float = 1.0,
 ) -> list[Image.Image]:
-    """One image per prompt, prompt i with seed ``spec.seed + i``: comparable across steps."""
+    """One image per prompt, prompt i with seed ``spec.seed + i``: comparable across steps.
+
+    With ``conditioning`` (a ControlNet pipeline), prompt i is conditioned on image i (cycled) and
+    the ControlNet's residuals are scaled by ``conditioning_scale`` (0: the UNet alone).
+    """
     images = []
     for i, prompt in enumerate(prompts):
         kwargs: dict[str, Any] = {}
         if conditioning is not None:
             kwargs["image"] = conditioning[i % len(conditioning)]
+            kwargs["controlnet_conditioning_scale"] = conditioning_scale
         out = pipe(
             prompt,
             negative_prompt=spec.negative_prompt,
