@@ -26,7 +26,9 @@ from tests.unit.test_operator_builders import SETTINGS, training_job
 # models whose every field the product passes on whole (`to_wire()`), and where
 PASSED_WHOLE = {api.Toleration: "the trainer pods' tolerations"}
 # fields the product reads through an accessor of the API that applies their default
-READ_THROUGH = {(api.OutputSpec, "formats"): "output_formats"}
+READ_THROUGH: dict[tuple[type[BaseModel], str], str] = {
+    (api.OutputSpec, "formats"): "output_formats"
+}
 
 
 def _models_in(annotation: object) -> list[type[BaseModel]]:
@@ -86,7 +88,7 @@ def test_every_spec_field_is_read_outside_the_api():
         for wire, name, owner in spec_fields(model, "spec")
         if name not in read
         and owner not in PASSED_WHOLE
-        and READ_THROUGH.get((owner, name)) not in read
+        and READ_THROUGH.get((owner, name), "") not in read
     ]
     assert not unread, (
         "fields that neither the operator nor the trainer reads (make them work or remove them "

@@ -33,7 +33,7 @@ def parts():
 
 
 def _images(components, controlnet, scale: float | None) -> np.ndarray:
-    spec = SamplingSpec(numInferenceSteps=3, seed=7)
+    spec = SamplingSpec.model_validate({"numInferenceSteps": 3, "seed": 7})
     cond = [Image.new("RGB", (64, 64), (255, 255, 255)), Image.new("RGB", (64, 64), (0, 0, 0))]
     pipe = build_pipeline(components, components.unet, controlnet=controlnet)
     images = generate(
