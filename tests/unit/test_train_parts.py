@@ -420,3 +420,84 @@ def test_prefetched_and_inline_batches_are_the_same_and_resume_at_a_position():
     first, second = resumed[2].latents, seq_a[3][2].latents
     assert first is not None and second is not None
     assert torch.equal(first, second)
+
+
+class _CachedText:
+    """A cached example whose text embedding is filled with its index."""
+
+    def __init__(self, i: int) -> None:
+        self.latent_params = torch.zeros((8, 2, 2))
+        self.latent_params_flipped = None
+        self.text_embeddings = torch.full((3, 4), float(i))
+
+
+@pytest.mark.parametrize("share", [0.0, 0.1, 0.5])
+def test_caption_dropout_replaces_the_configured_share_with_the_empty_embedding(share):
+    from difftrain.train.batches import BatchBuilder, Example
+
+    n = 2000
+    examples = [
+        Example(key=str(i), caption=f"c{i}", size=(4, 4), cached=_CachedText(i)) for i in range(n)
+    ]
+    builder = BatchBuilder(
+        examples,
+        seed=3,
+        transform=None,
+        decode=None,
+        flip_probability=0.0,
+        caption_dropout=share,
+        scaling_factor=1.0,
+    )
+    builder.empty_embedding = torch.full((3, 4), -1.0)
+    dropped_by_epoch = []
+    for epoch in (0, 1):
+        batch = builder(epoch, 0, list(range(n)))
+        assert batch.text_embeddings is not None
+        dropped = {i for i, c in enumerate(batch.captions) if c == ""}
+        for i in range(n):
+            expected = -1.0 if i in dropped else float(i)
+            assert torch.equal(batch.text_embeddings[i], torch.full((3, 4), expected))
+            if i not in dropped:
+                assert batch.captions[i] == f"c{i}"
+        # the share dropped is the one configured (binomial: within four standard deviations)
+        assert abs(len(dropped) / n - share) <= 4 * (share * (1 - share) / n) ** 0.5
+        dropped_by_epoch.append(dropped)
+    if share:
+        # each epoch draws again: a caption is not dropped for the whole run
+        assert dropped_by_epoch[0] != dropped_by_epoch[1]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_weight_decay_shrinks_untouched_weights_as_adamw_says(weight_decay):
+    """A weight whose gradient is zero moves only by decoupled decay: p <- p * (1 - lr * wd)."""
+    from difftrain import api
+    from difftrain.train.loop import make_optimizer
+
+    job = api.parse_resource(
+        {
+            "apiVersion": api.API_VERSION,
+            "kind": "DiffusionTrainingJob",
+            "metadata": {"name": "wd", "namespace": "ml"},
+            "spec": {
+                "baseModel": {"uri": "s3://models/x"},
+                "dataset": {"uri": "s3://data/x"},
+                "output": {"uri": "s3://runs/x"},
+                "storage": {"endpoint": "minio:9000", "secretRef": {"name": "s"}},
+                "hyperparameters": {"learningRate": 0.01},
+                "regularization": {"weightDecay": weight_decay},
+            },
+        }
+    )
+    assert isinstance(job, api.DiffusionTrainingJob)
+    spec = job.spec.resolved()
+    untouched = torch.nn.Parameter(torch.linspace(-2.0, 2.0, 16))
+    touched = torch.nn.Parameter(torch.ones(4))
+    before = untouched.detach().clone()
+    optimizer = make_optimizer(spec, [untouched, touched])
+    for _ in range(3):
+        untouched.grad = torch.zeros_like(untouched)
+        touched.grad = torch.ones_like(touched)
+        optimizer.step()
+    expected = before * (1 - 0.01 * weight_decay) ** 3
+    torch.testing.assert_close(untouched.detach(), expected, rtol=1e-6, atol=1e-7)
+    assert touched.detach().lt(1.0).all()  # the others learn as usual

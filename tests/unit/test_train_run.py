@@ -401,6 +401,36 @@ def test_dreambooth_generates_class_images_once_and_trains_with_the_prior(
     assert (out / "class-images" / MANIFEST_NAME).stat().st_mtime_ns == stamp
 
 
+def test_the_prior_loss_adds_the_class_loss_times_its_weight(inputs: Path, tmp_path: Path):
+    """loss = instance loss + priorLossWeight * class loss, on the same first batch."""
+    import shutil
+
+    classes = tmp_path / "class-images"
+    classes.mkdir()
+    for path in sorted((inputs / "dataset").glob("*.png"))[:4]:
+        shutil.copy(path, classes / path.name)
+    first_loss = {}
+    for weight in (0.0, 1.0, 2.5):
+        job = tiny_job(
+            inputs,
+            tmp_path / f"out-{weight}",
+            hyperparameters=_short(maxSteps=2),
+            dreambooth={
+                "instancePrompt": "a photo of sks circle",
+                "classPrompt": "a photo of a circle",
+                "classDataUri": str(classes),
+                "numClassImages": 4,
+                "priorLossWeight": weight,
+            },
+        )
+        job["spec"]["output"]["formats"] = ["single_file"]
+        first_loss[weight] = _run(job, tmp_path / f"work-{weight}").loop.losses[0]
+    instance = first_loss[0.0]
+    class_loss = first_loss[1.0] - instance
+    assert class_loss > 1e-3  # the class images add a loss of their own
+    assert first_loss[2.5] == pytest.approx(instance + 2.5 * class_loss, rel=1e-4, abs=1e-6)
+
+
 def test_controlnet_trains_on_paired_conditioning_images(inputs: Path, tmp_path: Path):
     from diffusers import ControlNetModel
     from PIL import Image, ImageOps
