@@ -94,6 +94,18 @@ def test_key_changes_with_caption_model_and_settings():
     )
 
 
+@pytest.mark.parametrize(
+    "settings_of",
+    [{"crop": "random"}, {"max_rotation_degrees": 5}, {"boomerang": {"enabled": True}}],
+)
+def test_the_seed_is_in_the_key_where_it_changes_the_tensors(settings_of):
+    """Random crops, rotations and Boomerang variants depend on the seed; centre crops do not."""
+    pairs = make_pairs(3)
+    seeded = pre(**settings_of)
+    assert cache_key(pairs, seeded, "m", seed=1) != cache_key(pairs, seeded, "m", seed=2)
+    assert cache_key(pairs, pre(), "m", seed=1) == cache_key(pairs, pre(), "m", seed=2)
+
+
 @settings(max_examples=50, deadline=None)
 @given(index=st.integers(0, 2), caption=st.text(max_size=40), content=st.binary(max_size=16))
 def test_any_change_of_one_pair_changes_the_key(index, caption, content):

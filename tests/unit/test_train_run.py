@@ -544,6 +544,58 @@ def test_adamw8bit_without_bitsandbytes_is_a_clear_error(inputs: Path, tmp_path:
     assert "Traceback" not in r.stderr
 
 
+def test_boomerang_variants_in_a_run_are_those_the_dataset_cache_command_makes(
+    inputs: Path, tmp_path: Path
+):
+    """The same dataset, model, preprocessing and seed: the run's variants (and so its cache) are
+    the standalone `difftrain dataset cache --boomerang-copies` ones."""
+    import shutil
+
+    from difftrain.data.cache import CACHE_FOLDER, LatentCache
+    from difftrain.storage import LocalStore
+
+    def command(dataset: Path, seed: int) -> dict:
+        args = ["dataset", "cache", str(dataset), "--model", str(inputs / "base-model")]
+        args += ["--resolution", "64", "--flip-probability", "0.5", "--min-resolution", "32"]
+        args += ["--near-duplicate-distance", "0", "--boomerang-copies", "1"]
+        args += ["--boomerang-strength", "0.3", "--seed", str(seed), "--json"]
+        done = run_cli(args)
+        assert done.returncode == 0, done.stderr[-3000:]
+        made: dict = json.loads(done.stdout)
+        return made
+
+    in_run, by_command = tmp_path / "ds-run", tmp_path / "ds-command"
+    for folder in (in_run, by_command):  # twelve pairs keep it quick
+        folder.mkdir()
+        for image in sorted((inputs / "dataset").glob("*.png"))[:12]:
+            shutil.copy(image, folder / image.name)
+            shutil.copy(image.with_suffix(".txt"), folder / image.with_suffix(".txt").name)
+    job = tiny_job(
+        inputs,
+        tmp_path / "out",
+        hyperparameters=_short(maxSteps=2, seed=7),
+        preprocessing={
+            "resolution": 64,
+            "flipProbability": 0.5,
+            "cacheLatents": True,
+            "boomerang": {"enabled": True, "copies": 1, "strength": 0.3},
+        },
+    )
+    job["spec"]["dataset"]["uri"] = str(in_run)
+    _run(job, tmp_path / "work")
+    (run_key,) = [p.name for p in (in_run / CACHE_FOLDER).iterdir() if p.is_dir()]
+    made = command(by_command, seed=7)
+    assert made["key"] == run_key and made["augmented"] == 12
+    ran = LatentCache(LocalStore(), str(in_run / CACHE_FOLDER)).lookup(run_key)
+    built = LatentCache(LocalStore(), str(by_command / CACHE_FOLDER)).lookup(made["key"])
+    assert ran is not None and built is not None
+    assert [(s.key, s.caption) for s in ran] == [(s.key, s.caption) for s in built]
+    variants = [(a, b) for a, b in zip(ran, built, strict=True) if "~boomerang" in a.key]
+    assert len(variants) == 12
+    for a, b in variants:
+        torch.testing.assert_close(a.latent_params, b.latent_params, rtol=1e-4, atol=1e-4)
+
+
 def test_boomerang_variants_keep_their_source_images_conditioning(inputs: Path, tmp_path: Path):
     from PIL import Image, ImageOps
 

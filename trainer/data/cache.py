@@ -138,9 +138,15 @@ def cache_key(
     pre: PreprocessingSpec,
     model_identity: str,
     *,
+    seed: int = 0,
     extra: dict[str, str] | None = None,
 ) -> str:
-    """sha256 over the dataset manifest, the tensor-changing settings and the model identity."""
+    """sha256 over the dataset manifest, the tensor-changing settings and the model identity.
+
+    ``seed`` (the one ``build`` gets) counts where it changes the tensors: random crops,
+    rotations and Boomerang variants; a cache made with another seed is another cache.
+    """
+    seeded = pre.crop == "random" or pre.max_rotation_degrees > 0 or pre.boomerang.enabled
     settings = {
         "resolution": pre.resolution,
         "crop": pre.crop,
@@ -150,6 +156,8 @@ def cache_key(
         "flipped": pre.flip_probability > 0,
         "boomerang": pre.boomerang.model_dump(mode="json") if pre.boomerang.enabled else None,
     }
+    if seeded:
+        settings["seed"] = seed
     digest = hashlib.sha256()
     head = {
         "format": CACHE_FORMAT,

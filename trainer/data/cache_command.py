@@ -125,7 +125,7 @@ def build_dataset_cache(args: argparse.Namespace, bars: bool = True) -> CacheOut
     root = args.cache_root or join(spec.uri, CACHE_FOLDER)
     cache_store = open_store_from_args(root, args)
     cache = LatentCache(cache_store, root)
-    key = cache_key(pairs, pre, components.identity)
+    key = cache_key(pairs, pre, components.identity, seed=args.seed)
     samples = cache.lookup(key)
     hit = samples is not None
     if samples is None:

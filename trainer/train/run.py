@@ -194,7 +194,7 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
     }
     if pre.cache_latents:
         cache = LatentCache(data_store, join(spec.dataset.uri, CACHE_FOLDER))
-        key = cache_key(pairs, pre, components.identity)
+        key = cache_key(pairs, pre, components.identity, seed=hp.seed)
         local_cache = options.work_dir / "latent-cache"
         with acc.main_process_first():
             samples = cache.lookup(key, local_dir=local_cache)
