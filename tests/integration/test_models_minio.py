@@ -97,3 +97,32 @@ def test_missing_prefix_and_object_are_named(s3, tmp_path: Path) -> None:
         load_base_model(BaseModelSpec(uri=s3.uri("nothing")), store(s3), work_dir=tmp_path)
     with pytest.raises(ModelError, match=r"baseModel.uri s3://.*/no.safetensors: no such object"):
         load_base_model(BaseModelSpec(uri=s3.uri("no.safetensors")), store(s3), work_dir=tmp_path)
+
+
+def test_an_inpainting_model_in_the_store_is_refused_before_any_weight_is_downloaded(
+    s3, tmp_path: Path
+) -> None:
+    import json
+
+    folder = build_tiny_pipeline_folder(tmp_path / "tiny")
+    single = export_single_file(
+        load_base_model(BaseModelSpec(uri=str(folder)), None, work_dir=tmp_path / "l"),
+        tmp_path / "sd.safetensors",
+        metadata={},
+        dtype=torch.float32,
+    )
+    config_path = folder / "unet" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "in_channels": 9}))
+    upload(s3, folder, "models/inpainting")
+    tensors = load_file(str(single))
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    tensors[key] = torch.cat([tensors[key]] * 2 + [tensors[key][:, :1]], dim=1)
+    save_safetensors(tensors, tmp_path / "inpainting.safetensors", {})
+    store(s3).put_file(tmp_path / "inpainting.safetensors", s3.uri("models/inpainting.safetensors"))
+
+    for uri in (s3.uri("models/inpainting"), s3.uri("models/inpainting.safetensors")):
+        work = tmp_path / "work" / uri.rsplit("/", 1)[-1]
+        with pytest.raises(ModelError, match=r"an inpainting model.*text-to-image"):
+            load_base_model(BaseModelSpec(uri=uri), store(s3), work_dir=work)
+        downloaded = [p for p in work.rglob("*") if p.is_file()] if work.exists() else []
+        assert not downloaded, downloaded

@@ -314,3 +314,43 @@ def test_pickle_checkpoint_loads_when_allowed(tiny: Path, tmp_path: Path) -> Non
     ours, theirs = original.unet.state_dict(), loaded.unet.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize(
+    ("in_channels", "named"),
+    [(9, "an inpainting model"), (8, "InstructPix2Pix"), (5, "depth-to-image"), (6, "6 input")],
+)
+def test_a_unet_that_is_not_text_to_image_is_refused_before_its_weights_are_read(
+    tiny: Path, tmp_path: Path, in_channels: int, named: str
+) -> None:
+    folder = shutil.copytree(tiny, tmp_path / "variant")
+    config_path = folder / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "in_channels": in_channels}))
+    for weights in (folder / "unet").glob("*.safetensors"):
+        weights.write_bytes(b"not weights")  # reading them would fail otherwise
+    with pytest.raises(ModelError) as refused:
+        load(folder, tmp_path)
+    message = str(refused.value)
+    assert named in message and f"baseModel.uri {folder}" in message
+    assert "text-to-image" in message
+
+
+def test_an_inpainting_single_file_is_refused_from_its_header(tiny: Path, tmp_path: Path) -> None:
+    """Only the header is read: the refusal comes before any tensor (or download)."""
+    from safetensors.torch import load_file
+
+    path = export_single_file(
+        load(tiny, tmp_path), tmp_path / "model.safetensors", metadata={}, dtype=torch.float32
+    )
+    tensors = load_file(str(path))
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    first = tensors[key]
+    tensors[key] = torch.cat([first, first, first[:, :1]], dim=1)  # 4 + 4 + 1 channels
+    inpainting = tmp_path / "inpainting.safetensors"
+    save_safetensors(tensors, inpainting, {})
+    data = inpainting.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    inpainting.write_bytes(data[: header_end + 16])  # the tensors cut off
+    with pytest.raises(ModelError, match=r"an inpainting model \(its UNet takes 9 input"):
+        load(inpainting, tmp_path)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from difftrain.api.training import BaseModelSpec
 from difftrain.models.errors import ModelError
+from difftrain.models.variants import check_unet_config
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +39,17 @@ def download_hub_folder(spec: BaseModelSpec, dest: Path, *, endpoint: str | None
 
     hub = spec.hub
     assert hub is not None
-    patterns = _PATTERNS + _WEIGHTS + (_PICKLES if spec.allow_pickle else [])
+    weights = _WEIGHTS + (_PICKLES if spec.allow_pickle else [])
     try:
+        # configs first: a UNet training cannot take is refused before its weights move
         path = snapshot_download(
-            hub,
-            revision=spec.revision,
-            local_dir=dest,
-            allow_patterns=patterns,
-            endpoint=endpoint,
+            hub, revision=spec.revision, local_dir=dest, allow_patterns=_PATTERNS, endpoint=endpoint
+        )
+        unet_config = Path(str(path)) / "unet" / "config.json"
+        if unet_config.is_file():
+            check_unet_config(json.loads(unet_config.read_text()), f"baseModel.hub {hub!r}")
+        path = snapshot_download(
+            hub, revision=spec.revision, local_dir=dest, allow_patterns=weights, endpoint=endpoint
         )
     except HFValidationError as exc:
         raise ModelError(

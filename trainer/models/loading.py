@@ -20,6 +20,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from difftrain.api.training import BaseModelSpec
 from difftrain.models.components import Components, folder_identity
 from difftrain.models.errors import ModelError
+from difftrain.models.variants import check_unet_config
 from difftrain.storage import LocalStore, StorageError, Store, is_s3, split_s3
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,9 @@ def fetch_folder(uri: str, spec: BaseModelSpec, store: Store, dest: Path) -> tup
                 "(with model_index.json) or a single .safetensors file"
             )
         files = _relative_files(folder)
-        return folder, _check_layout(files, spec, f"baseModel.uri {uri}")
+        wanted = _check_layout(files, spec, f"baseModel.uri {uri}")
+        _read_unet_config((folder / "unet" / "config.json").read_bytes, f"baseModel.uri {uri}")
+        return folder, wanted
     prefix = uri.rstrip("/") + "/"
     try:
         uris = list(store.list(prefix))
@@ -137,6 +140,13 @@ def fetch_folder(uri: str, spec: BaseModelSpec, store: Store, dest: Path) -> tup
             "(with model_index.json) there, or point baseModel.uri at a .safetensors file"
         )
     wanted = _check_layout(files, spec, f"baseModel.uri {uri}")
+
+    def unet_config() -> bytes:
+        with store.open_stream(prefix + "unet/config.json") as src:
+            data: bytes = src.read()
+        return data
+
+    _read_unet_config(unet_config, f"baseModel.uri {uri}")  # before gigabytes of weights
     bucket, _ = split_s3(uri)
     for name in wanted:
         target = dest / name
@@ -181,6 +191,17 @@ def _check_layout(files: list[str], spec: BaseModelSpec, where: str) -> list[str
             names = [n for n in names if n in keep or n.endswith("config.json")]
         wanted += [f"{name}/{n}" for n in names]
     return wanted
+
+
+def _read_unet_config(read: Any, where: str) -> None:
+    """Read ``unet/config.json`` with ``read()`` (bytes) and check it, before any weight moves."""
+    try:
+        config = json.loads(read())
+    except (OSError, StorageError, ValueError) as exc:
+        raise ModelError(f"{where}: cannot read unet/config.json: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelError(f"{where}: unet/config.json is not a JSON object")
+    check_unet_config(config, where)
 
 
 def _uses_safetensors(folder: Path, spec: BaseModelSpec) -> bool:

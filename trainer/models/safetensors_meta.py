@@ -7,6 +7,7 @@ import os
 import shutil
 import struct
 from pathlib import Path
+from typing import IO, Any
 
 import torch
 from safetensors.torch import save_file
@@ -31,6 +32,29 @@ def save_safetensors(
     owned = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     save_file(owned, str(partial), metadata=_check(metadata))
     os.replace(partial, path)
+
+
+# a safetensors header is JSON of names, dtypes, shapes and offsets: a few MB even for SDXL
+MAX_HEADER_BYTES = 100 << 20
+
+
+def read_header(stream: IO[bytes], where: str) -> dict[str, Any]:
+    """The JSON header at the start of a safetensors stream (only its first bytes are read)."""
+    head = stream.read(8)
+    if len(head) < 8:
+        raise ModelError(f"{where}: not a readable safetensors file (shorter than its header)")
+    (length,) = struct.unpack("<Q", head)
+    if length > MAX_HEADER_BYTES:
+        raise ModelError(f"{where}: not a readable safetensors file (a {length}-byte header)")
+    try:
+        header = json.loads(stream.read(length))
+    except ValueError as exc:
+        raise ModelError(
+            f"{where}: not a readable safetensors file (a header that is not JSON)"
+        ) from exc
+    if not isinstance(header, dict):
+        raise ModelError(f"{where}: not a readable safetensors file (a header that is no object)")
+    return header
 
 
 def read_metadata(path: Path) -> dict[str, str]:

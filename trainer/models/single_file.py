@@ -35,6 +35,8 @@ from difftrain.models.ldm_configs import (
     unet_config,
     vae_config,
 )
+from difftrain.models.safetensors_meta import read_header
+from difftrain.models.variants import refuse_unsupported_unet
 from difftrain.storage import StorageError, Store, is_s3, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,9 @@ def fetch_file(uri: str, spec: BaseModelSpec, store: Store, dest_dir: Path) -> P
         path = Path(uri)
         if not path.is_file():
             raise ModelError(f"baseModel.uri {uri}: no such file")
+        if path.suffix.lower() == ".safetensors":
+            with path.open("rb") as head:
+                check_header(read_header(head, f"baseModel.uri {uri}"), uri)
         return path
     try:
         found = store.exists(uri)
@@ -64,6 +69,9 @@ def fetch_file(uri: str, spec: BaseModelSpec, store: Store, dest_dir: Path) -> P
         raise ModelError(f"baseModel.uri {uri}: cannot read it: {exc}") from exc
     if not found:
         raise ModelError(f"baseModel.uri {uri}: no such object in the store")
+    if uri.lower().endswith(".safetensors"):
+        with store.open_stream(uri) as head:  # the header only: refuse before the download
+            check_header(read_header(head, f"baseModel.uri {uri}"), uri)
     dest_dir.mkdir(parents=True, exist_ok=True)
     target = dest_dir / uri.rsplit("/", 1)[-1]
     partial = target.with_name(target.name + ".part")
@@ -72,6 +80,30 @@ def fetch_file(uri: str, spec: BaseModelSpec, store: Store, dest_dir: Path) -> P
             out.write(block)
     partial.replace(target)
     return target
+
+
+def check_header(header: dict[str, Any], uri: str) -> None:
+    """Refuse SDXL and UNets that are not text-to-image from the tensor shapes in the header."""
+    keys = [k for k in header if k != "__metadata__"]
+    if ldm_family(keys) == "sdxl":
+        raise ModelError(
+            f"baseModel.uri {uri}: an SDXL checkpoint; training supports SD1.x and SD2.x base "
+            "models for now"
+        )
+
+    def shape(key: str) -> list[int] | None:
+        entry = header.get(key)
+        return list(entry.get("shape") or []) if isinstance(entry, dict) else None
+
+    first = shape("model.diffusion_model.input_blocks.0.0.weight")  # [320, in, 3, 3]
+    last = shape("model.diffusion_model.out.2.weight")  # [out, 320, 3, 3]
+    if first and last and len(first) == 4 and len(last) == 4:
+        refuse_unsupported_unet(
+            first[1],
+            last[0],
+            f"baseModel.uri {uri}",
+            class_embeddings="model.diffusion_model.label_emb.0.0.weight" in header,
+        )
 
 
 def read_checkpoint(path: Path, uri: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
