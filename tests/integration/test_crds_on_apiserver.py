@@ -73,6 +73,11 @@ def test_server_applies_the_defaults_of_the_api(kube_api, namespace):
             "exactly one of baseModel.uri",
         ),
         (
+            training_job("tok", baseModel={"uri": "/m", "tokenizerUri": "/t"}),
+            "spec.baseModel",
+            "tokenizerUri is for single-file checkpoints",
+        ),
+        (
             training_job("res", preprocessing={"resolution": 500}),
             "spec.preprocessing.resolution",
             "multiple of 8",

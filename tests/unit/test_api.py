@@ -171,3 +171,11 @@ def test_api_imports_no_torch_and_no_kubernetes_client():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_tokenizer_uri_is_only_for_single_files():
+    from difftrain.api.training import BaseModelSpec
+
+    assert BaseModelSpec(uri="s3://models/sd.safetensors", tokenizerUri="s3://models/tok")
+    with pytest.raises(ValueError, match="tokenizerUri is for single-file checkpoints"):
+        BaseModelSpec(uri="s3://models/sd15", tokenizerUri="s3://models/tok")

@@ -192,8 +192,15 @@ def test_single_file_without_recorded_configs_infers_them_from_shapes(
     bare = tmp_path / "models" / "bare.safetensors"
     meta = {k: v for k, v in read_metadata(exported).items() if not k.startswith("difftrain.")}
     save_safetensors(load_file(exported), bare, meta)
-    with pytest.raises(ModelError, match=r"carries no tokenizer.*models/tokenizer/"):
+    with pytest.raises(ModelError, match=r"carries no tokenizer.*tokenizerUri.*models/tokenizer/"):
         load(bare, tmp_path / "b")
+    # the tokenizer from anywhere, named in the spec
+    original.tokenizer.save_pretrained(tmp_path / "elsewhere" / "clip-tokenizer")
+    named = load(bare, tmp_path / "n", tokenizer_uri=str(tmp_path / "elsewhere" / "clip-tokenizer"))
+    assert named.tokenizer.get_vocab() == original.tokenizer.get_vocab()
+    with pytest.raises(ModelError, match=r"baseModel.tokenizerUri .*elsewhere: no tokenizer there"):
+        load(bare, tmp_path / "m", tokenizer_uri=str(tmp_path / "elsewhere"))
+    # or beside the file
     original.tokenizer.save_pretrained(tmp_path / "models" / "tokenizer")
     loaded = load(bare, tmp_path / "c")
     # head and group counts are not in the weights; the weights themselves must all be in place

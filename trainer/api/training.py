@@ -45,6 +45,12 @@ class BaseModelSpec(APIModel):
             "set exactly one of baseModel.uri (a diffusers folder or .safetensors file in the "
             "store) and baseModel.hub (a model id, for clusters with internet access)",
         ),
+        cel(
+            "!has(self.tokenizerUri) || (has(self.uri) && (self.uri.endsWith('.safetensors') "
+            "|| self.uri.endsWith('.ckpt')))",
+            "baseModel.tokenizerUri is for single-file checkpoints (a .safetensors or .ckpt "
+            "baseModel.uri); a diffusers folder brings its own tokenizer/",
+        ),
     )
 
     uri: Uri | None = Field(
@@ -73,6 +79,13 @@ class BaseModelSpec(APIModel):
         description="Allow loading pickle checkpoints (.ckpt, .pt, .bin). Unpickling runs "
         "arbitrary code; off by default so only safetensors are read.",
     )
+    tokenizer_uri: Uri | None = Field(
+        default=None,
+        description="For a single-file checkpoint: its tokenizer folder (tokenizer.json, or "
+        "vocab.json and merges.txt, with tokenizer_config.json) in the store or on a local path. "
+        "Default: the tokenizer embedded in the file's header (difftrain's own exports), else a "
+        "tokenizer/ folder beside the file.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> BaseModelSpec:
@@ -80,6 +93,13 @@ class BaseModelSpec(APIModel):
             raise ValueError(
                 "set exactly one of baseModel.uri (a diffusers folder or .safetensors file in "
                 "the store) and baseModel.hub (a model id, for clusters with internet access)"
+            )
+        if self.tokenizer_uri is not None and not (
+            self.uri is not None and self.uri.endswith((".safetensors", ".ckpt"))
+        ):
+            raise ValueError(
+                "baseModel.tokenizerUri is for single-file checkpoints (a .safetensors or .ckpt "
+                "baseModel.uri); a diffusers folder brings its own tokenizer/"
             )
         return self
 

@@ -129,7 +129,41 @@ def _meta_config(metadata: dict[str, str], name: str) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
-def _tokenizer(uri: str, metadata: dict[str, str], store: Store, dest: Path) -> CLIPTokenizer:
+def _has_tokenizer(names: list[str]) -> bool:
+    return any(name in names for name in TOKENIZER_FILES)
+
+
+def _tokenizer_from(folder: str, store: Store, dest: Path) -> CLIPTokenizer | None:
+    """The tokenizer in ``folder`` (local or in the store), or None when it holds none."""
+    if not is_s3(folder):
+        local = Path(folder)
+        names = [p.name for p in local.iterdir() if p.is_file()] if local.is_dir() else []
+        return CLIPTokenizer.from_pretrained(local) if _has_tokenizer(names) else None
+    names = [u.rsplit("/", 1)[-1] for u in store.list(folder.rstrip("/") + "/")]
+    if not _has_tokenizer(names):
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        with store.open_stream(f"{folder.rstrip('/')}/{name}") as src:
+            (dest / name).write_bytes(src.read())
+    return CLIPTokenizer.from_pretrained(dest)
+
+
+def _tokenizer(
+    uri: str, spec: BaseModelSpec, metadata: dict[str, str], store: Store, dest: Path
+) -> CLIPTokenizer:
+    """The spec's tokenizerUri, else the one embedded in the header, else a sibling folder."""
+    if spec.tokenizer_uri is not None:
+        try:
+            named = _tokenizer_from(spec.tokenizer_uri, store, dest)
+        except (OSError, StorageError, ValueError) as exc:
+            raise ModelError(f"baseModel.tokenizerUri {spec.tokenizer_uri}: {exc}") from exc
+        if named is None:
+            raise ModelError(
+                f"baseModel.tokenizerUri {spec.tokenizer_uri}: no tokenizer there; it needs "
+                "tokenizer.json, or vocab.json and merges.txt, with tokenizer_config.json"
+            )
+        return named
     embedded = {
         k[len(TOKENIZER_KEY) :]: v for k, v in metadata.items() if k.startswith(TOKENIZER_KEY)
     }
@@ -139,21 +173,14 @@ def _tokenizer(uri: str, metadata: dict[str, str], store: Store, dest: Path) -> 
             (dest / Path(name).name).write_text(text, encoding="utf-8")
         return CLIPTokenizer.from_pretrained(dest)
     sibling = uri.rsplit("/", 1)[0] + "/tokenizer" if "/" in uri else "tokenizer"
-    if not is_s3(uri):
-        if any((Path(sibling) / name).is_file() for name in TOKENIZER_FILES):
-            return CLIPTokenizer.from_pretrained(sibling)
-    else:
-        names = [u.rsplit("/", 1)[-1] for u in store.list(sibling + "/")]
-        if any(name in names for name in TOKENIZER_FILES):
-            dest.mkdir(parents=True, exist_ok=True)
-            for name in names:
-                with store.open_stream(f"{sibling}/{name}") as src:
-                    (dest / name).write_bytes(src.read())
-            return CLIPTokenizer.from_pretrained(dest)
+    found = _tokenizer_from(sibling, store, dest)
+    if found is not None:
+        return found
     raise ModelError(
-        f"baseModel.uri {uri}: a single-file checkpoint carries no tokenizer; upload the model's "
-        "tokenizer folder (tokenizer.json or vocab.json + merges.txt, tokenizer_config.json) "
-        f"to {sibling}/, or use the model's diffusers folder instead"
+        f"baseModel.uri {uri}: a single-file checkpoint carries no tokenizer; set "
+        "baseModel.tokenizerUri to the model's tokenizer folder (tokenizer.json or vocab.json + "
+        f"merges.txt, tokenizer_config.json), upload that folder to {sibling}/, or use the "
+        "model's diffusers folder instead"
     )
 
 
@@ -222,7 +249,7 @@ def load_single_file(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=_tokenizer(uri, metadata, store, work_dir / "tokenizer"),
+        tokenizer=_tokenizer(uri, spec, metadata, store, work_dir / "tokenizer"),
         noise_scheduler=training_scheduler(scheduler_config, prediction_type),
         scheduler_config=scheduler_config,
         prediction_type=prediction_type,
