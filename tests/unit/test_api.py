@@ -176,6 +176,8 @@ def test_api_imports_no_torch_and_no_kubernetes_client():
 def test_a_tokenizer_uri_is_only_for_single_files():
     from difftrain.api.training import BaseModelSpec
 
-    assert BaseModelSpec(uri="s3://models/sd.safetensors", tokenizerUri="s3://models/tok")
+    assert BaseModelSpec.model_validate(
+        {"uri": "s3://models/sd.safetensors", "tokenizerUri": "s3://models/tok"}
+    )
     with pytest.raises(ValueError, match="tokenizerUri is for single-file checkpoints"):
-        BaseModelSpec(uri="s3://models/sd15", tokenizerUri="s3://models/tok")
+        BaseModelSpec.model_validate({"uri": "s3://models/sd15", "tokenizerUri": "s3://models/tok"})
