@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import ControlNetModel, StableDiffusionPipeline
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
 from difftrain.api.training import BaseModelSpec
@@ -174,6 +174,57 @@ def test_single_file_loads_back_in_diffusers_from_single_file(
     assert ("v_pred" in keys) == linear
     prefix = "cond_stage_model.model." if linear else "cond_stage_model.transformer.text_model."
     assert any(k.startswith(prefix) for k in keys)
+
+
+OPEN_CLIP = "cond_stage_model.model."
+
+
+def test_sd2_single_file_has_the_open_clip_keys_and_carries_the_bases_extras(
+    tmp_path: Path,
+) -> None:
+    """A1111 and ComfyUI build SD2's text tower as OpenCLIP (its last block and text_projection
+    included) and read those keys: an export from a diffusers base writes the projection (the
+    identity: SD2 conditions on hidden states), one from a single file that has them carries the
+    base's own tensors, bitwise."""
+    folder = build_tiny_pipeline_folder(
+        tmp_path / "tiny", use_linear_projection=True, prediction_type="v_prediction"
+    )
+    c = load(folder, tmp_path / "w")
+    layers = c.text_encoder.config.num_hidden_layers
+    width = c.text_encoder.config.hidden_size
+    first = export_single_file(
+        c, tmp_path / "from-folder.safetensors", metadata=METADATA, dtype=torch.float32
+    )
+    tensors = load_file(first)
+    assert torch.equal(tensors[OPEN_CLIP + "text_projection"], torch.eye(width))
+    blocks = {
+        k.split(".")[4] for k in tensors if k.startswith(OPEN_CLIP + "transformer.resblocks.")
+    }
+    assert blocks == {str(i) for i in range(layers)}
+
+    # a single-file base with OpenCLIP's whole tower: one block more, a learned projection
+    gen = torch.Generator().manual_seed(11)
+    last = f"{OPEN_CLIP}transformer.resblocks.{layers}."
+    extras = {
+        last + k[len(f"{OPEN_CLIP}transformer.resblocks.{layers - 1}.") :]: torch.randn(
+            v.shape, generator=gen
+        )
+        for k, v in tensors.items()
+        if k.startswith(f"{OPEN_CLIP}transformer.resblocks.{layers - 1}.")
+    }
+    extras[OPEN_CLIP + "text_projection"] = torch.randn(width, width, generator=gen)
+    extras[OPEN_CLIP + "logit_scale"] = torch.tensor(4.6052)
+    base = tmp_path / "openclip-base.safetensors"
+    save_file({**tensors, **extras}, str(base), metadata=read_metadata(first))
+    loaded = load_base_model(BaseModelSpec(uri=str(base)), None, work_dir=tmp_path / "w3")
+    assert loaded.text_encoder.config.num_hidden_layers == layers
+    again = load_file(
+        export_single_file(
+            loaded, tmp_path / "from-file.safetensors", metadata=METADATA, dtype=torch.float32
+        )
+    )
+    for key, value in extras.items():
+        assert torch.equal(again[key], value), key
 
 
 def test_single_file_default_dtype_is_fp16(tiny: Path, tmp_path: Path) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -33,6 +34,9 @@ class Components:
     """sha256 hex identifying the weights: over the sorted manifest of the source files' sha256s."""
     source: str
     """The uri or hub id the model came from."""
+    ldm_extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Tensors of a single-file base model that the diffusers networks do not hold (SD2's
+    OpenCLIP ``text_projection`` and last block), written back into single-file exports."""
 
 
 def file_sha256(path: Path) -> str:

@@ -29,7 +29,13 @@ from torch import nn
 
 from difftrain.models.components import Components, file_sha256
 from difftrain.models.errors import ModelError
-from difftrain.models.ldm import V_PRED_KEY, text_to_ldm, unet_to_ldm, vae_to_ldm
+from difftrain.models.ldm import (
+    V_PRED_KEY,
+    text_to_ldm,
+    unet_to_ldm,
+    vae_to_ldm,
+    with_open_clip_extras,
+)
 from difftrain.models.safetensors_meta import add_metadata, save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -144,10 +150,13 @@ def export_single_file(
         raise ModelError(f"single-file export supports SD1 and SD2, not {components.family!r}")
     unet_module = merged_copy(unet or components.unet)
     text_module = merged_copy(text_encoder or components.text_encoder)
+    text = text_to_ldm(text_module.state_dict(), components.family)
+    if components.family == "sd2":
+        text = with_open_clip_extras(text, components.ldm_extras)
     tensors = {
         **unet_to_ldm(unet_module.state_dict()),
         **vae_to_ldm(components.vae.state_dict()),
-        **text_to_ldm(text_module.state_dict(), components.family),
+        **text,
     }
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     if components.prediction_type == "v_prediction":

@@ -8,7 +8,11 @@ Text encoders: SD1 stores the transformers CLIP text model under ``cond_stage_mo
 (with the ``text_model.`` prefix that transformers 4 used); SD2 stores the OpenCLIP text tower under
 ``cond_stage_model.model.`` with fused attention projections. diffusers keeps SD2's first 23 of 24
 OpenCLIP blocks (SD2 conditions on the penultimate layer), so an SD2 export holds the blocks the
-model has; ``ln_final`` carries the final layer norm, and no ``text_projection`` is written.
+model has; ``ln_final`` carries the final layer norm. What diffusers does not hold (OpenCLIP's
+``text_projection``, the last block) is kept from a single-file base model by
+:func:`open_clip_extras` and written back on export; without one, the projection is written as
+the identity (SD2 conditions on hidden states and never uses it, but A1111's and ComfyUI's
+OpenCLIP loaders expect the key).
 """
 
 from __future__ import annotations
@@ -188,6 +192,29 @@ def _text_from_open_clip(ldm: Mapping[str, torch.Tensor]) -> Tensors:
             i, param = m.groups()
             for name, part in zip(("q", "k", "v"), value.chunk(3), strict=True):
                 out[f"encoder.layers.{i}.self_attn.{name}_proj.{param}"] = part
+    return out
+
+
+def open_clip_extras(ldm: Mapping[str, torch.Tensor], layers: int) -> Tensors:
+    """The SD2 text tower's tensors beyond the ``layers`` blocks a CLIPTextModel holds."""
+    p = OPEN_CLIP_LDM
+    extras: Tensors = {}
+    for key, value in ldm.items():
+        if not key.startswith(p):
+            continue
+        m = re.match(re.escape(p) + r"transformer\.resblocks\.(\d+)\.", key)
+        if (m and int(m.group(1)) >= layers) or key[len(p) :] in ("text_projection", "logit_scale"):
+            extras[key] = value
+    return extras
+
+
+def with_open_clip_extras(tensors: Tensors, extras: Mapping[str, torch.Tensor]) -> Tensors:
+    """An SD2 export's text tower completed: the base's extras, else an identity projection."""
+    out = {**tensors, **{k: v for k, v in extras.items() if k not in tensors}}
+    projection = OPEN_CLIP_LDM + "text_projection"
+    if projection not in out:
+        width = out[OPEN_CLIP_LDM + "ln_final.weight"].shape[0]
+        out[projection] = torch.eye(width, dtype=out[OPEN_CLIP_LDM + "ln_final.weight"].dtype)
     return out
 
 

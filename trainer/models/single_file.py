@@ -25,6 +25,7 @@ from difftrain.models.errors import ModelError
 from difftrain.models.ldm import (
     V_PRED_KEY,
     ldm_family,
+    open_clip_extras,
     text_from_ldm,
     unet_from_ldm,
     vae_from_ldm,
@@ -257,6 +258,9 @@ def load_single_file(
         # the file's own sha256, which anyone can check with sha256sum
         identity=sha256_file(path),
         source=uri,
+        ldm_extras=(
+            open_clip_extras(ldm, text_encoder.config.num_hidden_layers) if family == "sd2" else {}
+        ),
     )
     logger.info(
         "single-file base model loaded",
