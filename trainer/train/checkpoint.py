@@ -36,6 +36,24 @@ STEP_DIR = re.compile(r"step-(\d{8})$")
 TENSOR_REF = "__tensor__"
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors as safetensors stores them: on the CPU, contiguous, no two sharing memory.
+
+    Optimizers may share one tensor between parameters (bitsandbytes' quantisation maps); only
+    such repeats are copied, so a large optimizer state is not duplicated in memory.
+    """
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        tensor = value.detach().to("cpu").contiguous()
+        address = tensor.untyped_storage().data_ptr()
+        if address in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out
+
+
 def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
     """Split a nested state dict into a JSON skeleton and its tensors (named by path)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -152,7 +170,7 @@ class CheckpointStore:
             skeletons[name] = skeleton
             if tensors:
                 path = local / f"{name}.safetensors"
-                save_file(tensors, path)
+                save_file(_unshared(tensors), path)
                 files[path.name] = path
         doc = {"state": state.__dict__, "components": skeletons, "format": 1}
         (local / "state.json").write_text(json.dumps(doc))
