@@ -78,13 +78,13 @@ def make_optimizer(spec: DiffusionTrainingJobSpec, params: list[torch.nn.Paramet
     wd = spec.regularization.weight_decay
     if hp.optimizer == "adamw8bit":
         try:
-            import bitsandbytes as bnb  # type: ignore[import-not-found]
+            from bitsandbytes.optim.adamw import AdamW8bit
         except ImportError:
             raise TrainingConfigError(
                 "hyperparameters.optimizer adamw8bit needs the bitsandbytes package, which this "
                 "image does not have; use optimizer: adamw or a trainer image with bitsandbytes"
             ) from None
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=wd)
+        return AdamW8bit(params, lr=lr, weight_decay=wd)  # type: ignore[no-untyped-call]
     fused = bool(params) and params[0].is_cuda
     return torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=fused or None)
 
