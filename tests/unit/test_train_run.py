@@ -561,7 +561,8 @@ def test_adamw8bit_without_bitsandbytes_is_a_clear_error(monkeypatch: pytest.Mon
     from difftrain.train.loop import make_optimizer
     from difftrain.train.methods import TrainingConfigError
 
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # an image without the package
+    for name in ("bitsandbytes", "bitsandbytes.optim", "bitsandbytes.optim.adamw"):
+        monkeypatch.setitem(sys.modules, name, None)  # as in an image without the package
     job = api.parse_resource(
         {
             "apiVersion": api.API_VERSION,
