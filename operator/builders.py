@@ -29,6 +29,7 @@ CONTAINER = "trainer"
 # Keeps a finished child Job (and so its final status) until the operator has recorded the result,
 # even when ttlSecondsAfterFinished deletes it at once.
 RESULT_FINALIZER = f"{api.GROUP}/record-result"
+HUB_CACHE_MOUNT = "/var/cache/difftrain/hub"
 COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
 EXIT_CONFIG_ERROR = api.EXIT_CONFIG_ERROR
@@ -47,6 +48,9 @@ class OperatorSettings:
     run_as_user: int = 1000
     # time a training pod has after SIGTERM to finish its step and commit a checkpoint
     trainer_grace_seconds: int = 300
+    # a PersistentVolumeClaim (in each job's namespace) for the model-hub cache; empty: a
+    # per-pod emptyDir, which the pod's processes share
+    hub_cache_claim: str = ""
 
 
 # libyaml's emitter when PyYAML was built with it: same output, a fraction of the CPU
@@ -272,6 +276,25 @@ def build_training_children(
         },
         *_store_env(spec.storage),
     ]
+    mounts: list[Obj] = []
+    volumes: list[Obj] = []
+    if spec.base_model.hub is not None:
+        env.append({"name": "DIFFTRAIN_HUB_CACHE", "value": HUB_CACHE_MOUNT})
+        token = spec.base_model.token_secret_ref
+        if token is not None:
+            env.append(
+                {
+                    "name": "HF_TOKEN",
+                    "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}},
+                }
+            )
+        mounts.append({"name": "hub-cache", "mountPath": HUB_CACHE_MOUNT})
+        claim = settings.hub_cache_claim
+        volumes.append(
+            {"name": "hub-cache", "persistentVolumeClaim": {"claimName": claim}}
+            if claim
+            else {"name": "hub-cache", "emptyDir": {}}
+        )
     pod_extra: Obj = {}
     if workers > 1:
         service_name = child_name(name, "workers")
@@ -318,6 +341,7 @@ def build_training_children(
             {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "scratch", "mountPath": "/tmp"},
+            *mounts,
         ],
     }
     pod_spec: Obj = {
@@ -330,6 +354,7 @@ def build_training_children(
             {"name": "config", "configMap": {"name": config_name}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(res.shm_size)}},
             {"name": "scratch", "emptyDir": {}},
+            *volumes,
         ],
         **pod_extra,
     }

@@ -43,6 +43,7 @@ def operator_settings() -> builders.OperatorSettings:
         trainer_grace_seconds=int(
             os.environ.get("DIFFTRAIN_TRAINER_GRACE_SECONDS", "") or defaults.trainer_grace_seconds
         ),
+        hub_cache_claim=os.environ.get("DIFFTRAIN_HUB_CACHE_CLAIM", defaults.hub_cache_claim),
     )
 
 

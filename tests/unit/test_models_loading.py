@@ -361,3 +361,68 @@ def test_an_inpainting_single_file_is_refused_from_its_header(tiny: Path, tmp_pa
     inpainting.write_bytes(data[: header_end + 16])  # the tensors cut off
     with pytest.raises(ModelError, match=r"an inpainting model \(its UNet takes 9 input"):
         load(inpainting, tmp_path)
+
+
+SD15_REPO = [
+    ".gitattributes",
+    "README.md",
+    "model_index.json",
+    "feature_extractor/preprocessor_config.json",
+    "safety_checker/config.json",
+    "safety_checker/model.safetensors",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "text_encoder/model.fp16.safetensors",
+    "text_encoder/pytorch_model.bin",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.non_ema.safetensors",
+    "unet/diffusion_pytorch_model.bin",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
+    "v1-5-pruned.safetensors",
+]
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_only_the_weights_of_the_variant_in_use_are_fetched_from_the_hub(variant):
+    from difftrain.models.hub import hub_files
+
+    configs, weights = hub_files(SD15_REPO, BaseModelSpec(hub="org/sd15", variant=variant))
+    infix = f".{variant}" if variant else ""
+    assert weights == [
+        f"unet/diffusion_pytorch_model{infix}.safetensors",
+        f"vae/diffusion_pytorch_model{infix}.safetensors",
+        f"text_encoder/model{infix}.safetensors",
+    ]
+    assert "unet/config.json" in configs and "tokenizer/vocab.json" in configs
+    assert not any(f.startswith(("safety_checker/", "feature_extractor/")) for f in configs)
+
+
+def test_a_hub_model_in_the_hub_cache_loads_while_the_hub_is_unreachable(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry, another rank or another job on the same cache: no second download needed."""
+    cache = tmp_path / "hub-cache"
+    repo = cache / "models--org--tiny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(tiny, repo / "snapshots" / commit)
+    monkeypatch.setenv("DIFFTRAIN_HUB_CACHE", str(cache))
+    offline = f"http://127.0.0.1:{_closed_port()}"
+    spec = BaseModelSpec(hub="org/tiny")
+    cached = load_base_model(spec, None, work_dir=tmp_path / "w", hub_endpoint=offline)
+    assert cached.family == "sd1" and cached.source == "org/tiny"
+    assert_same_weights(cached.unet, load(tiny, tmp_path / "direct").unet)
+    with pytest.raises(ModelError, match="not in the hub cache"):
+        load_base_model(
+            BaseModelSpec(hub="org/other"), None, work_dir=tmp_path / "x", hub_endpoint=offline
+        )

@@ -268,3 +268,35 @@ def test_every_child_is_owned_by_its_resource():
     children = build_training_children(training_job(resources={"workers": 2}), "u-9", SETTINGS)
     for obj in children.all():
         assert obj["metadata"]["ownerReferences"][0]["uid"] == "u-9"
+
+
+def test_a_hub_model_gets_the_hub_cache_and_its_token_from_the_secret():
+    hub = {"hub": "org/gated-model", "tokenSecretRef": {"name": "hf-token", "key": "token"}}
+    children = build_training_children(training_job(baseModel=hub), "uid-1", SETTINGS)
+    pod = children.job["spec"]["template"]["spec"]
+    c = container(children.job)
+    env = env_of(c)
+    assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+    assert env["DIFFTRAIN_HUB_CACHE"] == "/var/cache/difftrain/hub"
+    assert {"name": "hub-cache", "mountPath": "/var/cache/difftrain/hub"} in c["volumeMounts"]
+    assert {"name": "hub-cache", "emptyDir": {}} in pod["volumes"]
+    # the token stays in the Secret: not in the job's ConfigMap
+    assert "hf-token" in children.config_map["data"]["job.yaml"]
+    assert "HF_TOKEN" not in children.config_map["data"]["job.yaml"]
+
+    shared = OperatorSettings(trainer_image="t", hub_cache_claim="model-cache")
+    pod = build_training_children(training_job(baseModel=hub), "uid-1", shared).job["spec"][
+        "template"
+    ]["spec"]
+    assert {"name": "hub-cache", "persistentVolumeClaim": {"claimName": "model-cache"}} in pod[
+        "volumes"
+    ]
+
+
+def test_a_store_model_gets_no_hub_cache_and_no_token():
+    children = build_training_children(training_job(), "uid-1", SETTINGS)
+    c = container(children.job)
+    assert "HF_TOKEN" not in env_of(c) and "DIFFTRAIN_HUB_CACHE" not in env_of(c)
+    assert all(
+        v["name"] != "hub-cache" for v in children.job["spec"]["template"]["spec"]["volumes"]
+    )

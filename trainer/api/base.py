@@ -86,6 +86,15 @@ class SecretKeyRefs(APIModel):
     )
 
 
+class SecretKeyRef(APIModel):
+    """One key of a Secret."""
+
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_LABEL_PATTERN)] = Field(
+        description="Name of the Secret, in the resource's namespace."
+    )
+    key: ShortText = Field(default="token", description="Key holding the value.")
+
+
 class ConfigMapKeyRef(APIModel):
     """A key of a ConfigMap."""
 

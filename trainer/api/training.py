@@ -10,6 +10,7 @@ from difftrain.api.base import (
     APIModel,
     Condition,
     ObjectMeta,
+    SecretKeyRef,
     ShortText,
     StorageSpec,
     Uri,
@@ -46,6 +47,10 @@ class BaseModelSpec(APIModel):
             "store) and baseModel.hub (a model id, for clusters with internet access)",
         ),
         cel(
+            "!has(self.tokenSecretRef) || has(self.hub)",
+            "baseModel.tokenSecretRef is the model hub's token: set it with baseModel.hub",
+        ),
+        cel(
             "!has(self.tokenizerUri) || (has(self.uri) && (self.uri.endsWith('.safetensors') "
             "|| self.uri.endsWith('.ckpt')))",
             "baseModel.tokenizerUri is for single-file checkpoints (a .safetensors or .ckpt "
@@ -79,6 +84,11 @@ class BaseModelSpec(APIModel):
         description="Allow loading pickle checkpoints (.ckpt, .pt, .bin). Unpickling runs "
         "arbitrary code; off by default so only safetensors are read.",
     )
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="For baseModel.hub: a Secret key holding the hub access token (gated or "
+        "private models). It reaches the trainer as HF_TOKEN, never the job's ConfigMap.",
+    )
     tokenizer_uri: Uri | None = Field(
         default=None,
         description="For a single-file checkpoint: its tokenizer folder (tokenizer.json, or "
@@ -93,6 +103,10 @@ class BaseModelSpec(APIModel):
             raise ValueError(
                 "set exactly one of baseModel.uri (a diffusers folder or .safetensors file in "
                 "the store) and baseModel.hub (a model id, for clusters with internet access)"
+            )
+        if self.token_secret_ref is not None and self.hub is None:
+            raise ValueError(
+                "baseModel.tokenSecretRef is the model hub's token: set it with baseModel.hub"
             )
         if self.tokenizer_uri is not None and not (
             self.uri is not None and self.uri.endswith((".safetensors", ".ckpt"))
