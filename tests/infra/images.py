@@ -178,6 +178,7 @@ def project_image(target: str) -> tuple[str, float]:
     ref = f"localhost/difftrain/{target}:{key}"
     if has_image(ref):
         return ref, 0.0
+    make_room(f"localhost/difftrain/{target}")
     start = time.monotonic()
     with tempfile.TemporaryDirectory(dir=IMAGES) as tmp:
         # the build context: only what the Dockerfile copies, from the work tree
@@ -208,7 +209,23 @@ def project_image(target: str) -> tuple[str, float]:
     return ref, time.monotonic() - start
 
 
-def _forget_older(repository: str, keep: str) -> None:
+# what a trainer build, its export and its import into containerd take at their peak
+LOW_DISK_BYTES = 20 << 30
+
+
+def make_room(repository: str) -> None:
+    """Before a build, on a disk short of LOW_DISK_BYTES: drop the earlier builds of
+    ``repository`` and the layer cache of every earlier build (the next build of unchanged
+    stages then runs them again, from pip's cache); with room to spare, keep them all."""
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(IMAGES).free >= LOW_DISK_BYTES:
+        return
+    _forget_older(repository, keep=None)
+    for args in (("rm", "--all"), ("rmi", "--prune")):
+        subprocess.run(["buildah", *_storage(), *args], capture_output=True, check=False)
+
+
+def _forget_older(repository: str, keep: str | None) -> None:
     """Remove the earlier builds of ``repository`` (each holds its own layers on this disk)."""
     listed = json.loads(_buildah("images", "--json").stdout or "[]")
     older = [

@@ -177,8 +177,8 @@ state = "{base / "state"}"
         return ref in self.ctr("images", "ls", "-q").stdout.split()
 
     def import_archive(self, archive: Path, ref: str) -> None:
-        """Import ``ref`` and drop the earlier imports of its repository (and their layers)."""
-        self.ctr("images", "import", str(archive), timeout=1800)
+        """Import ``ref``, first dropping the earlier imports of its repository (their layers
+        would double the disk this needs; no pod runs them while images are imported)."""
         repository = ref.rsplit(":", 1)[0]
         older = [
             name
@@ -187,6 +187,7 @@ state = "{base / "state"}"
         ]
         if older:
             self.ctr("images", "rm", "--sync", *older)
+        self.ctr("images", "import", str(archive), timeout=1800)
 
     def stop(self) -> None:
         if self.process is not None and self.process.proc is not None:

@@ -81,7 +81,10 @@ def test_single_file_and_sibling_tokenizer_from_the_store(s3, tmp_path: Path) ->
     save_safetensors(load_file(path), bare, meta)
     store(s3).put_file(bare, s3.uri("ckpt/model.safetensors"))
     spec = BaseModelSpec(uri=s3.uri("ckpt/model.safetensors"))
-    with pytest.raises(ModelError, match=r"no tokenizer; upload .* to s3://.*/ckpt/tokenizer/"):
+    sibling = (
+        r"no tokenizer; set baseModel.tokenizerUri .* upload that folder to s3://.*/ckpt/tokenizer/"
+    )
+    with pytest.raises(ModelError, match=sibling):
         load_base_model(spec, store(s3), work_dir=tmp_path / "r1")
     local.tokenizer.save_pretrained(tmp_path / "tok")
     upload(s3, tmp_path / "tok", "ckpt/tokenizer")
