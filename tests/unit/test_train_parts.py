@@ -470,25 +470,12 @@ def test_caption_dropout_replaces_the_configured_share_with_the_empty_embedding(
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
 def test_weight_decay_shrinks_untouched_weights_as_adamw_says(weight_decay):
     """A weight whose gradient is zero moves only by decoupled decay: p <- p * (1 - lr * wd)."""
-    from difftrain import api
     from difftrain.train.loop import make_optimizer
+    from tests.unit.test_operator_builders import training_job
 
-    job = api.parse_resource(
-        {
-            "apiVersion": api.API_VERSION,
-            "kind": "DiffusionTrainingJob",
-            "metadata": {"name": "wd", "namespace": "ml"},
-            "spec": {
-                "baseModel": {"uri": "s3://models/x"},
-                "dataset": {"uri": "s3://data/x"},
-                "output": {"uri": "s3://runs/x"},
-                "storage": {"endpoint": "minio:9000", "secretRef": {"name": "s"}},
-                "hyperparameters": {"learningRate": 0.01},
-                "regularization": {"weightDecay": weight_decay},
-            },
-        }
+    job = training_job(
+        hyperparameters={"learningRate": 0.01}, regularization={"weightDecay": weight_decay}
     )
-    assert isinstance(job, api.DiffusionTrainingJob)
     spec = job.spec.resolved()
     untouched = torch.nn.Parameter(torch.linspace(-2.0, 2.0, 16))
     touched = torch.nn.Parameter(torch.ones(4))

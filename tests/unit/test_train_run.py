@@ -668,24 +668,11 @@ def test_adamw8bit_without_bitsandbytes_is_a_clear_error(monkeypatch: pytest.Mon
 
     from difftrain.train.loop import make_optimizer
     from difftrain.train.methods import TrainingConfigError
+    from tests.unit.test_operator_builders import training_job
 
     for name in ("bitsandbytes", "bitsandbytes.optim", "bitsandbytes.optim.adamw"):
         monkeypatch.setitem(sys.modules, name, None)  # as in an image without the package
-    job = api.parse_resource(
-        {
-            "apiVersion": api.API_VERSION,
-            "kind": "DiffusionTrainingJob",
-            "metadata": {"name": "bnb", "namespace": "ml"},
-            "spec": {
-                "baseModel": {"uri": "s3://models/x"},
-                "dataset": {"uri": "s3://data/x"},
-                "output": {"uri": "s3://runs/x"},
-                "storage": {"endpoint": "minio:9000", "secretRef": {"name": "s"}},
-                "hyperparameters": {"optimizer": "adamw8bit"},
-            },
-        }
-    )
-    assert isinstance(job, api.DiffusionTrainingJob)
+    job = training_job(hyperparameters={"optimizer": "adamw8bit"})
     with pytest.raises(TrainingConfigError, match="adamw8bit needs the bitsandbytes package"):
         make_optimizer(job.spec.resolved(), [torch.nn.Parameter(torch.zeros(2))])
 
