@@ -46,11 +46,20 @@ class OperatorSettings:
     rendezvous_port: int = 29500
     price_per_gpu_hour: float = 0.0
     run_as_user: int = 1000
-    # time a training pod has after SIGTERM to finish its step and commit a checkpoint
-    trainer_grace_seconds: int = 300
+    # the most seconds a training pod may keep its node after SIGTERM, whatever its job asks
+    # (checkpointing.gracePeriodSeconds or its method's default); None: no cap
+    trainer_max_grace_seconds: int | None = None
     # a PersistentVolumeClaim (in each job's namespace) for the model-hub cache; empty: a
     # per-pod emptyDir, which the pod's processes share
     hub_cache_claim: str = ""
+
+    def __post_init__(self) -> None:
+        cap, least = self.trainer_max_grace_seconds, api.MIN_GRACE_PERIOD_SECONDS
+        if cap is not None and cap < least:
+            raise ValueError(
+                f"trainerMaxGracePeriodSeconds {cap} is below the {least} s a job's "
+                "checkpointing.gracePeriodSeconds may be: set it to at least that, or 0 for no cap"
+            )
 
 
 # libyaml's emitter when PyYAML was built with it: same output, a fraction of the CPU
@@ -203,6 +212,17 @@ def _config_map(
     }
 
 
+def _capped_grace(
+    spec: api.DiffusionTrainingJobSpec, cap: int | None
+) -> api.DiffusionTrainingJobSpec:
+    """The resolved spec with its grace period cut to the operator's cap, so the pod and the
+    trainer's ConfigMap say the same."""
+    if cap is None or spec.grace_period_seconds <= cap:
+        return spec
+    checkpointing = spec.checkpointing.model_copy(update={"grace_period_seconds": cap})
+    return spec.model_copy(update={"checkpointing": checkpointing})
+
+
 def build_training_children(
     job: api.DiffusionTrainingJob, uid: str, settings: OperatorSettings
 ) -> TrainingChildren:
@@ -211,7 +231,8 @@ def build_training_children(
     namespace = job.metadata.namespace
     if not name or not namespace:
         raise ValueError("the resource needs metadata.name and metadata.namespace")
-    spec = job.spec.resolved()
+    spec = _capped_grace(job.spec.resolved(), settings.trainer_max_grace_seconds)
+    grace = spec.grace_period_seconds
     owner = owner_reference("DiffusionTrainingJob", name, uid)
     labels = _labels(name, "trainer", JOB_LABEL)
     sa_name = child_name(name, "trainer")
@@ -272,7 +293,7 @@ def build_training_children(
         # the launcher waits this long for its processes' checkpoint, inside the grace period
         {
             "name": "DIFFTRAIN_STOP_TIMEOUT",
-            "value": str(max(5, settings.trainer_grace_seconds - 15)),
+            "value": str(max(5, grace - 15)),
         },
         *_store_env(spec.storage),
     ]
@@ -346,7 +367,7 @@ def build_training_children(
     }
     pod_spec: Obj = {
         "restartPolicy": "Never",
-        "terminationGracePeriodSeconds": settings.trainer_grace_seconds,
+        "terminationGracePeriodSeconds": grace,
         "serviceAccountName": sa_name,
         "securityContext": pod_sc,
         "containers": [container],

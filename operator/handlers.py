@@ -37,12 +37,11 @@ SETTINGS_KEY = "difftrain_settings"
 def operator_settings() -> builders.OperatorSettings:
     """Operator settings from its Deployment's environment (set by the Helm chart)."""
     defaults = builders.OperatorSettings()
+    max_grace = int(os.environ.get("DIFFTRAIN_TRAINER_MAX_GRACE_SECONDS") or 0)  # 0: no cap
     return builders.OperatorSettings(
         trainer_image=os.environ.get("DIFFTRAIN_TRAINER_IMAGE", defaults.trainer_image),
         price_per_gpu_hour=float(os.environ.get("DIFFTRAIN_PRICE_PER_GPU_HOUR", "0") or 0),
-        trainer_grace_seconds=int(
-            os.environ.get("DIFFTRAIN_TRAINER_GRACE_SECONDS", "") or defaults.trainer_grace_seconds
-        ),
+        trainer_max_grace_seconds=max_grace or None,
         hub_cache_claim=os.environ.get("DIFFTRAIN_HUB_CACHE_CLAIM", defaults.hub_cache_claim),
     )
 

@@ -130,7 +130,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "--set",
             f"trainerImage={trainer}",
             "--set",
-            "trainerTerminationGracePeriodSeconds=60",
+            "trainerMaxGracePeriodSeconds=60",
             "--wait",
             "--timeout",
             "180s",

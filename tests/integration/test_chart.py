@@ -54,6 +54,27 @@ def test_chart_lints_and_refuses_bad_values(control_plane):
     assert "replicas" in bad.stdout + bad.stderr
 
 
+def test_chart_passes_the_grace_period_cap_to_the_operator_and_refuses_a_short_one(control_plane):
+    def operator_env(*values: str) -> dict[str, str]:
+        args = ["template", "difftrain", str(CHART), "--namespace", RELEASE_NS]
+        args += ["--kube-version", KUBE_VERSION]
+        for value in values:
+            args += ["--set", value]
+        docs = [d for d in yaml.safe_load_all(helm(control_plane, *args).stdout) if d]
+        (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+        env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        return {e["name"]: e.get("value") for e in env}
+
+    assert operator_env()["DIFFTRAIN_TRAINER_MAX_GRACE_SECONDS"] == "0"  # no cap
+    capped = operator_env("trainerMaxGracePeriodSeconds=120")
+    assert capped["DIFFTRAIN_TRAINER_MAX_GRACE_SECONDS"] == "120"
+    bad = helm(
+        control_plane, "lint", str(CHART), "--set", "trainerMaxGracePeriodSeconds=10", check=False
+    )
+    assert bad.returncode != 0
+    assert "trainerMaxGracePeriodSeconds" in bad.stdout + bad.stderr
+
+
 def test_chart_renders_crds_identical_to_the_generated_ones(control_plane):
     for crd_file in (REPO / "crds").glob("*.yaml"):
         assert (CHART / "crds" / crd_file.name).read_text() == crd_file.read_text()

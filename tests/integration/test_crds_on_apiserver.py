@@ -40,9 +40,12 @@ def test_server_applies_the_defaults_of_the_api(kube_api, namespace):
     assert spec["method"] == "full"
     assert spec["resources"]["gpuResourceName"] == "nvidia.com/gpu"
     assert "learningRate" not in spec["hyperparameters"]  # method-dependent: resolved by the model
+    assert "gracePeriodSeconds" not in spec["checkpointing"]  # so is the grace period
+    assert "compile" not in spec["hyperparameters"]  # on a GPU, off on a CPU: the trainer decides
     model = api.parse_spec("DiffusionTrainingJob", spec)
     assert isinstance(model, api.DiffusionTrainingJobSpec)
     assert model.learning_rate == 1e-6
+    assert model.grace_period_seconds == 600
 
 
 @pytest.mark.parametrize(
@@ -81,6 +84,11 @@ def test_server_applies_the_defaults_of_the_api(kube_api, namespace):
             training_job("res", preprocessing={"resolution": 500}),
             "spec.preprocessing.resolution",
             "multiple of 8",
+        ),
+        (
+            training_job("grace", checkpointing={"gracePeriodSeconds": 10}),
+            "spec.checkpointing.gracePeriodSeconds",
+            "greater than or equal to 30",
         ),
         (
             training_job("workers", resources={"workers": 0}),

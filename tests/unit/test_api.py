@@ -65,6 +65,42 @@ def test_resolved_spec_fills_every_method_dependent_default():
 
 
 @pytest.mark.parametrize(
+    ("method", "blocks", "seconds"),
+    [
+        ("full", {}, 600),
+        ("controlnet", {"controlnet": {"conditioningUri": "/data/edges"}}, 300),
+        ("lora", {"lora": {}}, 120),
+    ],
+)
+def test_grace_period_defaults_to_the_time_the_methods_checkpoint_needs(method, blocks, seconds):
+    spec = api.parse_spec("DiffusionTrainingJob", minimal_job(method=method, **blocks))
+    assert isinstance(spec, api.DiffusionTrainingJobSpec)
+    assert spec.checkpointing.grace_period_seconds is None
+    assert spec.grace_period_seconds == seconds == api.DEFAULT_GRACE_PERIOD_SECONDS[method]
+    assert spec.resolved().to_wire()["checkpointing"]["gracePeriodSeconds"] == seconds
+
+
+def test_a_jobs_own_grace_period_wins_over_the_methods_default():
+    spec = api.parse_spec(
+        "DiffusionTrainingJob",
+        minimal_job(method="lora", lora={}, checkpointing={"gracePeriodSeconds": 900}),
+    )
+    assert isinstance(spec, api.DiffusionTrainingJobSpec)
+    assert spec.grace_period_seconds == 900
+    assert spec.resolved().checkpointing.grace_period_seconds == 900
+
+
+def test_compile_is_left_to_the_device_unless_set():
+    spec = api.parse_spec("DiffusionTrainingJob", minimal_job())
+    assert isinstance(spec, api.DiffusionTrainingJobSpec)
+    assert spec.hyperparameters.compile is None  # on for a GPU, off for a CPU
+    off = api.parse_spec("DiffusionTrainingJob", minimal_job(hyperparameters={"compile": False}))
+    assert isinstance(off, api.DiffusionTrainingJobSpec)
+    assert off.hyperparameters.compile is False
+    assert off.resolved().to_wire()["hyperparameters"]["compile"] is False
+
+
+@pytest.mark.parametrize(
     ("spec", "field", "words"),
     [
         (minimal_job(lora={"rank": 4}), "lora", "only allowed with method: lora"),
@@ -99,6 +135,12 @@ def test_resolved_spec_fills_every_method_dependent_default():
         (minimal_job(output={"uri": "/o", "formats": ["lora_kohya"]}), "lora_kohya", "method"),
         (minimal_job(preprocessing={"resolution": 500}), "preprocessing.resolution", "multiple"),
         (minimal_job(dataset={"uri": "http://x/y"}), "spec.dataset.uri", "neither s3://bucket"),
+        (
+            minimal_job(checkpointing={"gracePeriodSeconds": 10}),
+            "checkpointing.gracePeriodSeconds",
+            "greater than or equal to 30",
+        ),
+        (minimal_job(hyperparameters={"compile": "often"}), "hyperparameters.compile", "boolean"),
     ],
 )
 def test_invalid_training_specs_are_refused_naming_the_field(spec, field, words):

@@ -145,17 +145,59 @@ def test_several_workers_get_an_indexed_job_and_a_headless_service():
 
 
 def test_workers_meet_at_a_rendezvous_of_their_own_and_have_time_to_checkpoint():
-    settings = OperatorSettings(trainer_grace_seconds=600)
     job = build_training_children(
-        training_job(resources={"workers": 2, "gpusPerWorker": 1}), uid="uid-1", settings=settings
+        training_job(
+            resources={"workers": 2, "gpusPerWorker": 1}, checkpointing={"gracePeriodSeconds": 900}
+        ),
+        uid="uid-1",
+        settings=SETTINGS,
     ).job
     pod = job["spec"]["template"]["spec"]
     env = env_of(container(job))
     assert env["DIFFTRAIN_RUN_ID"] == "uid-1"
     assert env["DIFFTRAIN_POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
-    # the launcher's wait for its processes' checkpoint ends inside the pod's grace period
-    assert pod["terminationGracePeriodSeconds"] == 600
-    assert 0 < int(env["DIFFTRAIN_STOP_TIMEOUT"]) < 600
+    # the job's own grace period; the launcher's wait for its processes' checkpoint ends inside it
+    assert pod["terminationGracePeriodSeconds"] == 900
+    assert 0 < int(env["DIFFTRAIN_STOP_TIMEOUT"]) < 900
+
+
+@pytest.mark.parametrize(
+    ("spec", "seconds"),
+    [
+        ({}, 600),
+        ({"method": "controlnet", "controlnet": {"conditioningUri": "s3://data/edges"}}, 300),
+        ({"method": "lora", "lora": {}}, 120),
+    ],
+)
+def test_a_pods_grace_period_is_its_methods_default_for_the_checkpoint(spec, seconds):
+    children = build_training_children(training_job(**spec), "u", SETTINGS)
+    pod = children.job["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == seconds
+    assert int(env_of(container(children.job))["DIFFTRAIN_STOP_TIMEOUT"]) == seconds - 15
+    # the trainer reads the same figure from its ConfigMap
+    doc = yaml.safe_load(children.config_map["data"]["job.yaml"])
+    assert doc["spec"]["checkpointing"]["gracePeriodSeconds"] == seconds
+
+
+def test_the_operators_cap_shortens_a_longer_grace_period_in_the_pod_and_the_config_map():
+    capped = OperatorSettings(trainer_max_grace_seconds=60)
+    children = build_training_children(training_job(), "u", capped)  # full: 600 s by default
+    assert children.job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 60
+    assert env_of(container(children.job))["DIFFTRAIN_STOP_TIMEOUT"] == "45"
+    doc = yaml.safe_load(children.config_map["data"]["job.yaml"])
+    assert doc["spec"]["checkpointing"]["gracePeriodSeconds"] == 60
+    spec = api.parse_resource(doc).spec
+    assert isinstance(spec, api.DiffusionTrainingJobSpec)
+    assert spec.grace_period_seconds == 60
+    # a shorter grace period than the cap is the job's own
+    short = training_job(checkpointing={"gracePeriodSeconds": 40})
+    pod = build_training_children(short, "u", capped).job["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 40
+
+
+def test_a_cap_below_the_shortest_grace_period_a_job_may_have_is_refused():
+    with pytest.raises(ValueError, match="trainerMaxGracePeriodSeconds 10 is below the 30 s"):
+        OperatorSettings(trainer_max_grace_seconds=10)
 
 
 def test_pods_meet_the_restricted_profile():

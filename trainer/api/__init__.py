@@ -68,8 +68,10 @@ from difftrain.api.merge import (
     OutputDtype,
 )
 from difftrain.api.methods import (
+    DEFAULT_GRACE_PERIOD_SECONDS,
     DEFAULT_LEARNING_RATE,
     DEFAULT_MAX_STEPS,
+    MIN_GRACE_PERIOD_SECONDS,
     CheckpointingSpec,
     ConditioningType,
     ControlNetSpec,
@@ -138,6 +140,7 @@ def parse_spec(kind: str, spec: dict[str, Any]) -> DiffusionTrainingJobSpec | Mo
 __all__ = [
     "API_VERSION",
     "DEFAULT_FORMATS",
+    "DEFAULT_GRACE_PERIOD_SECONDS",
     "DEFAULT_LEARNING_RATE",
     "DEFAULT_MAX_STEPS",
     "DIFFERENCE_METHODS",
@@ -145,6 +148,7 @@ __all__ = [
     "EXIT_CONFIG_ERROR",
     "EXIT_INTERRUPTED",
     "GROUP",
+    "MIN_GRACE_PERIOD_SECONDS",
     "QUANTITY_PATTERN",
     "RESOURCES",
     "URI_PATTERN",

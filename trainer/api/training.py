@@ -22,6 +22,7 @@ from difftrain.api.base import (
 from difftrain.api.cluster import ResourcesSpec
 from difftrain.api.data import DatasetSpec, PreprocessingSpec
 from difftrain.api.methods import (
+    DEFAULT_GRACE_PERIOD_SECONDS,
     DEFAULT_LEARNING_RATE,
     DEFAULT_MAX_STEPS,
     CheckpointingSpec,
@@ -263,6 +264,11 @@ class DiffusionTrainingJobSpec(APIModel):
         return self.hyperparameters.learning_rate or DEFAULT_LEARNING_RATE[self.method]
 
     @property
+    def grace_period_seconds(self) -> int:
+        """The pod's grace period for its last checkpoint, with the method's default when unset."""
+        return self.checkpointing.grace_period_seconds or DEFAULT_GRACE_PERIOD_SECONDS[self.method]
+
+    @property
     def output_formats(self) -> list[str]:
         """The export formats, with the method's default when unset."""
         return list(self.output.formats or DEFAULT_FORMATS[self.method])
@@ -282,6 +288,9 @@ class DiffusionTrainingJobSpec(APIModel):
         update: dict[str, Any] = {
             "hyperparameters": hp,
             "output": self.output.model_copy(update={"formats": self.output_formats}),
+            "checkpointing": self.checkpointing.model_copy(
+                update={"grace_period_seconds": self.grace_period_seconds}
+            ),
         }
         if self.lora is not None:
             update["lora"] = self.lora.model_copy(update={"alpha": self.lora_alpha})
