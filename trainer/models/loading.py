@@ -20,8 +20,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from difftrain.api.training import BaseModelSpec
 from difftrain.models.components import Components, folder_identity
 from difftrain.models.errors import ModelError
+from difftrain.models.fetch import fetch_objects
 from difftrain.models.variants import check_unet_config
-from difftrain.storage import LocalStore, StorageError, Store, is_s3, split_s3
+from difftrain.storage import LocalStore, StorageError, Store, is_s3
 
 logger = logging.getLogger(__name__)
 
@@ -146,17 +147,16 @@ def fetch_folder(uri: str, spec: BaseModelSpec, store: Store, dest: Path) -> tup
             data: bytes = src.read()
         return data
 
-    _read_unet_config(unet_config, f"baseModel.uri {uri}")  # before gigabytes of weights
-    bucket, _ = split_s3(uri)
-    for name in wanted:
-        target = dest / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".part")
-        with store.open_stream(prefix + name) as src, partial.open("wb") as out:
-            while block := src.read(8 << 20):
-                out.write(block)
-        partial.replace(target)
-    logger.info("base model downloaded", extra={"uri": uri, "files": len(wanted), "bucket": bucket})
+    where = f"baseModel.uri {uri}"
+    # once per node: the other ranks and a restarted process find the copy and compare only sizes
+    # and ETags; a download first checks unet/config.json in the store, before the weights move
+    moved = fetch_objects(
+        store,
+        {name: prefix + name for name in wanted},
+        dest,
+        before_download=lambda: _read_unet_config(unet_config, where),
+    )
+    logger.info("base model fetched", extra={"uri": uri, "files": len(wanted), "downloaded": moved})
     return dest, wanted
 
 

@@ -22,6 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from difftrain.api.training import BaseModelSpec
 from difftrain.models.components import Components
 from difftrain.models.errors import ModelError
+from difftrain.models.fetch import fetch_objects, write_atomic
 from difftrain.models.ldm import (
     V_PRED_KEY,
     ldm_family,
@@ -70,17 +71,17 @@ def fetch_file(uri: str, spec: BaseModelSpec, store: Store, dest_dir: Path) -> P
         raise ModelError(f"baseModel.uri {uri}: cannot read it: {exc}") from exc
     if not found:
         raise ModelError(f"baseModel.uri {uri}: no such object in the store")
-    if uri.lower().endswith(".safetensors"):
-        with store.open_stream(uri) as head:  # the header only: refuse before the download
-            check_header(read_header(head, f"baseModel.uri {uri}"), uri)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    target = dest_dir / uri.rsplit("/", 1)[-1]
-    partial = target.with_name(target.name + ".part")
-    with store.open_stream(uri) as src, partial.open("wb") as out:
-        while block := src.read(8 << 20):
-            out.write(block)
-    partial.replace(target)
-    return target
+
+    def check_remote_header() -> None:  # the header only: refuse before the download
+        if uri.lower().endswith(".safetensors"):
+            with store.open_stream(uri) as head:
+                check_header(read_header(head, f"baseModel.uri {uri}"), uri)
+
+    name = uri.rsplit("/", 1)[-1]
+    # once per node: the other ranks and a restarted process find the file and compare only its
+    # size and ETag
+    fetch_objects(store, {name: uri}, dest_dir, before_download=check_remote_header)
+    return dest_dir / name
 
 
 def check_header(header: dict[str, Any], uri: str) -> None:
@@ -143,10 +144,7 @@ def _tokenizer_from(folder: str, store: Store, dest: Path) -> CLIPTokenizer | No
     names = [u.rsplit("/", 1)[-1] for u in store.list(folder.rstrip("/") + "/")]
     if not _has_tokenizer(names):
         return None
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        with store.open_stream(f"{folder.rstrip('/')}/{name}") as src:
-            (dest / name).write_bytes(src.read())
+    fetch_objects(store, {name: f"{folder.rstrip('/')}/{name}" for name in names}, dest)
     return CLIPTokenizer.from_pretrained(dest)
 
 
@@ -169,9 +167,9 @@ def _tokenizer(
         k[len(TOKENIZER_KEY) :]: v for k, v in metadata.items() if k.startswith(TOKENIZER_KEY)
     }
     if embedded:
-        dest.mkdir(parents=True, exist_ok=True)
         for name, text in embedded.items():
-            (dest / Path(name).name).write_text(text, encoding="utf-8")
+            # atomically: the ranks of a node write the same files while others read them
+            write_atomic(dest / Path(name).name, text.encode("utf-8"))
         return CLIPTokenizer.from_pretrained(dest)
     sibling = uri.rsplit("/", 1)[0] + "/tokenizer" if "/" in uri else "tokenizer"
     found = _tokenizer_from(sibling, store, dest)
