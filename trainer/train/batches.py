@@ -7,11 +7,12 @@ batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,7 +42,23 @@ class Batch:
     pixels: torch.Tensor | None = None  # images in [-1, 1] (raw mode)
     text_embeddings: torch.Tensor | None = None  # cached text-encoder outputs
     conditioning: torch.Tensor | None = None  # ControlNet conditioning in [0, 1]
-    prior: torch.Tensor | None = None  # bool per example: DreamBooth class image
+    prior: list[bool] = field(default_factory=list)  # per example: a DreamBooth class image
+
+    _TENSORS = ("latents", "pixels", "text_embeddings", "conditioning")
+
+    def pinned(self) -> Batch:
+        """The batch with its tensors in page-locked memory (copied to a GPU asynchronously)."""
+        moved = {n: t.pin_memory() for n in self._TENSORS if (t := getattr(self, n)) is not None}
+        return dataclasses.replace(self, **moved)
+
+    def to(self, device: torch.device) -> Batch:
+        """The batch on ``device``; from pinned memory the copies do not wait for the GPU."""
+        moved = {
+            n: t.to(device, non_blocking=True)
+            for n in self._TENSORS
+            if (t := getattr(self, n)) is not None
+        }
+        return dataclasses.replace(self, **moved)
 
 
 def epoch_batches(sampler: Any, epoch: int) -> list[list[int]]:
@@ -128,7 +145,7 @@ class BatchBuilder:
                 # same size, unflipped, center crop: matches the cached latent's framing
                 cond = self.transform(cond_image, size=ex.size, rng=random.Random(0), flip=False)
                 conditioning.append((cond + 1.0) / 2.0)
-        batch = Batch(captions=captions, prior=torch.tensor(prior))
+        batch = Batch(captions=captions, prior=prior)
         if latents:
             batch.latents = torch.stack(latents)
         if pixels:
@@ -165,13 +182,23 @@ class InlineBatches:
 
 
 class Prefetcher:
-    """Builds the next batches on a background thread while the model trains on this one."""
+    """Builds the next batches on a background thread while the model trains on this one.
+
+    With ``pin`` (training on a GPU) each batch is put in page-locked memory on that thread, so
+    the loop's copy to the GPU is asynchronous and overlaps the previous step's kernels.
+    """
 
     def __init__(
-        self, source: Iterator[tuple[int, int, list[int]]], build: BatchBuilder, depth: int = 2
+        self,
+        source: Iterator[tuple[int, int, list[int]]],
+        build: BatchBuilder,
+        depth: int = 4,
+        *,
+        pin: bool = False,
     ) -> None:
         self.source = source
         self.build = build
+        self.pin = pin
         self.queue: queue.Queue[tuple[int, int, Batch] | BaseException] = queue.Queue(depth)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._work, name="batch-prefetch", daemon=True)
@@ -180,7 +207,8 @@ class Prefetcher:
     def _work(self) -> None:
         try:
             for epoch, index, indices in self.source:
-                item = (epoch, index, self.build(epoch, index, indices))
+                batch = self.build(epoch, index, indices)
+                item = (epoch, index, batch.pinned() if self.pin else batch)
                 while not self.stopped.is_set():
                     try:
                         self.queue.put(item, timeout=0.2)

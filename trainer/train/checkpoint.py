@@ -13,6 +13,8 @@ import json
 import logging
 import re
 import shutil
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,13 +56,17 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
-    """Split a nested state dict into a JSON skeleton and its tensors (named by path)."""
+def flatten_state(
+    obj: Any, prefix: str = "", *, copy: bool = True
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state dict into a JSON skeleton and its tensors (named by path).
+
+    With ``copy`` the tensors come back on the CPU and contiguous; without, as they are."""
     tensors: dict[str, torch.Tensor] = {}
 
     def walk(value: Any, path: str) -> Any:
         if isinstance(value, torch.Tensor):
-            tensors[path] = value.detach().to("cpu").contiguous()
+            tensors[path] = value.detach().to("cpu").contiguous() if copy else value
             return {TENSOR_REF: path}
         if isinstance(value, dict):
             # JSON keys are strings; remember integer keys (optimizer state is keyed by index).
@@ -98,6 +104,153 @@ class TrainingState:
     batch_in_epoch: int = 0  # batches of the current epoch already consumed (data position)
     images_seen: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Snapshot:
+    """A checkpoint's content copied into host memory: the training may go on meanwhile."""
+
+    state: TrainingState
+    trainable: dict[str, torch.Tensor]
+    skeletons: dict[str, Any]
+    tensors: dict[str, dict[str, torch.Tensor]]
+
+
+class HostBuffers:
+    """Page-locked host buffers kept from one checkpoint to the next (allocating gigabytes of
+    pinned memory is slow), into which GPU tensors are copied asynchronously."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def copy(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype:
+            buf = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.buffers[name] = buf
+        buf.copy_(tensor.detach(), non_blocking=True)
+        return buf
+
+
+def snapshot(
+    state: TrainingState,
+    trainable: dict[str, torch.Tensor],
+    components: dict[str, Any],
+    buffers: HostBuffers | None = None,
+) -> Snapshot:
+    """Copy everything a checkpoint holds off the device (and off the live tensors).
+
+    The only part of a checkpoint the training loop waits for: GPU tensors go into reused pinned
+    buffers with one synchronisation at the end; CPU tensors are cloned, since the next optimizer
+    step changes them in place.
+    """
+    on_gpu = False
+
+    def host(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal on_gpu
+        if tensor.device.type == "cuda" and buffers is not None:
+            on_gpu = True
+            return buffers.copy(name, tensor)
+        if tensor.device.type == "cpu":
+            return tensor.detach().contiguous().clone()
+        return tensor.detach().to("cpu").contiguous()
+
+    host_trainable = {k: host(f"trainable/{k}", v) for k, v in trainable.items()}
+    skeletons: dict[str, Any] = {}
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in components.items():
+        skeleton, found = flatten_state(value, copy=False)
+        skeletons[name] = skeleton
+        tensors[name] = {k: host(f"{name}/{k}", v) for k, v in found.items()}
+    if on_gpu:
+        torch.cuda.current_stream().synchronize()
+    frozen = TrainingState(**{**state.__dict__, "extra": json.loads(json.dumps(state.extra))})
+    return Snapshot(frozen, host_trainable, skeletons, tensors)
+
+
+@dataclass
+class CheckpointDone:
+    """A checkpoint the background writer committed."""
+
+    uri: str
+    seconds: float  # from the snapshot to the committed manifest
+    stall_seconds: float  # the part the training loop waited for (the snapshot)
+
+
+class CheckpointWriter:
+    """Commits checkpoints on a background thread, one at a time, so no rank waits for the
+    write, hashes and upload of the main process's checkpoint.
+
+    ``submit`` snapshots the state (the loop waits only for that copy) and hands it to the
+    thread; a checkpoint still in flight is finished first, so at most one snapshot is held in
+    memory. ``poll`` returns the checkpoints committed since, ``wait`` finishes all; an upload
+    error is raised by the next call on the loop's thread.
+    """
+
+    def __init__(self, store: CheckpointStore, work_dir: Path) -> None:
+        self.store = store
+        self.work_dir = work_dir
+        self.buffers = HostBuffers()
+        self._thread: threading.Thread | None = None
+        self._done: list[CheckpointDone] = []
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def submit(
+        self,
+        state: TrainingState,
+        trainable: dict[str, torch.Tensor],
+        components: dict[str, Any],
+    ) -> str:
+        """Snapshot and start committing one checkpoint; its prefix."""
+        self._join()
+        start = time.perf_counter()
+        snap = snapshot(state, trainable, components, self.buffers)
+        stall = time.perf_counter() - start
+        self._thread = threading.Thread(
+            target=self._write, args=(snap, start, stall), name="checkpoint-writer", daemon=True
+        )
+        self._thread.start()
+        return step_prefix(self.store.output_uri, state.step)
+
+    def _write(self, snap: Snapshot, start: float, stall: float) -> None:
+        try:
+            uri = self.store.save_snapshot(self.work_dir, snap)
+            done = CheckpointDone(uri, time.perf_counter() - start, stall)
+            with self._lock:
+                self._done.append(done)
+        except BaseException as exc:  # noqa: BLE001 - raised on the loop's thread
+            with self._lock:
+                self._error = exc
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._raise()
+
+    def _raise(self) -> None:
+        with self._lock:
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    @property
+    def busy(self) -> bool:
+        """Whether a checkpoint is being written now."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def poll(self) -> list[CheckpointDone]:
+        """Checkpoints committed since the last call (raises the writer's error, if any)."""
+        self._raise()
+        with self._lock:
+            done, self._done = self._done, []
+        return done
+
+    def wait(self) -> list[CheckpointDone]:
+        """Finish the checkpoint in flight; all committed since the last call."""
+        self._join()
+        return self.poll()
 
 
 @dataclass
@@ -154,25 +307,24 @@ class CheckpointStore:
         components: dict[str, Any],
     ) -> str:
         """Write and commit one checkpoint; then drop the ones beyond ``keep_last``."""
+        return self.save_snapshot(work_dir, snapshot(state, trainable, components))
+
+    def save_snapshot(self, work_dir: Path, snap: Snapshot) -> str:
+        """Write, hash and commit a snapshot (the manifest last); then prune."""
+        state = snap.state
         local = work_dir / f"checkpoint-{state.step:08d}"
         if local.exists():
             shutil.rmtree(local)
         local.mkdir(parents=True)
         files: dict[str, Path] = {}
-        save_file(
-            {k: v.detach().to("cpu").contiguous() for k, v in trainable.items()},
-            local / "trainable.safetensors",
-        )
+        save_file(snap.trainable, local / "trainable.safetensors")
         files["trainable.safetensors"] = local / "trainable.safetensors"
-        skeletons: dict[str, Any] = {}
-        for name, value in components.items():
-            skeleton, tensors = flatten_state(value)
-            skeletons[name] = skeleton
+        for name, tensors in snap.tensors.items():
             if tensors:
                 path = local / f"{name}.safetensors"
                 save_file(_unshared(tensors), path)
                 files[path.name] = path
-        doc = {"state": state.__dict__, "components": skeletons, "format": 1}
+        doc = {"state": state.__dict__, "components": snap.skeletons, "format": 1}
         (local / "state.json").write_text(json.dumps(doc))
         files["state.json"] = local / "state.json"
         prefix = step_prefix(self.output_uri, state.step)

@@ -22,7 +22,13 @@ from difftrain.train.batches import (
     Prefetcher,
     data_position,
 )
-from difftrain.train.checkpoint import CheckpointStore, TrainingState
+from difftrain.train.checkpoint import (
+    CheckpointDone,
+    CheckpointStore,
+    CheckpointWriter,
+    TrainingState,
+)
+from difftrain.train.compiling import CompiledForward, compile_modules, configure_cuda_math
 from difftrain.train.ema import EMA
 from difftrain.train.methods import (
     TrainedModules,
@@ -36,6 +42,20 @@ from difftrain.train.report import Progress, Reporter
 from difftrain.train.sampling import build_pipeline, generate, should_sample, write_samples
 
 logger = logging.getLogger(__name__)
+
+READ_EVERY_ON_GPU = 10  # steps between host reads of the loss on a GPU
+READ_EVERY_ON_CPU = 1  # on the CPU a read costs nothing: the progress of every step is shown
+
+
+def no_sync_all(modules: list[torch.nn.Module]) -> contextlib.ExitStack:
+    """Inside: no gradient all-reduce on any of the (DDP-wrapped) modules, as while
+    accumulating micro-batches; each module's own ``no_sync``, not only the first one's."""
+    stack = contextlib.ExitStack()
+    for module in modules:
+        no_sync = getattr(module, "no_sync", None)
+        if no_sync is not None:
+            stack.enter_context(no_sync())
+    return stack
 
 
 @dataclass
@@ -136,6 +156,20 @@ class Trainer:
                 if p.requires_grad:
                     p.data = p.data.float()  # trained weights stay fp32 (autocast does the rest)
             module.train()
+        denoisers = {"UNet": modules.unet}
+        if modules.controlnet is not None:
+            denoisers["ControlNet"] = modules.controlnet
+        if self.device.type == "cuda":
+            configure_cuda_math()
+            for module in denoisers.values():
+                module.to(memory_format=torch.channels_last)  # what cuDNN's fast convs want
+        compile_on = self.hp.compile if self.hp.compile is not None else self.device.type == "cuda"
+        self.compiled: list[CompiledForward] = compile_modules(denoisers) if compile_on else []
+        # The noise schedule's table on the device once (add_noise, velocity and SNR index it).
+        self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
+        # How often the loss (and, with several processes, the stop flag) is read on the host:
+        # each read waits for the GPU to finish the queued steps, so on a GPU not every step.
+        self.read_every = READ_EVERY_ON_CPU if self.device.type == "cpu" else READ_EVERY_ON_GPU
         self.params = [p for m in learners.values() for p in m.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(spec, self.params)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -158,6 +192,7 @@ class Trainer:
         self.checkpoints = CheckpointStore(
             inputs.output_store, inputs.output_uri, spec.checkpointing.keep_last
         )
+        self.writer = CheckpointWriter(self.checkpoints, inputs.work_dir)
         self.state = TrainingState()
         self._loss_avg: float | None = None
         self._rate: float | None = None
@@ -196,21 +231,31 @@ class Trainer:
         return latest
 
     def save_checkpoint(self) -> str | None:
-        """Main process writes the checkpoint; all wait for it."""
-        uri = None
-        if self.acc.is_main_process:
-            start = time.perf_counter()
-            trainable = trainable_state(self.inp.modules, self.acc.unwrap_model)
-            uri = self.checkpoints.save(
-                self.inp.work_dir, self.state, trainable, self._components_state()
-            )
-            seconds = time.perf_counter() - start
-            if self.inp.metrics is not None:
-                self.inp.metrics.record_checkpoint(seconds)
-            logger.info("checkpoint step=%d seconds=%.2f uri=%s", self.state.step, seconds, uri)
-            self.inp.reporter.checkpoint(uri)
-        self.acc.wait_for_everyone()
+        """The main process snapshots the state and commits it in the background; no process
+        waits for the write, hashes and upload (``finish_checkpoints`` does, at the end)."""
+        if not self.acc.is_main_process:
+            return None
+        trainable = trainable_state(self.inp.modules, self.acc.unwrap_model)
+        uri = self.writer.submit(self.state, trainable, self._components_state())
+        logger.info("checkpoint step=%d snapshot taken, committing uri=%s", self.state.step, uri)
         return uri
+
+    def _checkpoints_done(self, done: list[CheckpointDone]) -> None:
+        for d in done:
+            if self.inp.metrics is not None:
+                self.inp.metrics.record_checkpoint(d.seconds)
+            logger.info(
+                "checkpoint committed seconds=%.2f loop_waited=%.2f uri=%s",
+                d.seconds,
+                d.stall_seconds,
+                d.uri,
+            )
+            self.inp.reporter.checkpoint(d.uri)
+
+    def finish_checkpoints(self) -> None:
+        """Wait for the checkpoint in flight and report it."""
+        if self.acc.is_main_process:
+            self._checkpoints_done(self.writer.wait())
 
     # ---- one step --------------------------------------------------------------------------
 
@@ -231,13 +276,15 @@ class Trainer:
 
     def _latents(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         if batch.latents is not None:
-            return batch.latents.to(self.device)
+            return batch.latents
         assert batch.pixels is not None
         vae = self.inp.components.vae
         with torch.no_grad():
-            pixels = batch.pixels.to(self.device, next(vae.parameters()).dtype)
+            pixels = batch.pixels.to(next(vae.parameters()).dtype)
             dist = vae.encode(pixels).latent_dist
-            noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
+            noise = torch.randn(dist.mean.shape, generator=generator, device=generator.device).to(
+                dist.mean
+            )
             latents = dist.mean + dist.std * noise
             shift = getattr(vae.config, "shift_factor", None)
             if shift is not None:
@@ -246,18 +293,25 @@ class Trainer:
         return scaled
 
     def loss(self, batch: Batch, step: int, micro: int) -> torch.Tensor:
-        """Diffusion loss of one micro-batch (the prior-preservation term included)."""
-        gen = objective.step_generator(self.hp.seed, "step", step, micro, self.rank)
+        """Diffusion loss of one micro-batch (the prior-preservation term included).
+
+        ``batch`` is on the device already. Nothing here reads a value back to the host: the
+        random draws come from a generator on the device and the DreamBooth split is known on
+        the host, so queuing a step never waits for the GPU.
+        """
+        gen = objective.step_generator(
+            self.hp.seed, "step", step, micro, self.rank, device=self.device
+        )
         latents = self._latents(batch, gen).float()
         if batch.text_embeddings is not None and "text_encoder" not in self.wrapped:
-            text = batch.text_embeddings.to(self.device)
+            text = batch.text_embeddings
         else:
             text = self._encode_text(batch.captions)
         noise = objective.sample_noise(latents, gen, self.reg.noise_offset)
         n = latents.shape[0]
         timesteps = torch.randint(
-            0, self.scheduler.config.num_train_timesteps, (n,), generator=gen
-        ).to(self.device)
+            0, self.scheduler.config.num_train_timesteps, (n,), generator=gen, device=self.device
+        )
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         target = objective.target_for(
             self.scheduler, latents, noise, timesteps, self.prediction_type
@@ -268,7 +322,7 @@ class Trainer:
                 noisy,
                 timesteps,
                 text,
-                batch.conditioning.to(self.device) if batch.conditioning is not None else None,
+                batch.conditioning,
                 unet=self.wrapped.get("unet", self.inp.modules.unet),
                 controlnet=self.wrapped.get("controlnet"),
             )
@@ -277,16 +331,10 @@ class Trainer:
             weights = objective.min_snr_weights(
                 self.scheduler, timesteps, self.reg.snr_gamma, self.prediction_type
             )
-        prior = batch.prior.to(self.device) if batch.prior is not None else None
-        if prior is not None and bool(prior.any()) and self.spec.dreambooth is not None:
-            inst = ~prior
-            w_inst = weights[inst] if weights is not None else None
-            w_prior = weights[prior] if weights is not None else None
-            loss = objective.diffusion_loss(pred[inst], target[inst], w_inst)
-            loss = loss + self.spec.dreambooth.prior_loss_weight * objective.diffusion_loss(
-                pred[prior], target[prior], w_prior
-            )
-            return loss
+        db = self.spec.dreambooth
+        if db is not None and db.prior_preservation and any(batch.prior):
+            per_sample = objective.per_sample_loss(pred, target, weights)
+            return objective.prior_preservation_loss(per_sample, batch.prior, db.prior_loss_weight)
         return objective.diffusion_loss(pred, target, weights)
 
     # ---- the loop --------------------------------------------------------------------------
@@ -296,10 +344,14 @@ class Trainer:
         if self.acc.is_main_process:
             comps = self.inp.components
             mods = self.inp.modules
-            ctx = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+            stack = contextlib.ExitStack()
+            if self.ema is not None:
+                stack.enter_context(self.ema.applied())
+            for compiled in self.compiled:
+                stack.enter_context(compiled.paused())
             for m in self.wrapped.values():
                 m.eval()  # no dropout in samples
-            with ctx:
+            with stack:
                 pipe = build_pipeline(
                     comps,
                     self.acc.unwrap_model(self.wrapped.get("unet", mods.unet)),
@@ -339,11 +391,53 @@ class Trainer:
         self.acc.wait_for_everyone()
         return uris
 
-    def _stop_agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.inp.stop_requested.is_set() else 0.0], device=self.device)
+    def _micro_batches(self, batches: list[Batch]) -> torch.Tensor:
+        """Forward and backward of one optimizer step's micro-batches; the mean loss (on the
+        device: not read here)."""
+        accum = len(batches)
+        step_loss = torch.zeros((), device=self.device)
+        for micro, batch in enumerate(batches):
+            last = micro == accum - 1
+            skip = [] if last or self.world == 1 else list(self.wrapped.values())
+            with no_sync_all(skip):
+                loss = self.loss(batch, self.state.step, micro)
+                self.acc.backward(loss / accum)
+            step_loss += loss.detach() / accum
+        return step_loss
+
+    def _optimizer_step(self, batches: list[Batch]) -> torch.Tensor:
+        """One optimizer step. A failure while a compiled module is not yet proven (its
+        compilation happens in the first forward and backward) turns compilation off and
+        runs the step again eagerly; any other failure is raised."""
+        unproven = [c for c in self.compiled if c.active and not c.proven]
+        try:
+            step_loss = self._micro_batches(batches)
+        except Exception as exc:
+            if not unproven:
+                raise
+            for compiled in unproven:
+                compiled.give_up(exc)
+            self.optimizer.zero_grad(set_to_none=True)
+            step_loss = self._micro_batches(batches)
+        for compiled in unproven:
+            compiled.proven = compiled.active
+        if self.acc.sync_gradients:
+            self.acc.clip_grad_norm_(self.params, self.reg.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss
+
+    def _read(self, losses: list[torch.Tensor]) -> tuple[list[float], bool]:
+        """The host's one look at the device for these steps: their losses (averaged over the
+        processes) and whether any process was asked to stop, in one collective."""
+        stop = 1.0 if self.inp.stop_requested.is_set() else 0.0
+        packed = torch.cat([torch.stack(losses), torch.tensor([stop], device=self.device)])
         if self.world > 1:
-            flag = self.acc.reduce(flag, reduction="sum")
-        return bool(flag.item() > 0)
+            packed = self.acc.reduce(packed, reduction="sum")
+            packed[:-1] /= self.world
+        values = packed.tolist()
+        return values[:-1], values[-1] > 0
 
     def run(self) -> LoopResult:
         """Train from the current state to ``total_steps`` (or until a stop is requested)."""
@@ -357,74 +451,72 @@ class Trainer:
         prefetch: Prefetcher | InlineBatches = (
             InlineBatches(source, inp.builder)
             if self.device.type == "cpu"
-            else Prefetcher(source, inp.builder)
+            else Prefetcher(source, inp.builder, pin=True)
         )
+        pending: list[torch.Tensor] = []  # losses of the steps since the last read
+        window = _Window()
+        stop_agreed = False
         try:
             while self.state.step < total:
-                if self._stop_agreed():
+                # One process: the stop flag is host state. Several: agreed at the last read.
+                if stop_agreed or (self.world == 1 and inp.stop_requested.is_set()):
                     result.interrupted = True
                     break
-                step_start = time.perf_counter()
-                waited = 0.0
-                step_loss = 0.0
-                images = 0
-                for micro in range(accum):
+                batches: list[Batch] = []
+                for _ in range(accum):
                     wait_start = time.perf_counter()
                     epoch, index, batch = prefetch.next()
-                    waited += time.perf_counter() - wait_start
-                    sync = micro == accum - 1
-                    ctx = (
-                        contextlib.nullcontext()
-                        if sync or self.world == 1
-                        else self.acc.no_sync(next(iter(self.wrapped.values())))
-                    )
-                    with ctx:
-                        loss = self.loss(batch, self.state.step, micro)
-                        self.acc.backward(loss / accum)
-                    step_loss += float(loss.detach()) / accum
-                    images += len(batch.captions)
+                    window.waited += time.perf_counter() - wait_start
+                    batches.append(batch.to(self.device))
+                    window.images += len(batch.captions) * self.world
                     self.state.epoch = epoch
                     self.state.batch_in_epoch = index + 1
-                if self.acc.sync_gradients:
-                    self.acc.clip_grad_norm_(self.params, self.reg.max_grad_norm)
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                pending.append(self._optimizer_step(batches))
                 self.state.step += 1
                 if self.ema is not None:
                     self.ema.update(self.state.step)
-                mean_loss = step_loss
-                if self.world > 1:
-                    mean_loss = float(
-                        self.acc.reduce(torch.tensor([step_loss], device=self.device), "mean")
-                    )
-                all_images = images * self.world
-                self.state.images_seen += all_images
-                result.losses.append(mean_loss)
-                step_time = time.perf_counter() - step_start
-                result.step_seconds += step_time
-                self._report(mean_loss, all_images, step_time, waited)
+                self.state.images_seen += sum(len(b.captions) for b in batches) * self.world
                 step = self.state.step
+                if step % self.read_every == 0 or step == total:
+                    losses, stop_agreed = self._read(pending)
+                    pending = []
+                    result.losses.extend(losses)
+                    seconds = time.perf_counter() - window.start
+                    result.step_seconds += seconds - window.outside
+                    self._report(losses, window)
+                    window = _Window()
+                if self.acc.is_main_process:
+                    self._checkpoints_done(self.writer.poll())
+                outside = time.perf_counter()
                 if should_sample(step, total, self.spec.sampling.every_steps):
                     result.samples = self._sample(step)
                 if step % self.spec.checkpointing.every_steps == 0 or step == total:
                     result.latest_checkpoint = self.save_checkpoint()
+                window.outside += time.perf_counter() - outside
+            if pending:  # one process stopped between reads
+                losses, _ = self._read(pending)
+                result.losses.extend(losses)
         finally:
             prefetch.close()
         if result.interrupted:
             logger.info("stop requested: saving a checkpoint at step=%d", self.state.step)
             result.latest_checkpoint = self.save_checkpoint()
+        self.finish_checkpoints()
         return result
 
-    def _report(self, loss: float, images: int, seconds: float, waited: float) -> None:
+    def _report(self, losses: list[float], window: _Window) -> None:
         beta = 0.9
-        self._loss_avg = (
-            loss if self._loss_avg is None else beta * self._loss_avg + (1 - beta) * loss
-        )
-        rate = images / max(seconds, 1e-9)
+        for loss in losses:
+            self._loss_avg = (
+                loss if self._loss_avg is None else beta * self._loss_avg + (1 - beta) * loss
+            )
+        assert self._loss_avg is not None
+        seconds = max(time.perf_counter() - window.start - window.outside, 1e-9)
+        rate = window.images / seconds
         self._rate = rate if self._rate is None else beta * self._rate + (1 - beta) * rate
         steps_left = self.inp.total_steps - self.state.step
-        eta = steps_left * images / max(self._rate, 1e-9)
+        per_step = window.images / max(len(losses), 1)
+        eta = steps_left * per_step / max(self._rate, 1e-9)
         lr = float(self.lr_scheduler.get_last_lr()[0])
         memory = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else 0
         if self.inp.metrics is not None:
@@ -433,10 +525,10 @@ class Trainer:
                 total_steps=self.inp.total_steps,
                 loss=self._loss_avg,
                 learning_rate=lr,
-                images=images,
+                images=window.images,
                 images_per_second=self._rate,
                 eta_seconds=eta,
-                data_wait_seconds=waited,
+                data_wait_seconds=window.waited,
                 gpu_memory_bytes=memory,
             )
         if self.acc.is_main_process:
@@ -451,3 +543,14 @@ class Trainer:
                     learning_rate=lr,
                 )
             )
+
+
+@dataclass
+class _Window:
+    """The steps between two host reads: their images, data wait and time spent outside
+    optimizer steps (samples, checkpoint snapshots)."""
+
+    start: float = field(default_factory=time.perf_counter)
+    images: int = 0
+    waited: float = 0.0
+    outside: float = 0.0

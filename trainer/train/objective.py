@@ -16,11 +16,17 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 
-def step_generator(seed: int, *parts: int | str) -> torch.Generator:
-    """A CPU generator seeded from ``seed`` and the step coordinates."""
+def step_generator(
+    seed: int, *parts: int | str, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """A generator on ``device`` seeded from ``seed`` and the step coordinates.
+
+    A generator on the training device draws the step's noise and timesteps where they are
+    used: no host copy, no synchronisation (seeding one is host-side state only).
+    """
     text = ":".join(str(p) for p in (seed, *parts))
     value = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-    return torch.Generator().manual_seed(value)
+    return torch.Generator(device=device).manual_seed(value)
 
 
 def lr_lambda(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -45,11 +51,17 @@ def lr_lambda(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int],
 def sample_noise(
     latents: torch.Tensor, generator: torch.Generator, noise_offset: float
 ) -> torch.Tensor:
-    """Gaussian noise like ``latents``, plus a per-channel offset (for very dark/bright images)."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    """Gaussian noise like ``latents``, plus a per-channel offset (for very dark/bright images).
+
+    Drawn on the generator's device (the training device in the loop)."""
+    where = generator.device
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32, device=where)
     if noise_offset:
         offset = torch.randn(
-            (latents.shape[0], latents.shape[1], 1, 1), generator=generator, dtype=torch.float32
+            (latents.shape[0], latents.shape[1], 1, 1),
+            generator=generator,
+            dtype=torch.float32,
+            device=where,
         )
         noise = noise + noise_offset * offset
     return noise.to(device=latents.device, dtype=latents.dtype)
@@ -89,12 +101,38 @@ def min_snr_weights(
     return clipped / s
 
 
-def diffusion_loss(
+def per_sample_loss(
     prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Per-sample MSE (in fp32), weighted per sample when weights are given, then averaged."""
+    """Per-sample MSE (in fp32), weighted per sample when weights are given."""
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
     per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample.device, per_sample.dtype)
-    return per_sample.mean()
+    return per_sample
+
+
+def diffusion_loss(
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-sample MSE (in fp32), weighted per sample when weights are given, then averaged."""
+    return per_sample_loss(prediction, target, weights).mean()
+
+
+def prior_preservation_loss(
+    per_sample: torch.Tensor, prior: list[bool], prior_weight: float
+) -> torch.Tensor:
+    """DreamBooth's loss: the instance images' mean plus ``prior_weight`` × the class images'.
+
+    ``prior`` says on the host which samples are class images, so the split needs no boolean
+    indexing on the device (which would wait for the GPU to know how many there are).
+    """
+    n_prior = sum(prior)
+    n_inst = len(prior) - n_prior
+    mask = torch.tensor(prior, dtype=per_sample.dtype).to(per_sample.device, non_blocking=True)
+    loss = per_sample.new_zeros(())
+    if n_inst:
+        loss = loss + (per_sample * (1.0 - mask)).sum() / n_inst
+    if n_prior:
+        loss = loss + prior_weight * (per_sample * mask).sum() / n_prior
+    return loss
