@@ -83,6 +83,11 @@ class Store(Protocol):
         """Size of one object in bytes."""
         ...
 
+    def stat(self, uri: str) -> tuple[int, str]:
+        """Size in bytes and a version that changes when the content is rewritten (the ETag in
+        an object store; modification time locally), in one request."""
+        ...
+
     def read_range(self, uri: str, offset: int, length: int) -> bytes:
         """``length`` bytes from ``offset``."""
         ...
@@ -120,10 +125,14 @@ class LocalStore:
     """Plain paths on the local filesystem, with the same interface as the object store."""
 
     def size(self, uri: str) -> int:
+        return self.stat(uri)[0]
+
+    def stat(self, uri: str) -> tuple[int, str]:
         try:
-            return Path(uri).stat().st_size
+            st = Path(uri).stat()
         except FileNotFoundError:
             raise StorageError(f"{uri}: no such file") from None
+        return st.st_size, f"{st.st_mtime_ns}-{st.st_size}"
 
     def read_range(self, uri: str, offset: int, length: int) -> bytes:
         with open(uri, "rb") as fh:
@@ -277,9 +286,12 @@ class S3Store:
             raise self._explain(exc, bucket) from None
 
     def size(self, uri: str) -> int:
+        return self.stat(uri)[0]
+
+    def stat(self, uri: str) -> tuple[int, str]:
         bucket, key = split_s3(uri)
         stat = self._call(bucket, "stat", lambda: self.client.stat_object(bucket, key))
-        return int(stat.size or 0)
+        return int(stat.size or 0), (stat.etag or "").strip('"')
 
     def read_range(self, uri: str, offset: int, length: int) -> bytes:
         bucket, key = split_s3(uri)

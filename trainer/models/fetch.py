@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
-from difftrain.storage import S3Store, StorageError, Store, retry, split_s3
+from difftrain.storage import StorageError, Store
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +41,8 @@ class ObjectVersion:
 
 def object_version(store: Store, uri: str) -> ObjectVersion:
     """The size and ETag the store reports for ``uri`` (one HEAD request)."""
-    if isinstance(store, S3Store):
-        # the Store interface has size() only, and a re-upload of same-shaped weights keeps the
-        # size: the ETag is what tells the two apart
-        bucket, key = split_s3(uri)
-        try:
-            stat = retry(lambda: store.client.stat_object(bucket, key), "stat")
-        except Exception as exc:  # every failure becomes a StorageError
-            raise StorageError(
-                f"{uri}: cannot read its size and ETag at {store.config.endpoint}: {exc}"
-            ) from exc
-        return ObjectVersion(uri=uri, size=int(stat.size or 0), etag=(stat.etag or "").strip('"'))
-    return ObjectVersion(uri=uri, size=store.size(uri), etag="")
+    size, etag = store.stat(uri)
+    return ObjectVersion(uri=uri, size=size, etag=etag)
 
 
 def fetch_objects(
