@@ -267,7 +267,8 @@ class Trainer:
             max_length=tok.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(self.device)
+        ).input_ids
+        ids = objective.to_device(ids, self.device)
         encoder = self.wrapped.get("text_encoder", self.inp.modules.text_encoder)
         ctx = contextlib.nullcontext() if "text_encoder" in self.wrapped else torch.no_grad()
         with ctx:

@@ -16,6 +16,14 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting: through pinned memory to a GPU (a copy from
+    pageable memory makes the host wait for the GPU's queue)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def step_generator(
     seed: int, *parts: int | str, device: torch.device | str = "cpu"
 ) -> torch.Generator:
@@ -129,7 +137,7 @@ def prior_preservation_loss(
     """
     n_prior = sum(prior)
     n_inst = len(prior) - n_prior
-    mask = torch.tensor(prior, dtype=per_sample.dtype).to(per_sample.device, non_blocking=True)
+    mask = to_device(torch.tensor(prior, dtype=per_sample.dtype), per_sample.device)
     loss = per_sample.new_zeros(())
     if n_inst:
         loss = loss + (per_sample * (1.0 - mask)).sum() / n_inst
