@@ -388,3 +388,38 @@ def test_every_wrapped_module_skips_its_all_reduce_while_micro_batches_accumulat
         assert unet.require_backward_grad_sync and text.require_backward_grad_sync
     finally:
         dist.destroy_process_group()
+
+
+def test_a_run_that_fails_still_commits_the_checkpoint_it_was_uploading(
+    inputs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from difftrain.train import checkpoint as ckpt_module
+
+    started = threading.Event()
+    real_save = ckpt_module.CheckpointStore.save_snapshot
+
+    def slow_save(self: Any, work_dir: Path, snap: Any) -> str:
+        started.set()
+        threading.Event().wait(2.0)  # still uploading when the next step fails
+        return real_save(self, work_dir, snap)
+
+    monkeypatch.setattr(ckpt_module.CheckpointStore, "save_snapshot", slow_save)
+    real_step = loop.Trainer._optimizer_step
+
+    def step(self: loop.Trainer, batches: Any) -> Any:
+        if self.state.step == 2:
+            assert started.wait(60)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_step(self, batches)
+
+    monkeypatch.setattr(loop.Trainer, "_optimizer_step", step)
+    hp = {"batchSize": 2, "maxSteps": 6, "warmupSteps": 1, "mixedPrecision": "no"}
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        _run(
+            tiny_job(
+                inputs, out, hyperparameters=hp, checkpointing={"everySteps": 2, "keepLast": 5}
+            ),
+            tmp_path / "w",
+        )
+    assert (out / "checkpoints" / "step-00000002" / MANIFEST_NAME).exists()

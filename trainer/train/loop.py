@@ -252,6 +252,14 @@ class Trainer:
             )
             self.inp.reporter.checkpoint(d.uri)
 
+    def _save_what_is_in_flight(self) -> None:
+        """The run failed: still commit the checkpoint being uploaded (its work is not lost);
+        the failure that stopped the run is the one raised."""
+        try:
+            self.finish_checkpoints()
+        except Exception as exc:  # noqa: BLE001 - the run's own error goes on
+            logger.warning("the checkpoint in flight could not be committed either: %s", exc)
+
     def finish_checkpoints(self) -> None:
         """Wait for the checkpoint in flight and report it."""
         if self.acc.is_main_process:
@@ -497,6 +505,9 @@ class Trainer:
             if pending:  # one process stopped between reads
                 losses, _ = self._read(pending)
                 result.losses.extend(losses)
+        except BaseException:
+            self._save_what_is_in_flight()
+            raise
         finally:
             prefetch.close()
         if result.interrupted:
