@@ -347,13 +347,29 @@ def test_a_failing_compilation_falls_back_to_eager_with_a_warning_and_trains_the
     assert eager.loop.losses == pytest.approx(fallback.loop.losses, rel=1e-5)
 
 
+@pytest.fixture
+def fresh_accelerate():
+    """Accelerate keeps its state (mixed precision included) per process; as its own test
+    cases do, it is reset around a test that runs in another precision."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_a_compiled_unet_trains_keeps_its_weight_names_and_follows_eager(
-    inputs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    inputs: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    fresh_accelerate: None,
 ):
     """torch.compile for real (Dynamo tracing with the aot_eager backend, which needs no C++
-    compiler): the checkpoint has the eager run's tensor names and nearly its values."""
+    compiler), under bf16 autocast as on a GPU: the checkpoint has the eager run's tensor names
+    and nearly its values."""
     monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
-    hp = {"batchSize": 2, "maxSteps": 2, "warmupSteps": 1, "mixedPrecision": "no"}
+    hp = {"batchSize": 2, "maxSteps": 2, "warmupSteps": 1, "mixedPrecision": "bf16"}
     ckpt = {"everySteps": 2, "keepLast": 1}
     _run(tiny_job(inputs, tmp_path / "a", hyperparameters=hp, checkpointing=ckpt), tmp_path / "w")
     with caplog.at_level(logging.WARNING, logger="difftrain.train.compiling"):
@@ -368,7 +384,7 @@ def test_a_compiled_unet_trains_keeps_its_weight_names_and_follows_eager(
     a = load_file(tmp_path / "a" / "checkpoints" / "step-00000002" / "trainable.safetensors")
     b = load_file(tmp_path / "b" / "checkpoints" / "step-00000002" / "trainable.safetensors")
     assert a.keys() == b.keys()
-    assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-2, atol=1e-4) for k in a)
 
 
 # ---- gradient accumulation with several wrapped modules ----------------------------------------

@@ -1,41 +1,39 @@
 """``torch.compile`` of the denoiser, with a fallback to eager execution when compilation fails.
 
-The compiled function replaces the module's ``forward`` on the instance (not the module: its
-``state_dict`` keys, DDP wrapping and exports stay as they are). Compilation happens on the first
-calls, forward and backward, so the loop tells :class:`CompiledForward` whether a step failed
-while it was not yet proven; then the step is retried eagerly and compilation stays off.
+The module Accelerate prepared (DDP-wrapped with several processes, so Dynamo's DDP optimiser
+splits the graph at the gradient buckets and the all-reduce still overlaps the backward) is
+compiled as a whole; the eager module stays beside it, untouched, for samples, exports and
+checkpoints (its ``state_dict`` keys do not change). Compilation happens in the first forward and
+backward, so the loop tells a :class:`Compiled` that a step failed while it was not yet proven;
+then the step runs again eagerly and compilation stays off.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-BACKEND = "inductor"  # torch.compile's backend; tests use another to make compilation fail
+BACKEND: Any = "inductor"  # torch.compile's backend; tests use others
 
 
-class CompiledForward:
-    """A module's forward through torch.compile until it fails; eager from then on."""
+class Compiled:
+    """A prepared module and its compiled twin; the twin until it fails, then the module."""
 
     def __init__(self, module: torch.nn.Module, name: str) -> None:
         self.name = name
-        self.eager = module.forward
-        self.compiled = torch.compile(self.eager, backend=BACKEND)
+        self.eager = module
+        self.compiled = torch.compile(module, backend=BACKEND)
         self.active = True
         self.proven = False  # one whole step (forward and backward) ran compiled
-        self._paused = 0
-        module.forward = self
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.active and not self._paused:
-            return self.compiled(*args, **kwargs)
-        return self.eager(*args, **kwargs)
+    @property
+    def module(self) -> Any:
+        """What the step calls."""
+        return self.compiled if self.active else self.eager
 
     def give_up(self, error: BaseException) -> None:
         """Compilation (or a compiled step) failed: eager execution from now on."""
@@ -48,20 +46,6 @@ class CompiledForward:
             type(root).__name__,
             lines[0][:300] if lines else "",
         )
-
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Eager inside (sample images: other shapes, no gradients; not worth a compilation)."""
-        self._paused += 1
-        try:
-            yield
-        finally:
-            self._paused -= 1
-
-
-def compile_modules(modules: dict[str, torch.nn.Module]) -> list[CompiledForward]:
-    """Compile each module's forward in place."""
-    return [CompiledForward(m, name) for name, m in modules.items()]
 
 
 def configure_cuda_math() -> None:

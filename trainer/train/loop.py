@@ -28,7 +28,7 @@ from difftrain.train.checkpoint import (
     CheckpointWriter,
     TrainingState,
 )
-from difftrain.train.compiling import CompiledForward, compile_modules, configure_cuda_math
+from difftrain.train.compiling import Compiled, configure_cuda_math
 from difftrain.train.ema import EMA
 from difftrain.train.methods import (
     TrainedModules,
@@ -163,8 +163,6 @@ class Trainer:
             configure_cuda_math()
             for module in denoisers.values():
                 module.to(memory_format=torch.channels_last)  # what cuDNN's fast convs want
-        compile_on = self.hp.compile if self.hp.compile is not None else self.device.type == "cuda"
-        self.compiled: list[CompiledForward] = compile_modules(denoisers) if compile_on else []
         # The noise schedule's table on the device once (add_noise, velocity and SNR index it).
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
         # How often the loss (and, with several processes, the stop flag) is read on the host:
@@ -180,6 +178,14 @@ class Trainer:
         prepared = accelerator.prepare(*[learners[n] for n in names], self.optimizer)
         self.wrapped = dict(zip(names, prepared[:-1], strict=True))
         self.optimizer = prepared[-1]
+        # torch.compile of the denoisers as the step calls them (prepared, when they learn)
+        compile_on = self.hp.compile if self.hp.compile is not None else self.device.type == "cuda"
+        self.compiled: dict[str, Compiled] = {}
+        if compile_on:
+            for key, label in (("unet", "UNet"), ("controlnet", "ControlNet")):
+                module = self.wrapped[key] if key in self.wrapped else getattr(modules, key)
+                if module is not None:
+                    self.compiled[key] = Compiled(module, label)
         self.ema: EMA | None = None
         ema_spec = self.reg.ema
         if ema_spec.enabled:
@@ -301,6 +307,12 @@ class Trainer:
             scaled: torch.Tensor = latents * vae.config.scaling_factor
         return scaled
 
+    def _denoiser(self, key: str) -> Any:
+        """The UNet or ControlNet as the step calls it: compiled, prepared or as loaded."""
+        if key in self.compiled:
+            return self.compiled[key].module
+        return self.wrapped.get(key, getattr(self.inp.modules, key))
+
     def loss(self, batch: Batch, step: int, micro: int) -> torch.Tensor:
         """Diffusion loss of one micro-batch (the prior-preservation term included).
 
@@ -332,8 +344,8 @@ class Trainer:
                 timesteps,
                 text,
                 batch.conditioning,
-                unet=self.wrapped.get("unet", self.inp.modules.unet),
-                controlnet=self.wrapped.get("controlnet"),
+                unet=self._denoiser("unet"),
+                controlnet=self._denoiser("controlnet"),
             )
         weights = None
         if self.reg.snr_gamma is not None:
@@ -356,8 +368,6 @@ class Trainer:
             stack = contextlib.ExitStack()
             if self.ema is not None:
                 stack.enter_context(self.ema.applied())
-            for compiled in self.compiled:
-                stack.enter_context(compiled.paused())
             for m in self.wrapped.values():
                 m.eval()  # no dropout in samples
             with stack:
@@ -418,7 +428,7 @@ class Trainer:
         """One optimizer step. A failure while a compiled module is not yet proven (its
         compilation happens in the first forward and backward) turns compilation off and
         runs the step again eagerly; any other failure is raised."""
-        unproven = [c for c in self.compiled if c.active and not c.proven]
+        unproven = [c for c in self.compiled.values() if c.active and not c.proven]
         try:
             step_loss = self._micro_batches(batches)
         except Exception as exc:
