@@ -10,6 +10,7 @@ them the same way.
 from __future__ import annotations
 
 import json
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote
 
@@ -19,15 +20,17 @@ from kubernetes.client.exceptions import ApiException
 Obj = dict[str, Any]
 
 # kind -> (API prefix, plural) for every kind the operator writes
-PATHS = {
-    "ConfigMap": ("/api/v1", "configmaps"),
-    "Secret": ("/api/v1", "secrets"),
-    "Service": ("/api/v1", "services"),
-    "ServiceAccount": ("/api/v1", "serviceaccounts"),
-    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
-    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
-    "Job": ("/apis/batch/v1", "jobs"),
-}
+PATHS = MappingProxyType(
+    {
+        "ConfigMap": ("/api/v1", "configmaps"),
+        "Secret": ("/api/v1", "secrets"),
+        "Service": ("/api/v1", "services"),
+        "ServiceAccount": ("/api/v1", "serviceaccounts"),
+        "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
+        "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+        "Job": ("/apis/batch/v1", "jobs"),
+    }
+)
 
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"

@@ -26,8 +26,7 @@ RECONCILE_SECONDS = Histogram(
 )
 BY_PHASE = Gauge("difftrain_operator_resources", "Resources by phase", ["kind", "phase"])
 
-_phases: dict[tuple[str, str, str], str] = {}
-_lock = threading.Lock()
+PHASES = ("Pending", "Preparing", "Running", "Suspended", "Succeeded", "Failed")
 
 
 @contextmanager
@@ -40,22 +39,31 @@ def reconcile_timer(kind: str) -> Iterator[None]:
         RECONCILE_SECONDS.labels(kind).observe(time.perf_counter() - start)
 
 
-def record_phase(kind: str, namespace: str, name: str, phase: str | None, reason: str = "") -> None:
-    """Track a resource's phase (None when it is gone) and count finishes once."""
-    key = (kind, namespace, name)
-    with _lock:
-        old = _phases.get(key)
-        if phase is None:
-            _phases.pop(key, None)
-        else:
-            _phases[key] = phase
-        if phase != old and phase == "Succeeded":
-            SUCCEEDED.labels(kind).inc()
-        if phase != old and phase == "Failed":
-            FAILED.labels(kind, reason or "Failed").inc()
-        counts: dict[str, int] = {}
-        for (k, _ns, _n), p in _phases.items():
-            if k == kind:
-                counts[p] = counts.get(p, 0) + 1
-        for p in ("Pending", "Preparing", "Running", "Suspended", "Succeeded", "Failed"):
-            BY_PHASE.labels(kind, p).set(counts.get(p, 0))
+class PhaseTracker:
+    """The phase of every resource one operator handles: the by-phase gauge and finish counts."""
+
+    def __init__(self) -> None:
+        self._phases: dict[tuple[str, str, str], str] = {}
+        self._lock = threading.Lock()
+
+    def record(
+        self, kind: str, namespace: str, name: str, phase: str | None, reason: str = ""
+    ) -> None:
+        """Track a resource's phase (None when it is gone) and count finishes once."""
+        key = (kind, namespace, name)
+        with self._lock:
+            old = self._phases.get(key)
+            if phase is None:
+                self._phases.pop(key, None)
+            else:
+                self._phases[key] = phase
+            if phase != old and phase == "Succeeded":
+                SUCCEEDED.labels(kind).inc()
+            if phase != old and phase == "Failed":
+                FAILED.labels(kind, reason or "Failed").inc()
+            counts: dict[str, int] = {}
+            for (k, _ns, _n), p in self._phases.items():
+                if k == kind:
+                    counts[p] = counts.get(p, 0) + 1
+            for p in PHASES:
+                BY_PHASE.labels(kind, p).set(counts.get(p, 0))

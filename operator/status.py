@@ -7,7 +7,8 @@ folds in what only the cluster knows: whether pods run, were preempted, failed o
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 from typing import Any
 
 Obj = dict[str, Any]
@@ -237,6 +238,76 @@ def training_patch(current: Obj, generation: int | None, folded: Folded, price: 
     if folded.completion_time:
         patch["completionTime"] = folded.completion_time
     return patch
+
+
+def termination_message(pods: list[Obj]) -> str | None:
+    """The first termination message of the pods' containers (a merge's JSON report)."""
+    for pod in pods:
+        for cs in pod.get("status", {}).get("containerStatuses") or []:
+            message = (cs.get("state", {}).get("terminated") or {}).get("message")
+            if message:
+                found: str = message
+                return found
+    return None
+
+
+MERGE_REPORT_FIELDS = (
+    "outputUri",
+    "sha256",
+    "shortHash",
+    "sizeBytes",
+    "tensors",
+    "durationSeconds",
+)
+
+
+def merge_patch(
+    current: Obj, generation: int | None, job: Obj | None, pods: list[Obj]
+) -> tuple[Obj, Folded]:
+    """The status fields the operator owns for a ModelMerge, and the folded state they show.
+
+    A merge is never suspended and has no trainer step: it runs, then reports its result (URI,
+    hashes, size) in its container's termination message.
+    """
+    folded = fold(Observed(job, pods, False, trainer_step=1, gpus_per_pod=0))
+    phase = {"Preparing": "Running", "Suspended": "Pending"}.get(folded.phase, folded.phase)
+    message = termination_message(pods)
+    detail = message if phase == "Failed" and message else folded.message
+    folded = replace(folded, phase=phase, message=detail, gpu_hours=0.0)
+    patch: Obj = {
+        "phase": phase,
+        "observedGeneration": generation,
+        "conditions": with_ready(
+            merge_conditions(list(current.get("conditions") or []), folded, generation),
+            job is not None,
+        ),
+    }
+    if folded.start_time:
+        patch["startTime"] = folded.start_time
+    if folded.completion_time:
+        patch["completionTime"] = folded.completion_time
+    if phase == "Succeeded" and message:
+        try:
+            report = json.loads(message)
+        except json.JSONDecodeError:
+            report = {}
+        if isinstance(report, dict):
+            patch.update({f: report[f] for f in MERGE_REPORT_FIELDS if f in report})
+    return patch, folded
+
+
+def with_waiting(
+    conditions: list[Obj], reason: str, message: str, at: dt.datetime | None = None
+) -> list[Obj]:
+    """``conditions`` with Ready=False for ``reason`` (a missing Secret, a namesake's children)."""
+    waiting = {
+        "type": "Ready",
+        "status": "False",
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": rfc3339(at or now()),
+    }
+    return [c for c in conditions if c.get("type") != "Ready"] + [waiting]
 
 
 def with_schedulable(

@@ -291,7 +291,7 @@ def test_merge_runs_on_cpu_unless_a_gpu_is_asked_for():
 
 
 def test_gpu_shortfall_names_what_is_missing():
-    from difftrain_operator.handlers import gpu_shortfall
+    from difftrain_operator.checks import gpu_shortfall
 
     def node(gpus):
         return {

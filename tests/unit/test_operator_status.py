@@ -125,21 +125,20 @@ def test_start_time_is_when_the_first_worker_pod_started_not_when_the_job_was_cr
 
 
 def test_the_operators_last_write_overlays_a_status_the_watch_has_not_delivered_yet():
-    from difftrain_operator import handlers
+    from difftrain_operator.metrics import PhaseTracker
+    from difftrain_operator.status_writer import StatusWriter
 
     def body(uid):
         meta = {"namespace": "ns", "name": "a", "uid": uid}
         status = {"phase": "Pending", "step": 7}
         return {"kind": "DiffusionTrainingJob", "metadata": meta, "status": status}
 
-    handlers._written[("dtj", "ns", "a")] = ("u1", {"phase": "Preparing"})
-    try:
-        # the operator's own field is its newer write; the trainer's field is the index's
-        assert handlers._owned(body("u1")) == {"phase": "Preparing", "step": 7}
-        # a resource deleted and created again under the same name starts from its own status
-        assert handlers._owned(body("u2")) == {"phase": "Pending", "step": 7}
-    finally:
-        handlers._written.clear()
+    writer = StatusWriter(kube=None, phases=PhaseTracker())  # type: ignore[arg-type]
+    writer.remember(body("u1"), {"phase": "Preparing"})
+    # the operator's own field is its newer write; the trainer's field is the index's
+    assert writer.owned(body("u1")) == {"phase": "Preparing", "step": 7}
+    # a resource deleted and created again under the same name starts from its own status
+    assert writer.owned(body("u2")) == {"phase": "Pending", "step": 7}
 
 
 def test_ready_turns_true_once_the_children_exist_and_keeps_its_time():
