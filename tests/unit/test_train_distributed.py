@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,10 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from difftrain import api
+from difftrain.data.cache import CACHE_FOLDER, LatentCache
+from difftrain.storage import LocalStore
 from tests.infra.processes import free_port
-from tests.training import REPO, prepare_local_inputs, tiny_job, write_job
+from tests.training import REPO, prepare_local_inputs, run_cli, tiny_job, write_job
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +191,76 @@ def test_a_configuration_error_on_one_machine_stops_all_without_restarts(
     assert "dataset.uri" in log0 and "Traceback" not in log0 + log1
     # a configuration error is an answer: the group is not started again
     assert log0.count("base model loaded") == 1, log0[-3000:]
+
+
+def _shard_ranks(cache: Path) -> list[str]:
+    """Which process encoded each shard of a committed cache, in the manifest's order."""
+    manifest = json.loads((cache / "_manifest.json").read_text())
+    ranks = []
+    for entry in manifest["files"]:
+        with (cache / entry["name"]).open("rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        ranks.append(header["__metadata__"]["rank"])
+    return ranks
+
+
+def test_every_process_encodes_its_share_of_the_latent_cache(inputs: Path, tmp_path: Path):
+    """A cache miss in a group of two: each process encodes half the images and their Boomerang
+    variants, the main one commits the manifest once both shares are up; the cache reads as the
+    one a single process builds, and the group's next run finds it."""
+    in_run, by_command = tmp_path / "ds-run", tmp_path / "ds-command"
+    for folder in (in_run, by_command):
+        folder.mkdir()
+        for image in sorted((inputs / "dataset").glob("*.png"))[:12]:
+            shutil.copy(image, folder / image.name)
+            shutil.copy(image.with_suffix(".txt"), folder / image.with_suffix(".txt").name)
+    job = tiny_job(
+        inputs,
+        tmp_path / "out",
+        hyperparameters=_short(maxSteps=2, seed=7),
+        preprocessing={
+            "resolution": 64,
+            "flipProbability": 0.5,
+            "cacheLatents": True,
+            "boomerang": {"enabled": True, "copies": 1, "strength": 0.3},
+        },
+    )
+    job["spec"]["dataset"]["uri"] = str(in_run)
+    path = write_job(tmp_path / "job.yaml", job)
+    started = time.monotonic()
+    proc = _machine(path, tmp_path / "w", machines=1, per_machine=2, rank=0, port=free_port())
+    ((code, log),) = _finish([proc])
+    first_seconds = time.monotonic() - started
+    assert code == 0, log[-4000:]
+    encoded = dict(re.findall(r"latent cache: rank (\d) encoded (\d+) samples", log))
+    assert encoded == {"0": "12", "1": "12"}, log[-4000:]  # 6 images + 6 variants each
+    (key,) = [p.name for p in (in_run / CACHE_FOLDER).iterdir() if p.is_dir()]
+    cache = in_run / CACHE_FOLDER / key
+    # images 0-5 (rank 0), 6-11 (rank 1), then the variants of 0-5 (rank 0) and 6-11 (rank 1)
+    assert _shard_ranks(cache) == ["0", "1", "0", "1"]
+    assert json.loads((cache / "_manifest.json").read_text())["metadata"]["processes"] == 2
+
+    args = ["dataset", "cache", str(by_command), "--model", str(inputs / "base-model")]
+    args += ["--resolution", "64", "--flip-probability", "0.5", "--min-resolution", "32"]
+    args += ["--near-duplicate-distance", "0", "--boomerang-copies", "1"]
+    args += ["--boomerang-strength", "0.3", "--seed", "7", "--json"]
+    done = run_cli(args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["key"] == key
+    shared = LatentCache(LocalStore(), str(in_run / CACHE_FOLDER)).lookup(key)
+    alone = LatentCache(LocalStore(), str(by_command / CACHE_FOLDER)).lookup(key)
+    assert shared is not None and alone is not None and len(shared) == 24
+    assert [(s.key, s.caption) for s in shared] == [(s.key, s.caption) for s in alone]
+    for a, b in zip(shared, alone, strict=True):
+        # variants made in batches of another size may differ by a grey level here and there
+        torch.testing.assert_close(a.latent_params, b.latent_params, rtol=1e-3, atol=2e-3)
+        torch.testing.assert_close(a.text_embeddings, b.text_embeddings, rtol=1e-4, atol=1e-4)
+
+    job["spec"]["output"] = {"uri": str(tmp_path / "out-again")}
+    path = write_job(tmp_path / "again.yaml", job)
+    started = time.monotonic()
+    proc = _machine(path, tmp_path / "w2", machines=1, per_machine=2, rank=0, port=free_port())
+    ((code, log),) = _finish([proc])
+    assert code == 0, log[-4000:]
+    assert "cache=True" in log and "latent cache: rank" not in log, log[-4000:]
+    print(f"first run {first_seconds:.1f}s, second (cache hit) {time.monotonic() - started:.1f}s")

@@ -6,7 +6,9 @@ decoded. A low strength keeps the content and changes local detail; a high one w
 (Luzi et al., "Boomerang: Local sampling on image manifolds using diffusion models", 2023).
 
 Denoising uses DDIM with eta 0 on the model's own schedule and prediction type, so a variant is a
-function of the source, the caption and the seeded noise only: the same seed gives the same bytes.
+function of the source, the caption and its seeded noise only (drawn on the CPU, so the same on any
+device): the same seed gives the same bytes, up to floating-point differences between devices,
+dtypes and batch sizes.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from difftrain.data.cache import encode_text, eval_mode, sample_rng
+from difftrain.data.cache import encode_text, sample_rng
 from difftrain.data.pairs import CleanPair
 
 if TYPE_CHECKING:
@@ -44,66 +46,93 @@ def boomerang_variants(
     num_inference_steps: int = 20,
     guidance_scale: float = 1.0,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 8,
     sizes: Sequence[tuple[int, int]] | None = None,
     progress: Callable[[int], object] | None = None,
 ) -> list[CleanPair]:
     """``copies`` variants of every pair (keys ``<key>~boomerang<i>``), in the pairs' order.
 
     ``sizes`` gives each pair's (width, height) for aspect-ratio buckets. ``progress`` is called
-    with 1 for every variant made. The networks are moved to ``device`` and run in eval mode.
+    with the number of variants each batch made. The networks run together on ``device`` in
+    ``dtype`` and eval mode, ``batch_size`` variants of one size at a time, and are left where
+    and as they were.
     """
+    from difftrain.models.placement import placed  # not at import: it loads diffusers
+
     if not 0.0 < strength < 1.0:
         raise BoomerangError(f"preprocessing.boomerang.strength is {strength}: use 0 < s < 1")
     if copies < 1:
         raise BoomerangError(f"preprocessing.boomerang.copies is {copies}: use at least 1")
     if num_inference_steps < 1:
         raise BoomerangError(f"num_inference_steps is {num_inference_steps}: use at least 1")
+    if batch_size < 1:
+        raise BoomerangError(f"batch_size is {batch_size}: use at least 1")
     if sizes is not None and len(sizes) != len(pairs):
         raise BoomerangError(f"sizes has {len(sizes)} entries for {len(pairs)} pairs")
     dev = torch.device(device)
     vae, unet, text_encoder = components.vae, components.unet, components.text_encoder
-    out: list[CleanPair] = []
-    with eval_mode(vae, unet, text_encoder), torch.inference_mode():
-        for module in (vae, unet, text_encoder):
-            module.to(dev)
+    made: dict[tuple[int, int], CleanPair] = {}
+    with placed([vae, unet, text_encoder], dev, dtype), torch.inference_mode():
         uncond = encode_text(components, [""], dev) if guidance_scale > 1.0 else None
-        for n, pair in enumerate(pairs):
-            size = sizes[n] if sizes is not None else None
-            image = transform.decode(pair.data, pair.name, size=size)
-            pixels = transform(image, size=size, rng=sample_rng(seed, pair.key), flip=False)
-            cond = encode_text(components, [pair.caption], dev)
-            for i in range(copies):
-                generator = torch.Generator(dev).manual_seed(_variant_seed(seed, pair.key, i))
-                result = _img2img(
-                    components,
-                    pixels.unsqueeze(0).to(dev),
-                    cond,
-                    uncond,
-                    strength=strength,
-                    steps=num_inference_steps,
-                    guidance_scale=guidance_scale,
-                    generator=generator,
-                )
-                png = _to_png(result[0])
-                stem = pair.name.rsplit(".", 1)[0]
-                out.append(
-                    CleanPair(
-                        key=f"{pair.key}~boomerang{i}",
-                        name=f"{stem}~boomerang{i}.png",
-                        data=png,
-                        caption=pair.caption,
-                        width=int(result.shape[-1]),
-                        height=int(result.shape[-2]),
-                        sha256=hashlib.sha256(png).hexdigest(),
-                    )
-                )
-                if progress is not None:
-                    progress(1)
+        for batch in _batches(len(pairs), copies, sizes, batch_size):
+            sources: dict[int, torch.Tensor] = {}
+            for n, _ in batch:
+                if n not in sources:
+                    size = sizes[n] if sizes is not None else None
+                    image = transform.decode(pairs[n].data, pairs[n].name, size=size)
+                    rng = sample_rng(seed, pairs[n].key)
+                    sources[n] = transform(image, size=size, rng=rng, flip=False)
+            result = _img2img(
+                components,
+                torch.stack([sources[n] for n, _ in batch]).to(dev),
+                encode_text(components, [pairs[n].caption for n, _ in batch], dev),
+                uncond,
+                strength=strength,
+                steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generators=[
+                    torch.Generator().manual_seed(_variant_seed(seed, pairs[n].key, i))
+                    for n, i in batch
+                ],
+            )
+            for row, (n, i) in enumerate(batch):
+                made[n, i] = _variant(pairs[n], i, result[row])
+            if progress is not None:
+                progress(len(batch))
+    out = [made[n, i] for n in range(len(pairs)) for i in range(copies)]
     logger.info(
         "boomerang variants made",
         extra={"sources": len(pairs), "variants": len(out), "strength": strength},
     )
     return out
+
+
+def _batches(
+    n: int, copies: int, sizes: Sequence[tuple[int, int]] | None, batch_size: int
+) -> Iterator[list[tuple[int, int]]]:
+    """(pair, copy) batches in which every source has the same size (one bucket per batch)."""
+    groups: dict[tuple[int, int] | None, list[tuple[int, int]]] = {}
+    for p in range(n):
+        group = groups.setdefault(sizes[p] if sizes is not None else None, [])
+        group.extend((p, i) for i in range(copies))
+    for members in groups.values():
+        for start in range(0, len(members), batch_size):
+            yield members[start : start + batch_size]
+
+
+def _variant(pair: CleanPair, copy: int, image: torch.Tensor) -> CleanPair:
+    png = _to_png(image)
+    stem = pair.name.rsplit(".", 1)[0]
+    return CleanPair(
+        key=f"{pair.key}~boomerang{copy}",
+        name=f"{stem}~boomerang{copy}.png",
+        data=png,
+        caption=pair.caption,
+        width=int(image.shape[-1]),
+        height=int(image.shape[-2]),
+        sha256=hashlib.sha256(png).hexdigest(),
+    )
 
 
 def _variant_seed(seed: int, key: str, copy: int) -> int:
@@ -121,10 +150,15 @@ def _img2img(
     strength: float,
     steps: int,
     guidance_scale: float,
-    generator: torch.Generator,
+    generators: list[torch.Generator],
 ) -> torch.Tensor:
-    """Noise ``pixels`` (1, 3, H, W in [-1, 1]) to ``strength`` and denoise; returns [-1, 1]."""
+    """Noise ``pixels`` (B, 3, H, W in [-1, 1]) to ``strength`` and denoise; returns [-1, 1].
+
+    Image ``b``'s latent sample and noise come from ``generators[b]`` (CPU generators: the same
+    draws on any device), so a variant does not depend on the others in its batch.
+    """
     from diffusers import DDIMScheduler
+    from diffusers.utils.torch_utils import randn_tensor
 
     vae, unet = components.vae, components.unet
     scheduler: Any = DDIMScheduler.from_config(
@@ -137,12 +171,12 @@ def _img2img(
     scale = float(vae.config.scaling_factor)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     dist = vae.encode(pixels.to(vae.dtype)).latent_dist
-    latents = (dist.sample(generator=generator) - shift) * scale
-    noise = torch.randn(
-        latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
+    latents = (dist.sample(generator=generators) - shift) * scale
+    noise = randn_tensor(
+        latents.shape, generator=generators, device=latents.device, dtype=latents.dtype
     )
     latents = scheduler.add_noise(latents, noise, timesteps[:1])
-    context = cond if uncond is None else torch.cat([uncond, cond])
+    context = cond if uncond is None else torch.cat([uncond.expand_as(cond), cond])
     for t in timesteps:
         model_in = latents if uncond is None else torch.cat([latents, latents])
         model_in = scheduler.scale_model_input(model_in, t)
@@ -150,7 +184,8 @@ def _img2img(
         if uncond is not None:
             pred_uncond, pred_cond = pred.chunk(2)
             pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
-        latents = scheduler.step(pred, t, latents, generator=generator).prev_sample
+        # DDIM with eta 0 draws no noise in its steps
+        latents = scheduler.step(pred, t, latents).prev_sample
     decoded: torch.Tensor = vae.decode(latents / scale + shift).sample
     return decoded.float().clamp(-1.0, 1.0)
 

@@ -7,6 +7,14 @@ Layout on the store (``root`` is e.g. ``s3://bucket/dataset/.difftrain-cache``):
     ...                                 metadata holds the samples' keys and captions as JSON
     root/<key>/_manifest.json           written last (difftrain.storage.commit): the shards with
                                         sizes and sha256s, the sample count and the format
+    root/<key>/_parts/rank-00000.json   when the processes of a job build it together, each one's
+                                        shards, from which the main process writes the manifest
+
+Several processes build one cache together (:meth:`LatentCache.build_share`, then
+:meth:`LatentCache.commit_shares` on the main process once all are done): each encodes its share of
+the samples (:mod:`difftrain.data.cache_plan`) and uploads its shards, and the manifest still comes
+last, so a cache is complete or absent. The layout is the single-process one (shards in sample
+order), so it reads the same whoever built it.
 
 The key (:func:`cache_key`) covers everything that changes the tensors, so a cache is never
 updated in place: a changed dataset, setting or model gives a new key and a new folder. A folder
@@ -29,8 +37,8 @@ import os
 import random
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,8 +47,9 @@ from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
+from difftrain.data.cache_plan import SHARD_SIZE, PlannedShard
 from difftrain.data.parallel import ordered_map
-from difftrain.storage import Store, commit, join, read_manifest, scratch_dir
+from difftrain.storage import MANIFEST_NAME, Store, commit, join, read_manifest, scratch_dir
 
 if TYPE_CHECKING:
     from difftrain.api import PreprocessingSpec
@@ -54,7 +63,7 @@ CACHE_FORMAT = "difftrain-latent-cache/1"
 CACHE_FOLDER = (
     ".difftrain-cache"  # the default root: beside the dataset, "<dataset.uri>/.difftrain-cache"
 )
-SHARD_SIZE = 256
+PARTS_FOLDER = "_parts"
 
 Size = tuple[int, int]  # (width, height)
 
@@ -241,9 +250,134 @@ class LatentCache:
 
         ``sizes`` gives each pair's (width, height) when training on aspect-ratio buckets.
         ``progress`` is called with the number of samples each finished batch added; ``workers``
-        threads decode and transform images ahead of the encoders. The VAE and text encoder are
-        moved to ``device`` and run in eval mode (their mode is restored after).
+        threads decode and transform images ahead of the encoders. The VAE and text encoder run
+        on ``device`` in eval mode, and are left where and as they were; the tensors are kept in
+        ``dtype``.
         """
+        samples = self._encode(
+            pairs,
+            components,
+            transform,
+            sizes=sizes,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            progress=progress,
+            workers=workers,
+        )
+        self._commit(key, samples, flips=transform.pre.flip_probability > 0)
+        return samples
+
+    def build_share(
+        self,
+        key: str,
+        pairs: Sequence[CleanPair],
+        components: Components,
+        transform: ImageTransform,
+        *,
+        plan: Sequence[PlannedShard],
+        rank: int,
+        **kw: Any,
+    ) -> int:
+        """Encode this process's samples and upload their shards, without a manifest.
+
+        ``pairs`` are the samples of ``plan``'s shards that ``rank`` encodes, in sample order;
+        ``kw`` are :meth:`build`'s options. The shards go up first, then a record of them that
+        :meth:`commit_shares` reads. Returns the number of samples encoded.
+        """
+        mine = [s for s in plan if s.rank == rank]
+        if len(pairs) != sum(len(s) for s in mine):
+            raise CacheError(
+                f"rank {rank} was given {len(pairs)} samples for shards of "
+                f"{sum(len(s) for s in mine)}: give exactly the samples of its shards"
+            )
+        samples = self._encode(pairs, components, transform, **kw)
+        prefix = self.prefix(key)
+        work = scratch_dir("difftrain-cache-")
+        entries = []
+        try:
+            offset = 0
+            for shard in mine:
+                path = work / shard.name
+                _write_shard(samples[offset : offset + len(shard)], shard.start, path, rank=rank)
+                offset += len(shard)
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                self.store.put_file(path, join(prefix, shard.name))
+                entries.append({"name": shard.name, "size": path.stat().st_size, "sha256": digest})
+                path.unlink()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        record = {"key": key, "rank": rank, "samples": len(samples), "files": entries}
+        self.store.put_bytes(json.dumps(record, indent=1).encode(), self._part_uri(key, rank))
+        logger.info(
+            "latent cache share uploaded rank=%d samples=%d shards=%d",
+            rank,
+            len(samples),
+            len(entries),
+            extra={"prefix": prefix},
+        )
+        return len(samples)
+
+    def commit_shares(
+        self, key: str, plan: Sequence[PlannedShard], *, world: int, flips: bool
+    ) -> None:
+        """Write the manifest of a cache that ``world`` processes built with :meth:`build_share`.
+
+        Called by one process once every process's share is uploaded (after a barrier). A share
+        that is missing or does not match the plan is an error, and no manifest is written.
+        """
+        uploaded: dict[str, dict[str, Any]] = {}
+        for rank in range(world):
+            uri = self._part_uri(key, rank)
+            if not self.store.exists(uri):
+                raise CacheError(f"rank {rank} uploaded no share of latent cache {key}")
+            record = json.loads(self.store.get_bytes(uri))
+            if record.get("key") != key:
+                raise CacheError(f"{uri} belongs to cache {record.get('key')}, not {key}")
+            uploaded.update({e["name"]: e for e in record["files"]})
+        missing = [s.name for s in plan if s.name not in uploaded]
+        if missing:
+            raise CacheError(f"latent cache {key}: no process uploaded {', '.join(missing)}")
+        meta = {
+            "format": CACHE_FORMAT,
+            "key": key,
+            "samples": plan[-1].stop if plan else 0,
+            "flipped": flips,
+            "shard_size": SHARD_SIZE,
+            "processes": world,
+        }
+        manifest = {
+            "files": [uploaded[s.name] for s in plan],
+            "metadata": meta,
+            "committed": time.time(),
+        }
+        prefix = self.prefix(key)
+        self.store.put_bytes(json.dumps(manifest, indent=1).encode(), join(prefix, MANIFEST_NAME))
+        logger.info(
+            "latent cache committed",
+            extra={"prefix": prefix, "samples": meta["samples"], "shards": len(plan)},
+        )
+
+    def _part_uri(self, key: str, rank: int) -> str:
+        return join(self.prefix(key), PARTS_FOLDER, f"rank-{rank:05d}.json")
+
+    def _encode(
+        self,
+        pairs: Sequence[CleanPair],
+        components: Components,
+        transform: ImageTransform,
+        *,
+        sizes: Sequence[Size] | None = None,
+        batch_size: int = 16,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float16,
+        progress: Callable[[int], object] | None = None,
+        workers: int = 4,
+    ) -> list[CachedSample]:
+        from difftrain.models.placement import placed  # not at import: it loads diffusers
+
         if sizes is not None and len(sizes) != len(pairs):
             raise CacheError(
                 f"sizes has {len(sizes)} entries for {len(pairs)} pairs: give one each"
@@ -263,9 +397,7 @@ class LatentCache:
             window=2 * batch_size,
             name="difftrain-cache",
         )
-        with eval_mode(components.vae, components.text_encoder):
-            components.vae.to(device)
-            components.text_encoder.to(device)
+        with placed([components.vae, components.text_encoder], device):
             for batch in batches:
                 images = [next(views) for _ in batch]
                 with torch.inference_mode():
@@ -287,9 +419,7 @@ class LatentCache:
                     )
                 if progress is not None:
                     progress(len(batch))
-        samples = [s for s in encoded if s is not None]
-        self._commit(key, samples, flips=flips)
-        return samples
+        return [s for s in encoded if s is not None]
 
     def _verified(self, prefix: str, entry: dict[str, Any]) -> bytes | None:
         """One shard's bytes from the store, or None when they do not match the manifest."""
@@ -429,20 +559,7 @@ def encode_text(components: Components, captions: list[str], device: torch.devic
     return hidden
 
 
-@contextmanager
-def eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
-    """Eval mode for the duration (no dropout in the cached tensors), previous mode after."""
-    was = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, training in zip(modules, was, strict=True):
-            m.train(training)
-
-
-def _write_shard(samples: list[CachedSample], start: int, path: Path) -> None:
+def _write_shard(samples: list[CachedSample], start: int, path: Path, *, rank: int = 0) -> None:
     tensors: dict[str, torch.Tensor] = {}
     index = []
     for offset, sample in enumerate(samples):
@@ -452,7 +569,9 @@ def _write_shard(samples: list[CachedSample], start: int, path: Path) -> None:
             tensors[f"{i}.latent_flipped"] = sample.latent_params_flipped
         tensors[f"{i}.text"] = sample.text_embeddings
         index.append({"i": i, "key": sample.key, "caption": sample.caption})
-    save_file(tensors, str(path), metadata={"format": CACHE_FORMAT, "samples": json.dumps(index)})
+    # "rank": which process encoded the shard (informational; readers need only the samples)
+    metadata = {"format": CACHE_FORMAT, "samples": json.dumps(index), "rank": str(rank)}
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def _open_shard(path: Path) -> list[CachedSample]:

@@ -19,6 +19,7 @@ from difftrain.train.methods import TrainingConfigError
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+CLASS_BATCH = 4  # class images generated per pipeline call
 
 
 class PriorPairedSampler:
@@ -60,10 +61,23 @@ def _given_images(uri: str, store: Store, limit: int) -> list[bytes]:
     return [store.read_range(u, 0, store.size(u)) for u in found[:limit]]
 
 
-def _generated_images(
-    spec: DiffusionTrainingJobSpec, components: Any, output_store: Store, count: int
+def generate_class_images(
+    spec: DiffusionTrainingJobSpec,
+    components: Any,
+    output_store: Store,
+    count: int,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int = CLASS_BATCH,
 ) -> list[bytes]:
-    """Class images from the base model; committed under the output, reused on restart."""
+    """Class images from the base model; committed under the output, reused on restart.
+
+    Image ``i`` comes from seed ``hyperparameters.seed + i`` (drawn on the CPU, so the same start
+    on any device). The pipeline's networks run together on ``device`` in ``dtype``,
+    ``batch_size`` images at a time, and are left where and as they were.
+    """
+    from difftrain.models.placement import placed
     from difftrain.train.sampling import build_pipeline
 
     assert spec.dreambooth is not None and spec.dreambooth.class_prompt is not None
@@ -74,36 +88,55 @@ def _generated_images(
             output_store.read_range(join(prefix, e["name"]), 0, e["size"])
             for e in manifest["files"]
         ]
-    logger.info("generating class images count=%d prompt=%r", count, spec.dreambooth.class_prompt)
+    logger.info(
+        "generating class images count=%d prompt=%r device=%s",
+        count,
+        spec.dreambooth.class_prompt,
+        device,
+    )
     pipe = build_pipeline(components, components.unet)
     res = spec.preprocessing.resolution
     work = scratch_dir("difftrain-class-")
     files = {}
     out: list[bytes] = []
-    for i in range(count):
-        with torch.no_grad():
-            image = pipe(
+    seed = spec.hyperparameters.seed
+    with placed([pipe.vae, pipe.text_encoder, pipe.unet], device, dtype), torch.no_grad():
+        for start in range(0, count, batch_size):
+            batch = range(start, min(count, start + batch_size))
+            images = pipe(
                 spec.dreambooth.class_prompt,
+                num_images_per_prompt=len(batch),
                 num_inference_steps=spec.sampling.num_inference_steps,
                 guidance_scale=spec.sampling.guidance_scale,
                 height=res,
                 width=res,
-                generator=torch.Generator().manual_seed(spec.hyperparameters.seed + i),
-            ).images[0]
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        path = work / f"{i:05d}.png"
-        path.write_bytes(buf.getvalue())
-        files[path.name] = path
-        out.append(buf.getvalue())
+                generator=[torch.Generator().manual_seed(seed + i) for i in batch],
+            ).images
+            for i, image in zip(batch, images, strict=True):
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                path = work / f"{i:05d}.png"
+                path.write_bytes(buf.getvalue())
+                files[path.name] = path
+                out.append(buf.getvalue())
     commit(output_store, prefix, files, metadata={"count": count})
     return out
 
 
 def class_examples(
-    spec: DiffusionTrainingJobSpec, components: Any, options: Any, output_store: Store
+    spec: DiffusionTrainingJobSpec,
+    components: Any,
+    options: Any,
+    output_store: Store,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> list[Example]:
-    """The prior-preservation examples (``is_prior``), cached like the instance images."""
+    """The prior-preservation examples (``is_prior``), cached like the instance images.
+
+    Missing class images are generated, and all are encoded, on ``device`` (the networks that
+    generate them in ``dtype``).
+    """
     from difftrain.data.cache import LatentCache, cache_key
     from difftrain.data.images import decode_rgb
     from difftrain.data.pairs import CleanPair
@@ -116,8 +149,13 @@ def class_examples(
         store = open_store(db.class_data_uri, options.store_config)
         images = _given_images(db.class_data_uri, store, db.num_class_images)
     if len(images) < db.num_class_images:
-        images += _generated_images(
-            spec, components, output_store, db.num_class_images - len(images)
+        images += generate_class_images(
+            spec,
+            components,
+            output_store,
+            db.num_class_images - len(images),
+            device=device,
+            dtype=dtype,
         )
     pairs = []
     for i, data in enumerate(images):
@@ -138,7 +176,9 @@ def class_examples(
         cache = LatentCache(output_store, join(spec.output.uri, "class-images", "cache"))
         pre = spec.preprocessing
         key = cache_key(pairs, pre, components.identity, extra={"role": "class"})
-        samples, _ = cache.get_or_build(key, pairs, components, ImageTransform(pre), seed=0)
+        samples, _ = cache.get_or_build(
+            key, pairs, components, ImageTransform(pre), seed=0, device=device
+        )
         return [
             Example(key=s.key, caption=s.caption, size=(res, res), cached=s, is_prior=True)
             for s in samples

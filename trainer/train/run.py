@@ -12,7 +12,6 @@ import logging
 import random
 import signal
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,12 +107,13 @@ def run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
 
 
 def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
-    from difftrain.data.cache import CACHE_FOLDER, LatentCache, cache_key
     from difftrain.data.cleaning import load_dataset, write_report
     from difftrain.data.images import decode_rgb
     from difftrain.data.transforms import ImageTransform
     from difftrain.models import load_base_model
+    from difftrain.models.placement import frozen_dtype
     from difftrain.train.dreambooth import check_prior_settings
+    from difftrain.train.shared_data import cached_dataset, clean_on_main
 
     spec = job.spec.resolved()
     check_prior_settings(spec)
@@ -146,7 +146,7 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
 
     # Data: listed and cleaned (deterministic, so every process gets the same pairs). With the
     # latent cache and several processes, only the main process reads and cleans the images; the
-    # others get the kept pairs' list from it and read only the cache.
+    # others get the kept pairs' list from it and read only their share's images (on a miss).
     tokenizer = components.tokenizer
     data_store = open_store(spec.dataset.uri, options.store_config)
 
@@ -159,7 +159,7 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
         )
 
     shared = pre.cache_latents and acc.num_processes > 1
-    cleaned = _clean_on_main(acc, clean) if shared else clean()
+    cleaned = clean_on_main(acc, clean) if shared else clean()
     report = cleaned.report
     pairs = list(cleaned.pairs)
     if not pairs:
@@ -187,47 +187,21 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
     sizes = _sizes(spec, pairs)
     cache_hit: bool | None = None
     examples: list[Example]
-    boomerang_args = {
-        "strength": pre.boomerang.strength,
-        "copies": pre.boomerang.copies,
-        "seed": hp.seed,
-    }
+    generation = {"device": acc.device, "dtype": frozen_dtype(acc.device, hp.mixed_precision)}
     if pre.cache_latents:
-        cache = LatentCache(data_store, join(spec.dataset.uri, CACHE_FOLDER))
-        key = cache_key(pairs, pre, components.identity, seed=hp.seed)
-        local_cache = options.work_dir / "latent-cache"
-        with acc.main_process_first():
-            samples = cache.lookup(key, local_dir=local_cache)
-            cache_hit = samples is not None
-            if samples is None and pairs and not pairs[0].data:
-                # shared pairs carry no image bytes; the main process's cache is not there (it
-                # cannot be, unless it vanished meanwhile): read and clean the images here too
-                logger.warning("latent cache not found after the main process built it")
-                data = {p.key: p.data for p in clean().pairs}
-                pairs = [dataclasses.replace(p, data=data[p.key]) for p in pairs]
-            if samples is None:
-                all_pairs, all_sizes = pairs, sizes
-                if pre.boomerang.enabled:
-                    all_pairs, all_sizes = _with_boomerang(
-                        pairs, sizes, components, transform, boomerang_args, report
-                    )
-                samples = cache.build(
-                    key,
-                    all_pairs,
-                    components,
-                    transform,
-                    sizes=all_sizes if pre.buckets.enabled else None,
-                    seed=hp.seed,
-                    device=acc.device,
-                    dtype=torch.float32 if acc.device.type == "cpu" else torch.float16,
-                )
-                # read back through local copies, as a later run would: the built tensors go
-                samples = cache.lookup(key, local_dir=local_cache) or samples
-                sizes = all_sizes
-            else:
-                report.augmented = max(0, len(samples) - len(pairs))
-                sizes = _sizes_of_cached(spec, samples, sizes, components.vae)
-        write_key = key
+        cached = cached_dataset(
+            acc,
+            spec,
+            pairs,
+            sizes,
+            components,
+            transform,
+            data_store,
+            options.work_dir / "latent-cache",
+        )
+        samples, cache_hit, write_key = cached.samples, cached.hit, cached.key
+        report.augmented = max(0, len(samples) - len(pairs))
+        sizes = _sizes_of_cached(spec, samples, sizes, components.vae)
         examples = [
             Example(
                 key=s.key,
@@ -241,9 +215,9 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
     else:
         write_key = "uncached"
         if pre.boomerang.enabled:
-            pairs, sizes = _with_boomerang(
-                pairs, sizes, components, transform, boomerang_args, report
-            )
+            sources = len(pairs)
+            pairs, sizes = _with_boomerang(spec, pairs, sizes, components, transform, generation)
+            report.augmented = len(pairs) - sources
         examples = [
             Example(
                 key=p.key,
@@ -266,7 +240,7 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
         from difftrain.train.dreambooth import class_examples
 
         with acc.main_process_first():
-            prior = class_examples(spec, components, options, output_store)
+            prior = class_examples(spec, components, options, output_store, **generation)
         prior_count = len(prior)
         examples = examples + prior
 
@@ -339,62 +313,6 @@ def source_key(key: str) -> str:
     return key.split("~", 1)[0]
 
 
-def _clean_on_main(acc: Any, clean: Callable[[], CleaningResult]) -> CleaningResult:
-    """Clean on the main process only; the others get the result without the image bytes.
-
-    Sent as JSON over the process group (no pickle). An error on the main process reaches the
-    others as a TrainingConfigError with its message, so no process waits forever.
-    """
-    import torch.distributed as dist
-
-    from difftrain.data.cleaning import CleaningResult
-    from difftrain.data.pairs import CleanPair
-
-    payload = b""
-    result: CleaningResult | None = None
-    error: Exception | None = None
-    if acc.is_main_process:
-        try:
-            result = clean()
-            doc: dict[str, Any] = {
-                "report": result.report.to_wire(),
-                "examples": result.examples,
-                "tokensCounted": result.tokens_counted,
-                "pairs": [
-                    [p.key, p.name, p.caption, p.width, p.height, p.sha256] for p in result.pairs
-                ],
-            }
-        except Exception as exc:  # noqa: BLE001 - re-raised below, after the others are told
-            error = exc
-            doc = {"error": f"{type(exc).__name__}: {exc}"}
-        payload = json.dumps(doc).encode()
-    size = torch.tensor([len(payload)], dtype=torch.int64, device=acc.device)
-    dist.broadcast(size, src=0)
-    buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=acc.device)
-    if acc.is_main_process:
-        buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
-    dist.broadcast(buffer, src=0)
-    if error is not None:
-        raise error
-    if result is not None:
-        return result
-    doc = json.loads(buffer.cpu().numpy().tobytes())
-    if "error" in doc:
-        raise TrainingConfigError(f"the main process could not read the dataset: {doc['error']}")
-    pairs = [CleanPair(k, n, b"", c, w, h, sha) for k, n, c, w, h, sha in doc["pairs"]]
-    logger.info(
-        "dataset: %d kept pairs from the main process's cleaning (rank %d read no image)",
-        len(pairs),
-        acc.process_index,
-    )
-    return CleaningResult(
-        pairs=pairs,
-        report=DatasetReport.model_validate(doc["report"]),
-        examples=doc["examples"],
-        tokens_counted=doc["tokensCounted"],
-    )
-
-
 def _sizes(spec: DiffusionTrainingJobSpec, pairs: list[Any]) -> list[tuple[int, int]]:
     res = spec.preprocessing.resolution
     if not spec.preprocessing.buckets.enabled:
@@ -421,17 +339,27 @@ def _sizes_of_cached(
 
 
 def _with_boomerang(
+    spec: DiffusionTrainingJobSpec,
     pairs: list[Any],
     sizes: list[tuple[int, int]],
     components: Any,
     transform: Any,
-    args: dict[str, Any],
-    report: DatasetReport,
+    generation: dict[str, Any],
 ) -> tuple[list[Any], list[tuple[int, int]]]:
+    """The pairs followed by their Boomerang variants, and the variants' sizes (their source's)."""
     from difftrain.data.boomerang import boomerang_variants
 
-    variants = boomerang_variants(pairs, components, transform, sizes=sizes, **args)
-    report.augmented = len(variants)
+    boomerang = spec.preprocessing.boomerang
+    variants = boomerang_variants(
+        pairs,
+        components,
+        transform,
+        strength=boomerang.strength,
+        copies=boomerang.copies,
+        seed=spec.hyperparameters.seed,
+        sizes=sizes,
+        **generation,
+    )
     by_key = {p.key: s for p, s in zip(pairs, sizes, strict=True)}
     extra_sizes = [by_key[source_key(v.key)] for v in variants]
     return pairs + variants, sizes + extra_sizes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from PIL import Image
 
 from difftrain.api import SamplingSpec
 from difftrain.storage import Store, commit, join
+
+SAMPLE_BATCH = 4  # sample images per pipeline call
 
 
 def should_sample(step: int, total_steps: int, every_steps: int) -> bool:
@@ -74,31 +77,54 @@ def generate(
     device: torch.device,
     conditioning: list[Image.Image] | None = None,
     conditioning_scale: float = 1.0,
+    batch_size: int = SAMPLE_BATCH,
 ) -> list[Image.Image]:
     """One image per prompt, prompt i with seed ``spec.seed + i``: comparable across steps.
 
     With ``conditioning`` (a ControlNet pipeline), prompt i is conditioned on image i (cycled) and
-    the ControlNet's residuals are scaled by ``conditioning_scale`` (0: the UNet alone).
+    the ControlNet's residuals are scaled by ``conditioning_scale`` (0: the UNet alone). Prompts
+    go through the pipeline ``batch_size`` at a time; where its networks hold different dtypes
+    (frozen ones in half precision beside trained fp32 weights) it runs under autocast in the
+    half one, as the training step does.
     """
-    images = []
-    for i, prompt in enumerate(prompts):
-        kwargs: dict[str, Any] = {}
-        if conditioning is not None:
-            kwargs["image"] = conditioning[i % len(conditioning)]
-            kwargs["controlnet_conditioning_scale"] = conditioning_scale
-        out = pipe(
-            prompt,
-            negative_prompt=spec.negative_prompt,
-            num_inference_steps=spec.num_inference_steps,
-            guidance_scale=spec.guidance_scale,
-            height=resolution,
-            width=resolution,
-            generator=torch.Generator(device="cpu").manual_seed(spec.seed + i),
-            output_type="pil",
-            **kwargs,
-        )
-        images.append(out.images[0])
+    images: list[Image.Image] = []
+    with _autocast(pipe, device):
+        for start in range(0, len(prompts), batch_size):
+            batch = range(start, min(len(prompts), start + batch_size))
+            kwargs: dict[str, Any] = {}
+            if conditioning is not None:
+                kwargs["image"] = [conditioning[i % len(conditioning)] for i in batch]
+                kwargs["controlnet_conditioning_scale"] = conditioning_scale
+            negative = spec.negative_prompt
+            out = pipe(
+                [prompts[i] for i in batch],
+                negative_prompt=[negative] * len(batch) if negative is not None else None,
+                num_inference_steps=spec.num_inference_steps,
+                guidance_scale=spec.guidance_scale,
+                height=resolution,
+                width=resolution,
+                generator=[torch.Generator(device="cpu").manual_seed(spec.seed + i) for i in batch],
+                output_type="pil",
+                **kwargs,
+            )
+            images.extend(out.images)
     return images
+
+
+def _autocast(pipe: Any, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast in the half-precision dtype among the pipeline's networks, when they mix dtypes."""
+    networks = [getattr(pipe, n, None) for n in ("unet", "text_encoder", "vae", "controlnet")]
+    dtypes = {
+        p.dtype
+        for net in networks
+        if net is not None
+        for p in net.parameters()
+        if p.is_floating_point()
+    }
+    half = next((d for d in (torch.float16, torch.bfloat16) if d in dtypes), None)
+    if len(dtypes) < 2 or half is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=half)
 
 
 def write_samples(
