@@ -59,6 +59,35 @@ build_go helm "helm-$HELM_VERSION" go_install "helm.sh/helm/v3/cmd/helm@$HELM_VE
   "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 build_go kwok "kwok-$KWOK_VERSION" go_install "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
 build_go coredns "coredns-$COREDNS_VERSION" go_install "github.com/coredns/coredns@$COREDNS_VERSION"
+build_go kueue "kueue-$KUEUE_VERSION" go_install "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION" \
+  "-X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION"
+
+# Kueue's CRDs and webhook configurations, from the same module's source in the Go module cache
+# (a ready folder's kueue-manifests/ is used as it is).
+kueue_manifests() {
+  local vdir="$cache/kueue-$KUEUE_VERSION" dir src tmp
+  for dir in "${DIFFTRAIN_TEST_ASSETS:-}" "${KUBEBUILDER_ASSETS:-}"; do
+    if [ -n "$dir" ] && [ -d "$dir/kueue-manifests" ]; then
+      ln -sfn "$dir/kueue-manifests" "$out/kueue-manifests"
+      return 0
+    fi
+  done
+  if [ ! -f "$vdir/manifests/crd-kustomization.yaml" ]; then
+    src="$(cd "$cache" && go mod download -json "sigs.k8s.io/kueue@$KUEUE_VERSION" \
+      | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+    [ -d "$src/config/components/crd/bases" ] || { log "no Kueue source for $KUEUE_VERSION"; exit 1; }
+    tmp="$(mktemp -d "$cache/.build.XXXXXX")"
+    mkdir -p "$tmp/crds"
+    cp "$src"/config/components/crd/bases/*.yaml "$tmp/crds/"
+    # which CRDs get the conversion webhook (its patches list)
+    cp "$src/config/components/crd/kustomization.yaml" "$tmp/crd-kustomization.yaml"
+    cp "$src/config/components/webhook/manifests.yaml" "$tmp/webhooks.yaml"
+    chmod -R u+w,go+rX "$tmp"
+    mkdir -p "$vdir" && rm -rf "$vdir/manifests" && mv "$tmp" "$vdir/manifests"
+  fi
+  ln -sfn "$vdir/manifests" "$out/kueue-manifests"
+}
+kueue_manifests
 
 # Debian's packages: etcd, and the real test node's runtime, network and image tools (installed
 # when missing and we are root; tests/infra/node.py names what is missing otherwise).

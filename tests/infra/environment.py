@@ -42,13 +42,16 @@ BINARIES = (
     "helm",
     "kwok",
     "coredns",
+    "kueue",
 )
+# folders the build script links beside the binaries
+ASSET_DIRS = ("kueue-manifests",)
 
 
 def binary_dir() -> Path:
     """The folder with every pinned binary, building what is missing."""
     ready = os.environ.get("DIFFTRAIN_TESTENV_BIN")
-    if ready and all((Path(ready) / b).exists() for b in BINARIES):
+    if ready and all((Path(ready) / b).exists() for b in (*BINARIES, *ASSET_DIRS)):
         return Path(ready)
     out = subprocess.run(
         ["bash", str(BUILD_SCRIPT)], check=True, stdout=subprocess.PIPE, text=True

@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.infra.environment import BINARIES, BUILD_SCRIPT
+from tests.infra.environment import ASSET_DIRS, BINARIES, BUILD_SCRIPT
 
 
 def test_ready_binaries_are_used_and_nothing_is_built(tmp_path):
@@ -16,6 +16,8 @@ def test_ready_binaries_are_used_and_nothing_is_built(tmp_path):
         exe = assets / name
         exe.write_text("#!/bin/sh\necho ready\n")
         exe.chmod(0o755)
+    for name in ASSET_DIRS:
+        (assets / name).mkdir()
     # a `go` that fails loudly: if the script tried to build anything, it would exit non-zero
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
@@ -34,5 +36,7 @@ def test_ready_binaries_are_used_and_nothing_is_built(tmp_path):
     assert result.returncode == 0, result.stderr
     out = Path(result.stdout.strip().splitlines()[-1])
     for name in BINARIES:
+        assert (out / name).resolve() == (assets / name).resolve()
+    for name in ASSET_DIRS:
         assert (out / name).resolve() == (assets / name).resolve()
     assert "building" not in result.stderr
