@@ -17,13 +17,14 @@ from typing import Any
 import yaml
 
 from difftrain import api
+from difftrain_operator import edits
 
 Obj = dict[str, Any]
 
 MANAGED_BY = "difftrain-operator"
 JOB_LABEL = f"{api.GROUP}/job"
 MERGE_LABEL = f"{api.GROUP}/merge"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_QUEUE_LABEL = edits.KUEUE_QUEUE_LABEL
 CONFIG_MOUNT = "/etc/difftrain"
 CONTAINER = "trainer"
 # Keeps a finished child Job (and so its final status) until the operator has recorded the result,
@@ -239,12 +240,13 @@ def build_training_children(
     config_name = child_name(name, "config")
     job_name = child_name(name, limit=52)  # pods of an Indexed Job are <job>-<index>-<random>
 
+    config_map_spec = spec.to_wire()
     config_map = _config_map(
         "DiffusionTrainingJob",
         name,
         namespace,
         uid,
-        spec.to_wire(),
+        config_map_spec,
         "job.yaml",
         _meta(config_name, namespace, labels, owner),
     )
@@ -395,7 +397,8 @@ def build_training_children(
         "completions": workers,
         "parallelism": workers,
         "backoffLimit": spec.backoff_limit,
-        "suspend": spec.suspend,
+        # with a Kueue queue the Job starts suspended, and Kueue alone admits (un-suspends) it
+        "suspend": spec.suspend or bool(spec.queue_name),
         "podFailurePolicy": _pod_failure_policy(),
         "template": {
             "metadata": {
@@ -414,11 +417,16 @@ def build_training_children(
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     if spec.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    # what the Job reflects, so that an edit's fields can be told apart later (see ``edits``)
+    annotations = {edits.SPEC_ANNOTATION: edits.spec_annotation(config_map_spec)}
+    if job.metadata.generation is not None:
+        annotations[edits.GENERATION_ANNOTATION] = str(job.metadata.generation)
     job_obj = {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
             **_meta(job_name, namespace, job_labels, owner),
+            "annotations": annotations,
             "finalizers": [RESULT_FINALIZER],
         },
         "spec": job_spec,

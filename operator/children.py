@@ -1,23 +1,35 @@
-"""Creating a resource's children, idempotently, in waves.
+"""Creating a resource's children, idempotently, in waves, and bringing them to its edits.
 
 Children that others depend on go first: pods need their ServiceAccount and ConfigMap when the Job
 controller creates them, a RoleBinding names its Role. The Job is always created last, so an
 existing Job means every other child was created. Each wave is created in parallel.
+
+An edit reaches an existing Job at once where Kubernetes lets the field change (``edits``); the
+rest waits for the next start of the pods, which the operator makes by replacing the Job (and
+rewriting the ConfigMap) as soon as that loses nothing: before any pod started, or once the Job
+is suspended (by the user, or by Kueue) and its pods are gone. The Job keeps its name, so its
+pods keep their rendezvous address and the trainer its output prefix and checkpoints: training
+resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Iterable
 
 import kopf
 from kubernetes.client.exceptions import ApiException
 
+from difftrain_operator import builders, edits, kube
 from difftrain_operator.kube import Kube, Obj
 from difftrain_operator.status_writer import StatusWriter
 from difftrain_operator.views import Views
 
+logger = logging.getLogger(__name__)
 WAVES = (("RoleBinding",), ("Job",))
+REPLACE_WAIT_SECONDS = 30.0
 
 
 class ForeignChildError(Exception):
@@ -66,6 +78,9 @@ class ChildCreator:
             if obj["kind"] == "Job" and bool(existing["spec"].get("suspend")) != bool(suspend):
                 patch = {"spec": {"suspend": suspend}}
                 self.kube.patch("Job", meta["namespace"], meta["name"], patch)
+            if obj["kind"] == "ConfigMap" and existing.get("data") != obj.get("data"):
+                # the spec changed before the Job (re)started: its pods read the new one
+                self.kube.patch("ConfigMap", meta["namespace"], meta["name"], {"data": obj["data"]})
 
     async def apply_all(self, objects: Iterable[Obj]) -> None:
         for wave in waves(objects):
@@ -98,3 +113,77 @@ class ChildCreator:
         except ForeignChildError as exc:
             await asyncio.to_thread(writer.wait, body, "PreviousChildrenTerminating", str(exc))
             raise kopf.TemporaryError(str(exc), delay=5) from None
+
+    async def ensure_training(
+        self,
+        views: Views,
+        writer: StatusWriter,
+        body: Obj,
+        children: builders.TrainingChildren,
+        *,
+        suspend: bool,
+        started: bool,
+    ) -> None:
+        """A training job's children, brought to its spec (see the module's docstring).
+
+        ``suspend`` is the resource's own; ``started`` whether any of its pods ever started.
+        """
+        job = children.job
+        namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
+        existing = Views.one(views.child_jobs, (namespace, name))
+        if existing is None:
+            await self.ensure_or_wait(views, writer, body, children.all())
+            return
+        try:
+            check_owner(existing, job)
+        except ForeignChildError as exc:
+            await asyncio.to_thread(writer.wait, body, "PreviousChildrenTerminating", str(exc))
+            raise kopf.TemporaryError(str(exc), delay=5) from None
+        if existing["metadata"].get("deletionTimestamp"):
+            raise kopf.TemporaryError(f"Job {name} is being deleted; made anew once gone", delay=3)
+        pending = edits.next_start_fields(existing, job)
+        pods = [p for p in views.child_pods.get(("dtj", namespace, body["metadata"]["name"]), ())]
+        if pending and (not started or edits.stopped(existing, pods)):
+            logger.info("replacing Job %s/%s for %s", namespace, name, ", ".join(pending))
+            await asyncio.to_thread(self.remove_job, existing)
+            await self.apply_all(children.all())
+            return
+        patch = edits.live_patch(existing, job, suspend, pending)
+        if patch:
+            await asyncio.to_thread(self.kube.patch, "Job", namespace, name, patch)
+
+    def remove_job(self, job: Obj) -> None:
+        """Delete a Job of ours that is to be made anew, and wait until its name is free."""
+        meta = job["metadata"]
+        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        finalizers = list(meta.get("finalizers") or [])
+        if builders.RESULT_FINALIZER in finalizers:
+            # it has no result to record: it is replaced, not finished
+            path = f"/metadata/finalizers/{finalizers.index(builders.RESULT_FINALIZER)}"
+            patch = [
+                {"op": "test", "path": path, "value": builders.RESULT_FINALIZER},
+                {"op": "remove", "path": path},
+            ]
+            try:
+                self.kube.patch("Job", namespace, name, patch, kube.JSON_PATCH)
+            except ApiException as exc:
+                if exc.status not in (404, 422):
+                    raise
+        options = {"propagationPolicy": "Background", "preconditions": {"uid": uid}}
+        try:
+            self.kube.delete("Job", namespace, name, options)
+        except ApiException as exc:
+            if exc.status not in (404, 409):  # gone, or already another Job
+                raise
+        deadline = time.monotonic() + REPLACE_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                current = self.kube.get("Job", namespace, name)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return
+                raise
+            if current["metadata"].get("uid") != uid:
+                return
+            time.sleep(0.2)
+        raise kopf.TemporaryError(f"Job {name} is still being deleted", delay=3)

@@ -17,7 +17,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from difftrain import api
-from difftrain_operator import builders, kube, reconcile, startup
+from difftrain_operator import builders, edits, kube, reconcile, startup
 from difftrain_operator.startup import OperatorState
 from difftrain_operator.status_writer import MERGE_PLURAL, PLURAL
 from difftrain_operator.views import MANAGED, Views, owner_key, plain
@@ -100,11 +100,14 @@ async def job_changed(
     key = owner_key(namespace, labels)
     finalizers = list(meta.get("finalizers") or [])
     leaving = bool(meta.get("deletionTimestamp")) and builders.RESULT_FINALIZER in finalizers
+    views = Views.of(kw)
     if key is not None:
         if leaving:
-            await state.refresher.now(Views.of(kw), key)
+            await state.refresher.now(views, key)
         else:
-            state.refresher.schedule(Views.of(kw), key)
+            state.refresher.schedule(views, key)
+    if key is not None and key[0] == "dtj" and not leaving and kw.get("type") != "DELETED":
+        await _apply_when_stopped(state, views, key)
     if leaving:
         index = finalizers.index(builders.RESULT_FINALIZER)
         path = f"/metadata/finalizers/{index}"
@@ -123,7 +126,27 @@ async def job_changed(
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
-async def pod_changed(namespace: str, labels: dict[str, str], memo: kopf.Memo, **kw: Any) -> None:
-    """A child pod moved (scheduled, running, preempted, finished)."""
+async def pod_changed(
+    namespace: str, labels: dict[str, str], memo: kopf.Memo, type: str | None, **kw: Any
+) -> None:
+    """A child pod moved (scheduled, running, preempted, finished, deleted)."""
     if key := owner_key(namespace, labels):
-        OperatorState.of(memo).refresher.schedule(Views.of(kw), key)
+        state = OperatorState.of(memo)
+        if type == "DELETED":  # its last state, for the GPU-hours and restarts it accounts for
+            state.writer.pod_deleted(key, plain(kw["body"]))
+        views = Views.of(kw)
+        state.refresher.schedule(views, key)
+        if type == "DELETED" and key[0] == "dtj":
+            await _apply_when_stopped(state, views, key)
+
+
+async def _apply_when_stopped(
+    state: OperatorState, views: Views, key: tuple[str, str, str]
+) -> None:
+    """Edits waiting for the next start are applied once the Job is suspended and its pods are
+    gone (the user's suspend, or Kueue's)."""
+    job = Views.one(views.child_jobs, (key[1], builders.child_name(key[2], limit=52)))
+    if job is None or job["metadata"].get("deletionTimestamp") or not edits.pending_on(job):
+        return
+    if edits.stopped(job, list(views.child_pods.get(key, ()))):
+        await reconcile.apply_at_next_start(state, views, job)

@@ -98,6 +98,11 @@ class Kube:
         path = f"{collection(kind, namespace)}/{quote(name)}"
         self.request("PATCH", path, patch, content_type=content_type, parse=False)
 
+    def delete(self, kind: str, namespace: str, name: str, options: Obj | None = None) -> None:
+        """DELETE an object, with DeleteOptions (propagation policy, preconditions)."""
+        path = f"{collection(kind, namespace)}/{quote(name)}"
+        self.request("DELETE", path, options, parse=False)
+
     def patch_status(
         self, group: str, version: str, namespace: str, plural: str, name: str, status: Obj
     ) -> None:

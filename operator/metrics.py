@@ -26,7 +26,7 @@ RECONCILE_SECONDS = Histogram(
 )
 BY_PHASE = Gauge("difftrain_operator_resources", "Resources by phase", ["kind", "phase"])
 
-PHASES = ("Pending", "Preparing", "Running", "Suspended", "Succeeded", "Failed")
+PHASES = ("Pending", "Queued", "Preparing", "Running", "Suspended", "Succeeded", "Failed")
 
 
 @contextmanager

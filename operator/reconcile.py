@@ -10,7 +10,7 @@ from difftrain import api
 from difftrain_operator import builders, metrics, status
 from difftrain_operator.kube import Obj
 from difftrain_operator.startup import OperatorState
-from difftrain_operator.views import Key, Views, plain
+from difftrain_operator.views import Key, Views, owned_by, plain
 
 
 async def reconcile(
@@ -28,7 +28,7 @@ async def reconcile(
 
 
 async def checked(
-    state: OperatorState, body: kopf.Body, resource_body: Obj, namespace: str
+    state: OperatorState, body: kopf.Body | Obj, resource_body: Obj, namespace: str
 ) -> api.DiffusionTrainingJob | api.ModelMerge:
     """The parsed resource; a bad spec fails it for good, a missing Secret waits and retries."""
     try:
@@ -45,7 +45,7 @@ async def checked(
 
 
 async def reconcile_training_job(
-    state: OperatorState, views: Views, body: kopf.Body, key: Key, uid: str
+    state: OperatorState, views: Views, body: kopf.Body | Obj, key: Key, uid: str
 ) -> None:
     """Make a training job's children match its spec."""
     if (body.get("status") or {}).get("phase") in status.FINISHED:
@@ -60,9 +60,29 @@ async def reconcile_training_job(
         state.checks.capacity, resource.spec.resources
     )
     children = builders.build_training_children(resource, uid, state.settings)
-    await state.children.ensure_or_wait(views, state.writer, resource_body, children.all())
+    pods = list(views.child_pods.get(key, ()))
+    started = status.has_started(state.writer.owned(resource_body), pods)
+    async with state.writer.lock(("children", namespace, name)):
+        await state.children.ensure_training(
+            views,
+            state.writer,
+            resource_body,
+            children,
+            suspend=resource.spec.suspend,
+            started=started,
+        )
     # the status follows shortly, in one write with what the Job controller does meanwhile
     state.refresher.schedule(views, key)
+
+
+async def apply_at_next_start(state: OperatorState, views: Views, job: Obj) -> None:
+    """A Job with edits waiting for the next start of its pods has stopped: apply them now."""
+    key = ("dtj", job["metadata"]["namespace"], job["metadata"]["labels"][builders.JOB_LABEL])
+    body = Views.one(views.training_jobs, (key[1], key[2]))
+    if body is None or not owned_by(job, body["metadata"]["uid"]):
+        return
+    with state.refresher.creating(key), metrics.reconcile_timer("DiffusionTrainingJob"):
+        await reconcile_training_job(state, views, body, key, body["metadata"]["uid"])
 
 
 async def reconcile_merge(

@@ -11,7 +11,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from difftrain import api
-from difftrain_operator import builders, metrics, status
+from difftrain_operator import accounting, builders, edits, metrics, status
 from difftrain_operator.status_writer import StatusWriter
 from difftrain_operator.views import Key, Views
 
@@ -94,24 +94,49 @@ class StatusRefresher:
             job, pods = views.own_children(body, key, builders.child_name(name, limit=52))
             if job is None and current.get("phase") in status.FINISHED:
                 return  # the Job was deleted after finishing (its TTL): keep the result
+            if job is None and current.get("phase") not in (None, "Pending"):
+                return  # its Job is being made anew (an edit for the next start): no news yet
             try:
                 resource = api.parse_resource(body)
             except api.SpecError:
                 return  # the reconcile handler has failed it with the reason
             assert isinstance(resource, api.DiffusionTrainingJob)
+            spec = resource.spec
+            queue = spec.queue_name if job is not None and edits.kueue_managed(job) else None
             folded = status.fold(
                 status.Observed(
                     job=job,
                     pods=pods,
-                    suspend=resource.spec.suspend,
+                    suspend=spec.suspend,
                     trainer_step=current.get("step"),
-                    gpus_per_pod=resource.spec.resources.gpus_per_worker,
+                    gpus_per_pod=spec.resources.gpus_per_worker,
+                    queue_name=queue,
+                    ran_before=status.has_started(current, pods),
                 )
             )
-            generation = body["metadata"].get("generation")
+            stopped_by = None
+            if spec.suspend:
+                stopped_by = "Suspended"
+            elif job is not None and (job.get("spec") or {}).get("suspend"):
+                stopped_by = "Preempted" if queue else "Suspended"
+            settled = accounting.settle(
+                current,
+                pods,
+                status.now(),
+                gpu_resource_name=spec.resources.gpu_resource_name,
+                departed=writer.take_departed(key),
+                stopped_by=stopped_by,
+            )
+            generation = None
+            if job is not None:
+                generation = edits.applied_generation(job) or body["metadata"].get("generation")
             price = self.settings.price_per_gpu_hour
-            patch = status.training_patch(current, generation, folded, price)
-            patch["conditions"] = status.with_ready(patch["conditions"], job is not None)
+            patch = status.training_patch(current, generation, folded, price, settled)
+            conditions = status.with_ready(patch["conditions"], job is not None)
+            conditions = status.with_spec_applied(
+                conditions, edits.pending_on(job) if job is not None else None
+            )
+            patch["conditions"] = status.with_queued(conditions, folded, queue)
             warn_capacity = False
             if capacity is not False:
                 problem = capacity if isinstance(capacity, str) else None

@@ -48,6 +48,10 @@ class Observed:
     suspend: bool
     trainer_step: int | None
     gpus_per_pod: int
+    # the Kueue queue the Job waits in (None: the operator alone decides when it runs)
+    queue_name: str | None = None
+    # whether its pods ran before (a Kueue-suspended Job was then preempted, not queued)
+    ran_before: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,28 @@ def fold(observed: Observed, at: dt.datetime | None = None) -> Folded:
             restarts,
             start,
             cond.get("lastTransitionTime"),
+            hours,
+        )
+    if job.get("spec", {}).get("suspend") and observed.queue_name and not observed.suspend:
+        # suspended by Kueue, not by the user: waiting for admission, or evicted after it
+        if observed.ran_before:
+            return Folded(
+                "Suspended",
+                "Preempted",
+                f"preempted by Kueue (queue {observed.queue_name}): pods stopped; resumes from "
+                "the newest checkpoint when Kueue admits it again",
+                restarts,
+                start,
+                None,
+                hours,
+            )
+        return Folded(
+            "Queued",
+            "WaitingForAdmission",
+            f"waiting for Kueue to admit it (queue {observed.queue_name})",
+            restarts,
+            start,
+            None,
             hours,
         )
     if observed.suspend or job.get("spec", {}).get("suspend"):
@@ -223,21 +249,112 @@ def merge_conditions(
     return out
 
 
-def training_patch(current: Obj, generation: int | None, folded: Folded, price: float) -> Obj:
-    """The status fields the operator owns for a DiffusionTrainingJob, from a folded state."""
+def has_started(current: Obj, pods: list[Obj]) -> bool:
+    """Whether any pod of the resource ever started (from its status and its pods now)."""
+    if current.get("startTime") or current.get("restarts") or current.get("gpuHours"):
+        return True
+    if (current.get("accounting") or {}).get("pods"):
+        return True
+    if current.get("phase") in ("Preparing", "Running"):
+        return True
+    if current.get("phase") == "Suspended" and _reason(current, "Suspended") == "Preempted":
+        return True
+    for pod in pods:
+        pod_status = pod.get("status") or {}
+        if pod_status.get("startTime") or pod_status.get("phase") in ("Running", *FINISHED):
+            return True
+    return False
+
+
+def _reason(current: Obj, kind: str) -> str | None:
+    for cond in current.get("conditions") or []:
+        if cond.get("type") == kind and cond.get("status") == "True":
+            found: str | None = cond.get("reason")
+            return found
+    return None
+
+
+def training_patch(
+    current: Obj,
+    generation: int | None,
+    folded: Folded,
+    price: float,
+    accounting: Any = None,
+) -> Obj:
+    """The status fields the operator owns for a DiffusionTrainingJob, from a folded state.
+
+    ``accounting`` (an ``accounting.Settled``) gives the ledger's GPU-hours and restarts, which
+    never fall; without it they are the folded ones (summed over the pods that exist now).
+    ``generation`` is the one the children reflect (None: not known yet, left as it was).
+    """
+    hours = accounting.gpu_hours if accounting is not None else folded.gpu_hours
     patch: Obj = {
         "phase": folded.phase,
-        "restarts": folded.restarts,
-        "gpuHours": folded.gpu_hours,
-        "estimatedCost": round(folded.gpu_hours * price, 2),
-        "observedGeneration": generation,
+        "restarts": accounting.restarts if accounting is not None else folded.restarts,
+        "gpuHours": hours,
+        "estimatedCost": round(hours * price, 2),
         "conditions": merge_conditions(list(current.get("conditions") or []), folded, generation),
     }
+    if generation is not None:
+        patch["observedGeneration"] = generation
+    if accounting is not None:
+        patch["accounting"] = accounting.ledger
+        if accounting.last_restart_reason:
+            patch["lastRestartReason"] = accounting.last_restart_reason
     if folded.start_time:
         patch["startTime"] = folded.start_time
     if folded.completion_time:
         patch["completionTime"] = folded.completion_time
     return patch
+
+
+def _set_condition(
+    conditions: list[Obj], kind: str, value: str, reason: str, message: str, at: dt.datetime | None
+) -> list[Obj]:
+    """``conditions`` with one condition set, keeping its transition time while its status holds."""
+    old: Obj = next((c for c in conditions if c.get("type") == kind), {})
+    cond = {
+        "type": kind,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": old.get("lastTransitionTime")
+        if old.get("status") == value and old.get("lastTransitionTime")
+        else rfc3339(at or now()),
+    }
+    if old == cond:
+        return conditions
+    return [c for c in conditions if c.get("type") != kind] + [cond]
+
+
+def with_spec_applied(
+    conditions: list[Obj], pending: list[str] | None, at: dt.datetime | None = None
+) -> list[Obj]:
+    """``conditions`` with SpecApplied: False naming the fields that wait for the pods' next start.
+
+    ``pending`` None: no Job yet, the condition is left as it is.
+    """
+    if pending is None:
+        return conditions
+    if not pending:
+        return _set_condition(conditions, "SpecApplied", "True", "Applied", "", at)
+    message = (
+        f"{', '.join(pending)} take effect at the next start of the pods (a running Job's pods "
+        "cannot change): suspend the job and resume it, or they apply when it is next "
+        "suspended (by Kueue too) and started again; training resumes from the newest checkpoint"
+    )
+    return _set_condition(conditions, "SpecApplied", "False", "WaitingForNextStart", message, at)
+
+
+def with_queued(
+    conditions: list[Obj], folded: Folded, queue_name: str | None, at: dt.datetime | None = None
+) -> list[Obj]:
+    """``conditions`` with Queued: True while Kueue holds the Job (waiting, or preempted)."""
+    if not queue_name:
+        return [c for c in conditions if c.get("type") != "Queued"]
+    if folded.phase == "Queued" or folded.reason == "Preempted":
+        return _set_condition(conditions, "Queued", "True", folded.reason, folded.message, at)
+    return _set_condition(conditions, "Queued", "False", "Admitted", "", at)
 
 
 def termination_message(pods: list[Obj]) -> str | None:

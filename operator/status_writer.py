@@ -20,6 +20,7 @@ from difftrain_operator.kube import Kube, Obj
 from difftrain_operator.views import Key, key_of
 
 PLURAL = "diffusiontrainingjobs"
+DEPARTED_KEPT = 4096
 MERGE_PLURAL = "modelmerges"
 
 
@@ -37,6 +38,16 @@ class StatusWriter:
         self._locks: dict[Key, asyncio.Lock] = {}
         # GPU capacity found by the reconcile handler, for the next status write
         self.capacity: dict[tuple[str, str], Capacity] = {}
+        # the last states of deleted pods, for the next refresh's accounting
+        self.departed: dict[Key, list[Obj]] = {}
+
+    def pod_deleted(self, key: Key, pod: Obj) -> None:
+        """Keep a deleted pod's last state until the next refresh settles it."""
+        self.departed.setdefault(key, []).append(pod)
+        del self.departed[key][:-DEPARTED_KEPT]
+
+    def take_departed(self, key: Key) -> list[Obj]:
+        return self.departed.pop(key, [])
 
     def owned(self, body: Obj) -> Obj:
         """The status, with the operator's own fields as it last wrote them."""
@@ -61,7 +72,9 @@ class StatusWriter:
     def forget(self, key: Key, kind: str) -> None:
         """Drop what is kept for a deleted resource."""
         self._locks.pop(key, None)
+        self._locks.pop(("children", key[1], key[2]), None)
         self._written.pop(key, None)
+        self.departed.pop(key, None)
         self.capacity.pop((key[1], key[2]), None)
         self.phases.record(kind, key[1], key[2], None)
 

@@ -170,3 +170,26 @@ def test_a_failed_job_says_what_the_trainer_said():
     assert folded.message == "difftrain run: storage.secretRef: the store refused the keys"
     # without a message from the pod, the Job's own
     assert fold(observed(job([cond]), [pod(phase="Failed")]), at=T0).message == "rule 2"
+
+
+def test_a_job_kueue_holds_is_queued_until_it_ran_and_preempted_after():
+    held = job(suspend=True)
+    queued = fold(Observed(held, [], False, None, 1, queue_name="team-a"), at=T0)
+    assert (queued.phase, queued.reason) == ("Queued", "WaitingForAdmission")
+    preempted = fold(Observed(held, [], False, 5, 1, queue_name="team-a", ran_before=True), T0)
+    assert (preempted.phase, preempted.reason) == ("Suspended", "Preempted")
+    # the user's own suspend is a suspend, queue or not
+    mine = fold(Observed(held, [], True, 5, 1, queue_name="team-a", ran_before=True), T0)
+    assert (mine.phase, mine.reason) == ("Suspended", "Suspended")
+
+
+def test_spec_applied_names_the_fields_that_wait_for_the_next_start():
+    from difftrain_operator.status import with_spec_applied
+
+    waiting = with_spec_applied([], ["resources.memory"], at=T0)
+    assert waiting[0]["status"] == "False"
+    assert waiting[0]["reason"] == "WaitingForNextStart"
+    assert waiting[0]["message"].startswith("resources.memory take effect at the next start")
+    applied = with_spec_applied(waiting, [], at=T0)
+    assert [c["status"] for c in applied] == ["True"]
+    assert with_spec_applied(applied, [], at=T0) is applied  # unchanged: no write

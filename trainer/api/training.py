@@ -141,7 +141,9 @@ class OutputSpec(APIModel):
     )
 
 
-TrainingPhase = Literal["Pending", "Preparing", "Running", "Suspended", "Succeeded", "Failed"]
+TrainingPhase = Literal[
+    "Pending", "Queued", "Preparing", "Running", "Suspended", "Succeeded", "Failed"
+]
 
 
 class DiffusionTrainingJobSpec(APIModel):
@@ -324,6 +326,41 @@ class ExportedFile(APIModel):
     )
 
 
+RestartReason = Literal["Preempted", "Evicted", "NodeLost", "Interrupted", "Failed", "Suspended"]
+
+
+class PodAccount(APIModel):
+    """One worker pod in the operator's ledger: its GPUs and when it held them."""
+
+    uid: Annotated[str, Field(max_length=64)] = Field(description="The pod's uid.")
+    gpus: int = Field(default=0, ge=0, description="GPUs the pod held.")
+    start_time: str = Field(
+        description="When the pod started.", json_schema_extra={"format": "date-time"}
+    )
+    end_time: str | None = Field(
+        default=None,
+        description="When the pod ended (unset while it runs).",
+        json_schema_extra={"format": "date-time"},
+    )
+
+
+class Accounting(APIModel):
+    """The operator's ledger behind gpuHours and restarts, so that both only ever grow: pods
+    that are gone (replaced, preempted, deleted with their Job) keep their GPU-hours."""
+
+    closed_gpu_hours: float = Field(
+        default=0.0, ge=0, description="GPU-hours of pods no longer in the ledger."
+    )
+    observed_at: str | None = Field(
+        default=None,
+        description="When the ledger was last brought up to date.",
+        json_schema_extra={"format": "date-time"},
+    )
+    pods: list[PodAccount] = Field(
+        default_factory=list, max_length=2048, description="Worker pods that exist or just ended."
+    )
+
+
 class DiffusionTrainingJobStatus(APIModel):
     """Observed state of a training job, written by the operator and the trainer."""
 
@@ -355,7 +392,18 @@ class DiffusionTrainingJobStatus(APIModel):
         description="When the job finished.",
         json_schema_extra={"format": "date-time"},
     )
-    restarts: int = Field(default=0, ge=0, description="Pod restarts and retries so far.")
+    restarts: int = Field(
+        default=0,
+        ge=0,
+        description="Worker pods replaced so far, for any reason (preemption, eviction, node "
+        "loss, the trainer's exit-75 restart, failure, suspension); never falls.",
+    )
+    last_restart_reason: RestartReason | None = Field(
+        default=None,
+        description="Why the last worker pod was replaced: Preempted, Evicted, NodeLost, "
+        "Interrupted (the trainer checkpointed and asked for a restart, exit 75), Failed or "
+        "Suspended.",
+    )
     latest_checkpoint: Annotated[str, Field(max_length=1024)] | None = Field(
         default=None, description="URI of the newest complete checkpoint."
     )
@@ -366,9 +414,17 @@ class DiffusionTrainingJobStatus(APIModel):
         default_factory=list, max_length=16, description="Exported files."
     )
     dataset: DatasetReport | None = Field(default=None, description="Cleaning report.")
-    gpu_hours: float | None = Field(default=None, ge=0, description="GPU-hours used so far.")
+    gpu_hours: float | None = Field(
+        default=None,
+        ge=0,
+        description="GPU-hours held by the job's pods so far, across restarts and preemptions; "
+        "never falls.",
+    )
     estimated_cost: float | None = Field(
         default=None, ge=0, description="gpuHours times the operator's price per GPU-hour."
+    )
+    accounting: Accounting | None = Field(
+        default=None, description="The operator's ledger behind gpuHours and restarts."
     )
 
 
