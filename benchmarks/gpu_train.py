@@ -63,7 +63,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO))  # at the end: operator/ would shadow the standard library's operator
 
-DEFAULT_ROWS = "full:8,example:8,precompute,lora:8,full:32"
+DEFAULT_ROWS = "full:8,example:8,precompute,lora:8,full+eager:8,full+gc:8,full:32"
+# Variants of a training row: what one setting costs or gains against the default row.
+VARIANTS = {
+    "eager": {"compile": False},  # torch.compile's gain
+    "gc": {"gradientCheckpointing": True},  # gradient checkpointing: memory saved, speed lost
+}
 JSON_NAME = "gpu_train.json"
 CAPTION = "a red circle on a blue background"
 SDXL_NOTE = "not trainable yet (issue 13)"
@@ -111,8 +116,14 @@ def parse_rows(text: str) -> list[tuple[str, int]]:
     rows = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, _, batch = item.partition(":")
-        if name not in {"full", "lora", "example", "precompute"}:
-            raise SystemExit(f"--rows: unknown row {name!r} (full, lora, example, precompute)")
+        base, _, variant = name.partition("+")
+        if base not in {"full", "lora", "example", "precompute"} or (
+            variant and (base not in {"full", "lora"} or variant not in VARIANTS)
+        ):
+            raise SystemExit(
+                f"--rows: unknown row {name!r} (full, lora, example, precompute; full and lora "
+                f"take +{' or +'.join(VARIANTS)})"
+            )
         rows.append((name, int(batch) if batch else 0))
     return rows
 
@@ -248,6 +259,7 @@ def job_document(ctx: dict[str, Any], method: str, batch: int, output: Path) -> 
     the steps, no periodic checkpoint or sample, a one-step sample and one export format (should
     the run ever reach its end)."""
     res = ctx["resolution"]
+    method, _, variant = method.partition("+")
     total = ctx["warmup"] + ctx["steps"] + UNREACHED_STEPS
     spec: dict[str, Any] = {
         "baseModel": {"uri": ctx["model_dir"]},
@@ -269,12 +281,14 @@ def job_document(ctx: dict[str, Any], method: str, batch: int, output: Path) -> 
     }
     if ctx["mixed_precision"] != "bf16":  # bf16 is the default
         spec["hyperparameters"]["mixedPrecision"] = ctx["mixed_precision"]
+    if variant:
+        spec["hyperparameters"].update(VARIANTS[variant])
     if method == "lora":
         spec["lora"] = {"rank": 16}  # default targets: to_q, to_k, to_v, to_out.0
     return {
         "apiVersion": "difftrain.dev/v1alpha1",
         "kind": "DiffusionTrainingJob",
-        "metadata": {"name": f"bench-{method}-b{batch}"},
+        "metadata": {"name": f"bench-{method}{'-' + variant if variant else ''}-b{batch}"},
         "spec": spec,
     }
 
@@ -447,6 +461,7 @@ def train_row(ctx: dict[str, Any], method: str, batch: int) -> dict[str, Any]:
             "mixed_precision": hp.mixed_precision,
             # None: the trainer's default for the device (HEAD may not have the field: n/a)
             "compile": getattr(hp, "compile", "n/a"),
+            "gradient_checkpointing": hp.gradient_checkpointing,
         }
         if row["checkpoint_s"]:
             row["checkpoint_gb_s"] = row["checkpoint_gb"] / row["checkpoint_s"]
@@ -793,7 +808,7 @@ def print_table(report: dict[str, Any]) -> None:
             f"{flops / 1e12:.4f} TFLOP/image; ceiling {rate / flops:.0f} img/s"
         )
     header = (
-        f"{'row':13} {'img/s':>8} {'ratio':>6} {'peak GiB':>8} {'MFU':>6} "
+        f"{'row':16} {'img/s':>8} {'ratio':>6} {'peak GiB':>8} {'MFU':>6} "
         f"{'setup s':>7} {'ckpt s':>7} {'wait s':>7} {'ckpt GB':>7}  note"
     )
     print(header)
@@ -802,7 +817,7 @@ def print_table(report: dict[str, Any]) -> None:
         if r["status"] != "ok":
             note = r.get("note") or f"{r['status']}: {' '.join(str(r.get('error', '')).split())}"
             print(
-                f"{r['name']:13} " + " ".join(fmt(None, w, 0) for w in (8, 6, 8, 6, 7, 7, 7, 7)),
+                f"{r['name']:16} " + " ".join(fmt(None, w, 0) for w in (8, 6, 8, 6, 7, 7, 7, 7)),
                 note,
             )
             continue
@@ -835,7 +850,7 @@ def print_table(report: dict[str, Any]) -> None:
             fmt(r.get("checkpoint_loop_wait_s"), 7, 2),
             fmt(r.get("checkpoint_gb"), 7, 2),
         ]
-        print(f"{r['name']:13} " + " ".join(cells), note)
+        print(f"{r['name']:16} " + " ".join(cells), note)
     print(f"wall {report['wall_s']:.0f} s of BUDGET_S {report['budget_s']:.0f}")
 
 

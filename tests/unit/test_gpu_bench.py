@@ -22,7 +22,9 @@ from difftrain import api
 from difftrain.train.report import Progress
 
 REPO = Path(__file__).resolve().parents[2]
-MEASURED = ["full b8", "example b8", "precompute", "lora b8", "full b32"]
+TRAINED = ["full b8", "lora b8", "full+eager b8", "full+gc b8", "full b32"]
+MEASURED = ["full b8", "example b8", "precompute", "lora b8", "full+eager b8", "full+gc b8"]
+MEASURED += ["full b32"]
 
 
 def test_tiny_mode_reports_every_row_with_images_per_second_and_a_ratio(tmp_path):
@@ -58,7 +60,10 @@ def test_tiny_mode_reports_every_row_with_images_per_second_and_a_ratio(tmp_path
     assert rows["example b8"]["ratio"] == 1.0
     assert rows["example b8"]["encode_img_s"] > 0
     steps = report["context"]["steps"]
-    for name in ("full b8", "lora b8", "full b32"):
+    assert rows["full+eager b8"]["compile"] is False  # what torch.compile gains
+    assert rows["full+gc b8"]["gradient_checkpointing"] is True  # what checkpointing costs
+    assert rows["full b8"]["gradient_checkpointing"] is False
+    for name in TRAINED:
         row = rows[name]
         assert row["steps_measured"] == steps
         assert row["checkpoint_s"] > 0
