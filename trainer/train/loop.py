@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from difftrain.api import DiffusionTrainingJobSpec
+from difftrain.models.placement import frozen_dtype
 from difftrain.storage import Store
 from difftrain.train import objective
 from difftrain.train.batches import (
@@ -135,19 +136,15 @@ class Trainer:
                 if enable is not None:
                     enable()
         # Frozen parts in the autocast dtype on GPUs; the VAE stays fp32 under fp16 (it overflows).
-        frozen_dtype = torch.float32
-        if self.device.type == "cuda":
-            frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-                self.hp.mixed_precision, torch.float32
-            )
-        comps.vae.to(self.device, torch.float32 if frozen_dtype == torch.float16 else frozen_dtype)
+        frozen = frozen_dtype(self.device, self.hp.mixed_precision)
+        comps.vae.to(self.device, torch.float32 if frozen == torch.float16 else frozen)
         comps.vae.eval()
         if not modules.train_text_encoder:
-            modules.text_encoder.to(self.device, frozen_dtype).eval()
+            modules.text_encoder.to(self.device, frozen).eval()
         if modules.method != "full":
             for p in modules.unet.parameters():
                 if not p.requires_grad:
-                    p.data = p.data.to(self.device, frozen_dtype)
+                    p.data = p.data.to(self.device, frozen)
             modules.unet.to(self.device)
         learners = modules.learners()
         for module in learners.values():
