@@ -58,6 +58,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             failures += 1
             continue
         for doc in docs:
+            group = str(doc.get("apiVersion", "")).split("/", 1)[0] if isinstance(doc, dict) else ""
+            if isinstance(doc, dict) and group and group != api.GROUP:
+                # a folder a team syncs holds Secrets, queues...: those are the API server's
+                kind = doc.get("kind", "?")
+                name = (doc.get("metadata") or {}).get("name", "(unnamed)")
+                print(f"{path}: {kind} {name} skipped (not a {api.GROUP} resource)")
+                continue
             try:
                 res = api.parse_resource(doc)
             except api.SpecError as exc:
