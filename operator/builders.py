@@ -11,7 +11,8 @@ capabilities dropped, the runtime's default seccomp profile.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -35,6 +36,11 @@ COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completi
 
 EXIT_CONFIG_ERROR = api.EXIT_CONFIG_ERROR
 EXIT_INTERRUPTED = api.EXIT_INTERRUPTED
+EPHEMERAL_STORAGE = "ephemeral-storage"
+
+
+def _monitoring_namespace() -> Obj:
+    return {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,19 @@ class OperatorSettings:
     # a PersistentVolumeClaim (in each job's namespace) for the model-hub cache; empty: a
     # per-pod emptyDir, which the pod's processes share
     hub_cache_claim: str = ""
+    # image pull Secrets (names, present in each job's namespace) on every per-job ServiceAccount
+    # and merge pod, for a trainer image in a private registry
+    image_pull_secrets: tuple[str, ...] = ()
+    # ephemeral storage of a training or merge pod's /tmp (its work folder: the base model's
+    # copy, checkpoints on their way to the store, the latent cache): requested, so the scheduler
+    # places the pod where the disk has room, and limited (None: no limit), so a runaway pod is
+    # evicted instead of filling its node's disk
+    scratch_request: str = "10Gi"
+    scratch_limit: str | None = "100Gi"
+    # a NetworkPolicy per training job: its pods take connections only from each other
+    # (rendezvous and collectives) and, on the metrics port, from the monitoring namespaces
+    network_policy: bool = False
+    metrics_namespace_selector: Obj = field(default_factory=_monitoring_namespace)
 
     def __post_init__(self) -> None:
         cap, least = self.trainer_max_grace_seconds, api.MIN_GRACE_PERIOD_SECONDS
@@ -61,6 +80,14 @@ class OperatorSettings:
                 f"trainerMaxGracePeriodSeconds {cap} is below the {least} s a job's "
                 "checkpointing.gracePeriodSeconds may be: set it to at least that, or 0 for no cap"
             )
+        for setting, value in (
+            ("trainerScratch.request", self.scratch_request),
+            ("trainerScratch.limit", self.scratch_limit),
+        ):
+            if value and not re.fullmatch(api.QUANTITY_PATTERN, value):
+                raise ValueError(
+                    f"{setting} {value!r} is not a Kubernetes quantity: set it like 10Gi or 500M"
+                )
 
 
 # libyaml's emitter when PyYAML was built with it: same output, a fraction of the CPU
@@ -114,9 +141,12 @@ class TrainingChildren:
     role_binding: Obj
     service: Obj | None
     job: Obj
+    network_policy: Obj | None = None
 
     def all(self) -> list[Obj]:
         objs = [self.config_map, self.service_account, self.role, self.role_binding]
+        if self.network_policy is not None:  # before the Job: no pod runs unprotected
+            objs.append(self.network_policy)
         if self.service is not None:
             objs.append(self.service)
         objs.append(self.job)
@@ -182,17 +212,70 @@ def _pod_failure_policy() -> Obj:
     }
 
 
-def _resources(cpu: int | str | None, memory: int | str | None, gpu_name: str, gpus: int) -> Obj:
-    """Container resources: CPU and memory requested, memory limited, GPUs as limits."""
+def _resources(
+    cpu: int | str | None,
+    memory: int | str | None,
+    gpu_name: str,
+    gpus: int,
+    settings: OperatorSettings,
+) -> Obj:
+    """Container resources: CPU and memory requested, memory limited, GPUs as limits, the
+    scratch volume's ephemeral storage requested and limited."""
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
     if cpu is not None:
         requests["cpu"] = str(cpu)
     if memory is not None:
         requests["memory"] = limits["memory"] = str(memory)
+    if settings.scratch_request:
+        requests[EPHEMERAL_STORAGE] = settings.scratch_request
+    if settings.scratch_limit:
+        limits[EPHEMERAL_STORAGE] = settings.scratch_limit
     if gpus:
         limits[gpu_name] = str(gpus)
     return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+
+
+def _scratch_volume(settings: OperatorSettings) -> Obj:
+    """The pod's /tmp: node disk, capped at the scratch limit."""
+    empty_dir = {"sizeLimit": settings.scratch_limit} if settings.scratch_limit else {}
+    return {"name": "scratch", "emptyDir": empty_dir}
+
+
+def _pull_secrets(settings: OperatorSettings) -> list[Obj]:
+    return [{"name": name} for name in settings.image_pull_secrets]
+
+
+def build_network_policy(
+    name: str, namespace: str, labels: dict[str, str], owner: Obj, settings: OperatorSettings
+) -> Obj:
+    """Who may connect to one training job's pods: each other, and the monitoring on metrics.
+
+    Between the job's own pods every port is open: the rendezvous (PyTorch's TCPStore, which
+    does not authenticate) is on the rendezvous port, but NCCL and Gloo open their connections
+    on ports they pick at random. Any other pod reaches only the metrics port, and only from the
+    namespaces ``metrics_namespace_selector`` matches. Egress is not restricted (the store, the
+    API server and a model hub are the cluster's to know).
+    """
+    peers = {"podSelector": {"matchLabels": {JOB_LABEL: name}}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(child_name(name, "network"), namespace, labels, owner),
+        "spec": {
+            "podSelector": {
+                "matchLabels": {JOB_LABEL: name, "app.kubernetes.io/component": "trainer"}
+            },
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [peers]},
+                {
+                    "from": [{"namespaceSelector": settings.metrics_namespace_selector}],
+                    "ports": [{"protocol": "TCP", "port": settings.metrics_port}],
+                },
+            ],
+        },
+    }
 
 
 def _config_map(
@@ -250,11 +333,14 @@ def build_training_children(
         "job.yaml",
         _meta(config_name, namespace, labels, owner),
     )
-    service_account = {
+    service_account: Obj = {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
         "metadata": _meta(sa_name, namespace, labels, owner),
     }
+    if settings.image_pull_secrets:
+        # the ServiceAccount admission plugin copies them into every pod made with it
+        service_account["imagePullSecrets"] = _pull_secrets(settings)
     role = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
@@ -347,7 +433,9 @@ def build_training_children(
     else:
         env.append({"name": "DIFFTRAIN_MACHINE_RANK", "value": "0"})
 
-    resources = _resources(res.cpu, res.memory, res.gpu_resource_name, res.gpus_per_worker)
+    resources = _resources(
+        res.cpu, res.memory, res.gpu_resource_name, res.gpus_per_worker, settings
+    )
     pod_sc, container_sc = _pod_security(settings)
     container = {
         "name": CONTAINER,
@@ -376,7 +464,7 @@ def build_training_children(
         "volumes": [
             {"name": "config", "configMap": {"name": config_name}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(res.shm_size)}},
-            {"name": "scratch", "emptyDir": {}},
+            _scratch_volume(settings),
             *volumes,
         ],
         **pod_extra,
@@ -431,7 +519,14 @@ def build_training_children(
         },
         "spec": job_spec,
     }
-    return TrainingChildren(config_map, service_account, role, role_binding, service, job_obj)
+    network_policy = (
+        build_network_policy(name, namespace, labels, owner, settings)
+        if settings.network_policy
+        else None
+    )
+    return TrainingChildren(
+        config_map, service_account, role, role_binding, service, job_obj, network_policy
+    )
 
 
 def build_merge_children(
@@ -460,7 +555,9 @@ def build_merge_children(
         _meta(config_name, namespace, labels, owner),
     )
     res = spec.resources
-    resources = _resources(res.cpu, res.memory, res.gpu_resource_name, 1 if res.gpu else 0)
+    resources = _resources(
+        res.cpu, res.memory, res.gpu_resource_name, 1 if res.gpu else 0, settings
+    )
     pod_sc, container_sc = _pod_security(settings)
     container = {
         "name": CONTAINER,
@@ -481,6 +578,19 @@ def build_merge_children(
             {"name": "scratch", "mountPath": "/tmp"},
         ],
     }
+    pod_spec: Obj = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "securityContext": pod_sc,
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_name}},
+            _scratch_volume(settings),
+        ],
+    }
+    if settings.image_pull_secrets:
+        # the namespace's default ServiceAccount runs it: the pull Secrets go on the pod
+        pod_spec["imagePullSecrets"] = _pull_secrets(settings)
     job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -493,19 +603,7 @@ def build_merge_children(
             "parallelism": 1,
             "backoffLimit": 2,
             "podFailurePolicy": _pod_failure_policy(),
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": False,
-                    "securityContext": pod_sc,
-                    "containers": [container],
-                    "volumes": [
-                        {"name": "config", "configMap": {"name": config_name}},
-                        {"name": "scratch", "emptyDir": {}},
-                    ],
-                },
-            },
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
     }
     return config_map, job

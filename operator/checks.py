@@ -1,5 +1,8 @@
 """Checks that read the cluster before children are made: the store Secret and GPU capacity.
 
+The Secret check needs ``get`` on Secrets (never list or watch) in the job's namespace; the chart
+grants it there only when it watches given namespaces, cluster-wide otherwise.
+
 Cached for a few seconds, so a burst of new resources that share a Secret and a node pool costs one
 read, not one per resource. The calls block (they run in the loop's executor threads).
 """
@@ -72,7 +75,17 @@ class ClusterChecks:
         """Why the store Secret cannot be used (None: it can, or none is needed)."""
         if ref is None:
             return None
-        keys = self.secret_keys(namespace, ref.name)
+        try:
+            keys = self.secret_keys(namespace, ref.name)
+        except ApiException as exc:
+            if exc.status != 403:
+                raise
+            # the chart grants Secret get only in the namespaces it watches
+            return (
+                f"the operator may not read Secret {ref.name!r} (storage.secretRef) in "
+                f"{namespace}: add {namespace} to the chart's watchNamespaces, or grant its "
+                "ServiceAccount get on secrets there"
+            )
         if keys is None:
             return f"Secret {ref.name!r} (storage.secretRef) does not exist in {namespace}"
         missing = [k for k in (ref.access_key_key, ref.secret_key_key) if k not in keys]

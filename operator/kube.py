@@ -29,6 +29,7 @@ PATHS = MappingProxyType(
         "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
         "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
         "Job": ("/apis/batch/v1", "jobs"),
+        "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
     }
 )
 

@@ -109,8 +109,8 @@ def test_single_worker_job_carries_the_spec():
     c = container(job)
     assert c["image"] == "my/trainer:1"
     assert c["resources"] == {
-        "requests": {"cpu": "8", "memory": "64Gi"},
-        "limits": {"memory": "64Gi", "nvidia.com/gpu": "2"},
+        "requests": {"cpu": "8", "memory": "64Gi", "ephemeral-storage": "10Gi"},
+        "limits": {"memory": "64Gi", "ephemeral-storage": "100Gi", "nvidia.com/gpu": "2"},
     }
     shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
@@ -284,10 +284,16 @@ def test_merge_runs_on_cpu_unless_a_gpu_is_asked_for():
     _, cpu_job = build_merge_children(_merge(resources={"memory": "4Gi"}), "u", SETTINGS)
     c = container(cpu_job)
     assert c["args"][:2] == ["merge", "/etc/difftrain/merge.yaml"]
-    assert c["resources"] == {"requests": {"memory": "4Gi"}, "limits": {"memory": "4Gi"}}
+    assert c["resources"] == {
+        "requests": {"memory": "4Gi", "ephemeral-storage": "10Gi"},
+        "limits": {"memory": "4Gi", "ephemeral-storage": "100Gi"},
+    }
     assert cpu_job["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
     _, gpu_job = build_merge_children(_merge(resources={"gpu": True}), "u", SETTINGS)
-    assert container(gpu_job)["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert container(gpu_job)["resources"]["limits"] == {
+        "ephemeral-storage": "100Gi",
+        "nvidia.com/gpu": "1",
+    }
 
 
 def test_gpu_shortfall_names_what_is_missing():
@@ -342,3 +348,131 @@ def test_a_store_model_gets_no_hub_cache_and_no_token():
     assert all(
         v["name"] != "hub-cache" for v in children.job["spec"]["template"]["spec"]["volumes"]
     )
+
+
+def _scratch(job_obj: dict[str, Any]) -> dict[str, Any]:
+    pod = job_obj["spec"]["template"]["spec"]
+    volume: dict[str, Any] = next(v for v in pod["volumes"] if v["name"] == "scratch")
+    mount = next(m for m in container(job_obj)["volumeMounts"] if m["name"] == "scratch")
+    assert mount["mountPath"] == "/tmp"
+    return volume
+
+
+def test_the_scratch_volume_requests_and_is_limited_to_its_ephemeral_storage():
+    job = build_training_children(training_job(), uid="u", settings=SETTINGS).job
+    resources = container(job)["resources"]
+    assert resources["requests"]["ephemeral-storage"] == "10Gi"
+    assert resources["limits"]["ephemeral-storage"] == "100Gi"
+    assert _scratch(job) == {"name": "scratch", "emptyDir": {"sizeLimit": "100Gi"}}
+    _, merge_job = build_merge_children(_merge(), "u", SETTINGS)
+    assert _scratch(merge_job)["emptyDir"] == {"sizeLimit": "100Gi"}
+    assert container(merge_job)["resources"]["requests"]["ephemeral-storage"] == "10Gi"
+
+
+def test_the_operator_settings_size_the_scratch_volume_or_leave_it_unlimited():
+    settings = OperatorSettings(scratch_request="200Gi", scratch_limit=None)
+    job = build_training_children(training_job(), uid="u", settings=settings).job
+    resources = container(job)["resources"]
+    assert resources["requests"]["ephemeral-storage"] == "200Gi"
+    assert "ephemeral-storage" not in resources.get("limits", {})
+    assert _scratch(job) == {"name": "scratch", "emptyDir": {}}
+
+
+def test_a_scratch_size_that_is_no_quantity_is_refused_naming_the_value():
+    with pytest.raises(ValueError, match=r"trainerScratch\.limit 'lots'"):
+        OperatorSettings(scratch_limit="lots")
+
+
+def test_image_pull_secrets_go_on_every_jobs_service_account_and_merge_pod():
+    settings = OperatorSettings(image_pull_secrets=("regcred", "mirror"))
+    children = build_training_children(training_job(), uid="u", settings=settings)
+    assert children.service_account["imagePullSecrets"] == [
+        {"name": "regcred"},
+        {"name": "mirror"},
+    ]
+    # the pods get them through their ServiceAccount
+    pod = children.job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == children.service_account["metadata"]["name"]
+    _, merge_job = build_merge_children(_merge(), "u", settings)
+    assert merge_job["spec"]["template"]["spec"]["imagePullSecrets"] == [
+        {"name": "regcred"},
+        {"name": "mirror"},
+    ]
+    plain = build_training_children(training_job(), uid="u", settings=SETTINGS)
+    assert "imagePullSecrets" not in plain.service_account
+
+
+def test_no_network_policy_unless_the_operator_is_asked_for_one():
+    children = build_training_children(training_job(), uid="u", settings=SETTINGS)
+    assert children.network_policy is None
+    assert all(o["kind"] != "NetworkPolicy" for o in children.all())
+
+
+def test_network_policy_admits_only_the_jobs_own_pods_and_metrics_from_monitoring():
+    selector = {"matchLabels": {"team": "observability"}}
+    settings = OperatorSettings(network_policy=True, metrics_namespace_selector=selector)
+    children = build_training_children(
+        training_job(resources={"workers": 2}), uid="u-9", settings=settings
+    )
+    policy = children.network_policy
+    assert policy is not None
+    assert policy["metadata"]["name"] == "pets-network"
+    assert policy["metadata"]["namespace"] == "ml"
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == "u-9"
+    spec = policy["spec"]
+    # it selects exactly the job's pods
+    pod_labels = children.job["spec"]["template"]["metadata"]["labels"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert spec["podSelector"]["matchLabels"][JOB_LABEL] == "pets"
+    assert spec["policyTypes"] == ["Ingress"]  # egress open: store, API server, hub
+    peers, metrics = spec["ingress"]
+    # the job's pods reach each other on every port (rendezvous, NCCL's and Gloo's own ports),
+    # and only pods of this namespace (no namespaceSelector) with this job's label
+    assert peers == {"from": [{"podSelector": {"matchLabels": {JOB_LABEL: "pets"}}}]}
+    assert metrics == {
+        "from": [{"namespaceSelector": selector}],
+        "ports": [{"protocol": "TCP", "port": settings.metrics_port}],
+    }
+    ports = {p["containerPort"] for p in container(children.job)["ports"]}
+    assert ports == {settings.metrics_port}
+    # created before the Job, so no pod runs before it
+    kinds = [o["kind"] for o in children.all()]
+    assert kinds.index("NetworkPolicy") < kinds.index("Job")
+
+
+def test_operator_settings_come_from_the_charts_environment():
+    from difftrain_operator.startup import operator_settings
+
+    settings = operator_settings(
+        {
+            "DIFFTRAIN_IMAGE_PULL_SECRETS": "regcred, mirror",
+            "DIFFTRAIN_SCRATCH_REQUEST": "20Gi",
+            "DIFFTRAIN_SCRATCH_LIMIT": "",
+            "DIFFTRAIN_NETWORK_POLICY": "true",
+            "DIFFTRAIN_METRICS_NAMESPACE_SELECTOR": '{"matchLabels": {"team": "obs"}}',
+        }
+    )
+    assert settings.image_pull_secrets == ("regcred", "mirror")
+    assert (settings.scratch_request, settings.scratch_limit) == ("20Gi", None)
+    assert settings.network_policy is True
+    assert settings.metrics_namespace_selector == {"matchLabels": {"team": "obs"}}
+    defaults = operator_settings({})
+    assert defaults.image_pull_secrets == ()
+    assert (defaults.scratch_request, defaults.scratch_limit) == ("10Gi", "100Gi")
+    assert defaults.network_policy is False
+    assert defaults.metrics_namespace_selector == {
+        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+    }
+    with pytest.raises(ValueError, match="DIFFTRAIN_NETWORK_POLICY"):
+        operator_settings({"DIFFTRAIN_NETWORK_POLICY": "maybe"})
+    with pytest.raises(ValueError, match="DIFFTRAIN_METRICS_NAMESPACE_SELECTOR"):
+        operator_settings({"DIFFTRAIN_METRICS_NAMESPACE_SELECTOR": "[1]"})
+
+
+def test_older_replicas_have_higher_peering_priorities_unless_one_is_set():
+    from difftrain_operator.startup import peering_priority
+
+    first = peering_priority(0, started_ns=1_700_000_000_000_000_000)
+    second = peering_priority(0, started_ns=1_700_000_000_000_001_000)  # a microsecond later
+    assert first > second  # the first keeps acting; the second waits on standby
+    assert peering_priority(100, started_ns=1_700_000_000_000_000_000) == 100
