@@ -89,6 +89,36 @@ kueue_manifests() {
 }
 kueue_manifests
 
+# Prometheus (the version stamped as its release build does) and the Prometheus Operator's
+# monitoring.coreos.com CRDs, from that module's source in the Go module cache.
+prom_minor=${PROMETHEUS_VERSION#v0.} && prom_minor=${prom_minor%%.*}  # v0.316.0 is 3.16.0
+prom_version="$((prom_minor / 100)).$((prom_minor % 100)).${PROMETHEUS_VERSION##*.}"
+prom_flags="-X github.com/prometheus/common/version.Version=$prom_version"
+for cmd in prometheus promtool; do
+  build_go "$cmd" "prometheus-$PROMETHEUS_VERSION" go_install \
+    "github.com/prometheus/prometheus/cmd/$cmd@$PROMETHEUS_VERSION" "$prom_flags"
+done
+prometheus_operator_crds() {
+  local vdir="$cache/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION" dir src
+  for dir in "${DIFFTRAIN_TEST_ASSETS:-}" "${KUBEBUILDER_ASSETS:-}"; do
+    if [ -n "$dir" ] && [ -d "$dir/prometheus-operator-crds" ]; then
+      ln -sfn "$dir/prometheus-operator-crds" "$out/prometheus-operator-crds"
+      return 0
+    fi
+  done
+  if [ ! -f "$vdir/crds/monitoring.coreos.com_podmonitors.yaml" ]; then
+    src="$(cd "$cache" && go mod download -json \
+      "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" \
+      | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+    [ -d "$src/example/prometheus-operator-crd" ] || { log "no Prometheus Operator source"; exit 1; }
+    mkdir -p "$vdir" && rm -rf "$vdir/crds.tmp"
+    cp -r "$src/example/prometheus-operator-crd" "$vdir/crds.tmp" && chmod -R u+w "$vdir/crds.tmp"
+    rm -rf "$vdir/crds" && mv "$vdir/crds.tmp" "$vdir/crds"
+  fi
+  ln -sfn "$vdir/crds" "$out/prometheus-operator-crds"
+}
+prometheus_operator_crds
+
 # Debian's packages: etcd, and the real test node's runtime, network and image tools (installed
 # when missing and we are root; tests/infra/node.py names what is missing otherwise).
 packages=()

@@ -43,9 +43,11 @@ BINARIES = (
     "kwok",
     "coredns",
     "kueue",
+    "prometheus",
+    "promtool",
 )
 # folders the build script links beside the binaries
-ASSET_DIRS = ("kueue-manifests",)
+ASSET_DIRS = ("kueue-manifests", "prometheus-operator-crds")
 
 
 def binary_dir() -> Path:

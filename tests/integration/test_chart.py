@@ -33,18 +33,17 @@ def helm(control_plane, *args: str, check: bool = True) -> subprocess.CompletedP
     )
 
 
-def render_chart(control_plane) -> str:
-    """`helm template` of the chart for the pinned Kubernetes version."""
-    return helm(
-        control_plane,
-        "template",
-        "difftrain",
-        str(CHART),
-        "--namespace",
-        RELEASE_NS,
-        "--kube-version",
-        KUBE_VERSION,
-    ).stdout
+def render_chart(control_plane, *values: str) -> str:
+    """`helm template` of the chart for the pinned Kubernetes version (``values``: --set)."""
+    args = ["template", "difftrain", str(CHART), "--namespace", RELEASE_NS]
+    args += ["--kube-version", KUBE_VERSION]
+    for value in values:
+        args += ["--set", value]
+    return helm(control_plane, *args).stdout
+
+
+def rendered(control_plane, *values: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(render_chart(control_plane, *values)) if d]
 
 
 def test_chart_lints_and_refuses_bad_values(control_plane):
@@ -172,7 +171,7 @@ def test_dashboard_renders_and_queries_metrics_the_operator_exports(control_plan
     assert len(maps) == 1
     assert maps[0]["metadata"]["labels"]["grafana_dashboard"] == "1"
     dashboard = json.loads(maps[0]["data"]["difftrain.json"])
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     queried = set(re.findall(r"\b(difftrain_[a-z_]+)", " ".join(exprs)))
     exported = {
         m.name + suffix
@@ -192,3 +191,205 @@ def test_dashboard_renders_and_queries_metrics_the_operator_exports(control_plan
     trainer_queried = queried - operator_queried
     assert {"difftrain_loss", "difftrain_images_per_second", "difftrain_step"} <= trainer_queried
     assert trainer_queried <= trainer_exported, trainer_queried - trainer_exported
+
+
+def test_dashboard_filters_every_training_and_gpu_panel_by_the_job_and_namespace_variables():
+    import json
+    import re
+
+    from difftrain.train.metrics import LABELS
+
+    # Prometheus sets job (and, discovering pods, namespace) on every target: our labels are
+    # others, or they would arrive as exported_job / exported_namespace
+    assert {"job", "namespace"}.isdisjoint(LABELS)
+    assert {"training_job", "training_namespace"} <= set(LABELS)
+    dashboard = json.loads((CHART / "dashboards" / "difftrain.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["namespace"]["definition"] == (
+        "label_values(difftrain_step, training_namespace)"
+    )
+    assert variables["job"]["definition"] == (
+        'label_values(difftrain_step{training_namespace=~"$namespace"}, training_job)'
+    )
+    assert variables["namespace"]["multi"] and variables["job"]["includeAll"]
+    per_job = [
+        (p["title"], t["expr"])
+        for p in dashboard["panels"]
+        for t in p.get("targets", [])
+        if "difftrain_operator_" not in t["expr"]
+    ]
+    gpu = [title for title, expr in per_job if "DCGM_FI_DEV_" in expr]
+    assert len(gpu) == 3
+    for metric in ("DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_POWER_USAGE"):
+        assert any(metric in expr for _, expr in per_job), metric
+    for title, expr in per_job:
+        # every selector of a trainer metric carries both variables
+        selectors = re.findall(r"\b(difftrain_[a-z_]+)\{([^}]*)\}", expr)
+        assert selectors, title
+        for name, matchers in selectors:
+            assert 'training_namespace=~"$namespace"' in matchers, (title, name)
+            assert 'training_job=~"$job"' in matchers, (title, name)
+        assert not re.search(r"\bdifftrain_[a-z_]+(?![a-z_{])", expr), (title, expr)
+
+
+def monitors(docs: list[dict]) -> dict[str, dict]:
+    return {d["kind"]: d for d in docs if d["kind"] in {"PodMonitor", "ServiceMonitor"}}
+
+
+def test_monitors_are_optional_and_carry_extra_labels_and_namespace_selectors(control_plane):
+    assert monitors(rendered(control_plane)) == {}
+    docs = rendered(
+        control_plane,
+        "monitoring.podMonitor.enabled=true",
+        "monitoring.serviceMonitor.enabled=true",
+        "monitoring.podMonitor.additionalLabels.release=kube-prometheus-stack",
+        "monitoring.serviceMonitor.additionalLabels.team=ml-platform",
+        "monitoring.serviceMonitor.interval=15s",
+    )
+    found = monitors(docs)
+    pod_monitor, service_monitor = found["PodMonitor"], found["ServiceMonitor"]
+    assert pod_monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert service_monitor["metadata"]["labels"]["team"] == "ml-platform"
+    assert pod_monitor["spec"]["namespaceSelector"] == {"any": True}
+    assert service_monitor["spec"]["namespaceSelector"] == {"matchNames": [RELEASE_NS]}
+    assert service_monitor["spec"]["endpoints"][0]["interval"] == "15s"
+    # the selectors pick what they are for: the pods the operator builds, the chart's Service
+    from difftrain_operator.builders import OperatorSettings, build_training_children
+    from tests.unit.test_operator_builders import training_job as typed_training_job
+
+    job = build_training_children(typed_training_job(), "uid-1", OperatorSettings()).job
+    template = job["spec"]["template"]
+    selector = pod_monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= template["metadata"]["labels"].items()
+    ports = {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+    assert {e["port"] for e in pod_monitor["spec"]["podMetricsEndpoints"]} <= ports
+    (service,) = [d for d in docs if d["kind"] == "Service"]
+    selector = service_monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    assert {e["port"] for e in service_monitor["spec"]["endpoints"]} <= {
+        p["name"] for p in service["spec"]["ports"]
+    }
+    # where the operator watches given namespaces, so does the PodMonitor (unless told otherwise)
+    watching = monitors(
+        rendered(control_plane, "monitoring.podMonitor.enabled=true", "watchNamespaces={ml,cv}")
+    )
+    assert watching["PodMonitor"]["spec"]["namespaceSelector"] == {"matchNames": ["ml", "cv"]}
+    told = monitors(
+        rendered(
+            control_plane,
+            "monitoring.podMonitor.enabled=true",
+            "watchNamespaces={ml}",
+            "monitoring.podMonitor.namespaceSelector.any=true",
+        )
+    )
+    assert told["PodMonitor"]["spec"]["namespaceSelector"] == {"any": True}
+    bad = helm(
+        control_plane,
+        "lint",
+        str(CHART),
+        "--set",
+        "monitoring.podMonitor.interval=soon",
+        check=False,
+    )
+    assert bad.returncode != 0 and "interval" in bad.stdout + bad.stderr
+
+
+@pytest.fixture(scope="module")
+def monitoring_crds(control_plane) -> None:
+    """The Prometheus Operator's PodMonitor and ServiceMonitor CRDs (from its pinned module)."""
+    crds = control_plane.bin_dir / "prometheus-operator-crds"
+    for kind in ("podmonitors", "servicemonitors"):
+        control_plane.kubectl(
+            "apply", "--server-side", "-f", str(crds / f"monitoring.coreos.com_{kind}.yaml")
+        )
+        control_plane.kubectl(
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            f"crd/{kind}.monitoring.coreos.com",
+        )
+    control_plane.kubectl("create", "namespace", RELEASE_NS, check=False)
+
+
+@pytest.mark.usefixtures("monitoring_crds")
+def test_monitors_are_accepted_by_the_prometheus_operators_crds(control_plane, tmp_path):
+    docs = rendered(
+        control_plane,
+        "monitoring.podMonitor.enabled=true",
+        "monitoring.serviceMonitor.enabled=true",
+        "monitoring.podMonitor.additionalLabels.release=kube-prometheus-stack",
+        "watchNamespaces={ml}",
+    )
+    path = tmp_path / "monitors.yaml"
+    path.write_text(yaml.safe_dump_all(list(monitors(docs).values())))
+    # strict validation: a field the schema does not know would be refused
+    applied = control_plane.kubectl(
+        "apply", "--server-side", "--validate=strict", "-n", RELEASE_NS, "-f", str(path)
+    )
+    assert "podmonitor.monitoring.coreos.com/difftrain-operator-trainers" in applied.stdout
+    assert "servicemonitor.monitoring.coreos.com/difftrain-operator" in applied.stdout
+    stored = yaml.safe_load(
+        control_plane.kubectl(
+            "get", "podmonitor", "difftrain-operator-trainers", "-n", RELEASE_NS, "-o", "yaml"
+        ).stdout
+    )
+    assert stored["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert stored["spec"]["namespaceSelector"] == {"matchNames": ["ml"]}
+    # and the schema is really checked: a misspelt field is refused
+    wrong = monitors(docs)["PodMonitor"]
+    wrong["metadata"]["name"] = "misspelt"
+    wrong["spec"]["podMetricsEndpoints"][0]["intervall"] = "30s"
+    path.write_text(yaml.safe_dump(wrong))
+    refused = control_plane.kubectl(
+        "apply",
+        "--server-side",
+        "--validate=strict",
+        "-n",
+        RELEASE_NS,
+        "-f",
+        str(path),
+        check=False,
+    )
+    assert refused.returncode != 0 and "intervall" in refused.stderr
+    control_plane.kubectl("delete", "-n", RELEASE_NS, "podmonitor,servicemonitor", "--all")
+
+
+def test_notes_say_what_was_installed_and_how_to_see_a_jobs_status_and_metrics(
+    control_plane, tmp_path
+):
+    import shutil
+
+    # Helm renders NOTES.txt only on install, which needs a cluster whose cluster-wide objects
+    # other tests share: a copy of the chart carries it out through a ConfigMap instead
+    chart = tmp_path / "difftrain"
+    shutil.copytree(CHART, chart)
+    (chart / "templates" / "notes-out.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: |-\n"
+        '{{ include "difftrain/templates/NOTES.txt" . | indent 4 }}\n'
+    )
+
+    def notes(*values: str) -> str:
+        args = ["template", "difftrain", str(chart), "--namespace", RELEASE_NS]
+        args += ["--kube-version", KUBE_VERSION, "--show-only", "templates/notes-out.yaml"]
+        for value in values:
+            args += ["--set", value]
+        text: str = yaml.safe_load(helm(control_plane, *args).stdout)["data"]["notes"]
+        return text
+
+    plain = notes()
+    assert "kubectl get dtj -A" in plain
+    assert "describe dtj NAME" in plain
+    assert "difftrain.dev/job=NAME" in plain  # the label the operator puts on a job's pods
+    assert "port-forward" in plain and "9090" in plain
+    assert "training_job" in plain
+    assert "no PodMonitor or ServiceMonitor" in plain
+    assert "every namespace" in plain
+    monitored = notes(
+        "monitoring.podMonitor.enabled=true",
+        "monitoring.serviceMonitor.enabled=true",
+        "watchNamespaces={ml}",
+    )
+    assert "PodMonitor difftrain-operator-trainers" in monitored
+    assert "ServiceMonitor difftrain-operator" in monitored
+    assert "namespaces ml" in monitored
+    assert "no PodMonitor" not in monitored

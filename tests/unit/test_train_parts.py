@@ -359,6 +359,10 @@ def test_metrics_are_served_with_the_contract_names_and_move():
     assert after["difftrain_step"] == 5 and after["difftrain_total_steps"] == 10
     assert after["difftrain_images_seen_total"] == before["difftrain_images_seen_total"] + 16
     assert after["difftrain_checkpoint_duration_seconds_count"] == 1
+    # labels that Prometheus's own job/namespace target labels do not rename (exported_job)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'difftrain_step{rank="0",training_job="job-a",training_namespace="ns"} 5.0' in text
+    assert "job=" not in text.replace("training_job=", "")
 
 
 # --- batches ------------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
-"""The trainer's Prometheus metrics (``difftrain_`` prefix; labels job, namespace, rank only).
+"""The trainer's Prometheus metrics (``difftrain_`` prefix; labels training_job,
+training_namespace, rank only).
 
-The names are a contract with the Grafana dashboard in the Helm chart (see README). Each process
-keeps its own registry so that tests and several trainers in one interpreter do not collide.
+The names are a contract with the Grafana dashboard in the Helm chart (see README). The labels are
+not ``job`` and ``namespace`` because Prometheus sets those on every target it scrapes (the scrape
+job; with Kubernetes discovery the pod's namespace): ours would be renamed ``exported_job`` and
+``exported_namespace`` and every per-job panel would merge all jobs. Each process keeps its own
+registry so that tests and several trainers in one interpreter do not collide.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 logger = logging.getLogger(__name__)
 
-LABELS = ("job", "namespace", "rank")
+LABELS = ("training_job", "training_namespace", "rank")
 # Checkpoints take seconds (LoRA) to minutes (full SDXL state to a remote store).
 CHECKPOINT_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
 
@@ -65,7 +69,11 @@ class TrainingMetrics:
             buckets=CHECKPOINT_BUCKETS,
             registry=r,
         )
-        self._labels = {"job": self.job, "namespace": self.namespace, "rank": str(self.rank)}
+        self._labels = {
+            "training_job": self.job,
+            "training_namespace": self.namespace,
+            "rank": str(self.rank),
+        }
         # Touch every series so a scrape shows all of them from the start.
         for metric in (
             self.loss,
