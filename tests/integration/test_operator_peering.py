@@ -3,6 +3,7 @@ run as its Deployment runs them, agree that exactly one acts; the other takes ov
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import pytest
@@ -49,7 +50,7 @@ def two_replicas(control_plane, kube_api, namespace, tmp_path):
     installed = install(kube_api, docs, suffix=namespace)
     kubeconfig = installed.kubeconfig(control_plane, tmp_path / "kubeconfig")
     logs = {pod: tmp_path / f"{pod}.log" for pod in ("replica-a", "replica-b")}
-    procs = {}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         yield installed, kubeconfig, logs, procs
     finally:
