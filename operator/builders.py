@@ -26,6 +26,7 @@ MANAGED_BY = "difftrain-operator"
 JOB_LABEL = f"{api.GROUP}/job"
 MERGE_LABEL = f"{api.GROUP}/merge"
 KUEUE_QUEUE_LABEL = edits.KUEUE_QUEUE_LABEL
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 CONFIG_MOUNT = "/etc/difftrain"
 CONTAINER = "trainer"
 # Keeps a finished child Job (and so its final status) until the operator has recorded the result,
@@ -481,6 +482,9 @@ def build_training_children(
     job_labels = dict(labels)
     if spec.queue_name:
         job_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
+    if priority := job.metadata.labels.get(KUEUE_PRIORITY_LABEL):
+        # the resource's Kueue WorkloadPriorityClass, read when the Job is made
+        job_labels[KUEUE_PRIORITY_LABEL] = priority
     job_spec: Obj = {
         "completions": workers,
         "parallelism": workers,

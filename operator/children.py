@@ -15,6 +15,7 @@ resumes from the newest checkpoint.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
@@ -22,7 +23,7 @@ from collections.abc import Iterable
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from difftrain_operator import builders, edits, kube
+from difftrain_operator import builders, edits, kube, kueue
 from difftrain_operator.kube import Kube, Obj
 from difftrain_operator.status_writer import StatusWriter
 from difftrain_operator.views import Views
@@ -62,6 +63,7 @@ class ChildCreator:
 
     def __init__(self, kube: Kube) -> None:
         self.kube = kube
+        self.workloads = kueue.Workloads(kube)
 
     def apply(self, obj: Obj) -> None:
         """Create a child; if it exists and is ours, leave it (Jobs' templates are immutable) but
@@ -75,7 +77,13 @@ class ChildCreator:
             existing = self.kube.get(obj["kind"], meta["namespace"], meta["name"])
             check_owner(existing, obj)
             suspend = (obj.get("spec") or {}).get("suspend")
-            if obj["kind"] == "Job" and bool(existing["spec"].get("suspend")) != bool(suspend):
+            # a Job in a Kueue queue: its suspend is Kueue's
+            kueues = obj["kind"] == "Job" and edits.kueue_managed(existing)
+            if (
+                obj["kind"] == "Job"
+                and not kueues
+                and bool(existing["spec"].get("suspend")) != bool(suspend)
+            ):
                 patch = {"spec": {"suspend": suspend}}
                 self.kube.patch("Job", meta["namespace"], meta["name"], patch)
             if obj["kind"] == "ConfigMap" and existing.get("data") != obj.get("data"):
@@ -123,16 +131,20 @@ class ChildCreator:
         *,
         suspend: bool,
         started: bool,
+        retry: int = 0,
     ) -> None:
         """A training job's children, brought to its spec (see the module's docstring).
 
-        ``suspend`` is the resource's own; ``started`` whether any of its pods ever started.
+        ``suspend`` is the resource's own; ``started`` whether any of its pods ever started;
+        ``retry`` how many times this was tried before (a retry's delay grows with it).
         """
+        # while the user holds it suspended, a new Job is not handed to Kueue (``edits.to_create``)
+        created = dataclasses.replace(children, job=edits.to_create(children.job, suspend))
         job = children.job
         namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
         existing = Views.one(views.child_jobs, (namespace, name))
         if existing is None:
-            await self.ensure_or_wait(views, writer, body, children.all())
+            await self.ensure_or_wait(views, writer, body, created.all())
             return
         try:
             check_owner(existing, job)
@@ -146,11 +158,21 @@ class ChildCreator:
         if pending and (not started or edits.stopped(existing, pods)):
             logger.info("replacing Job %s/%s for %s", namespace, name, ", ".join(pending))
             await asyncio.to_thread(self.remove_job, existing)
-            await self.apply_all(children.all())
+            await self.apply_all(created.all())
             return
-        patch = edits.live_patch(existing, job, suspend, pending)
+        outcome = None
+        if edits.kueue_managed(existing) and (suspend or existing["spec"].get("suspend")):
+            # the user's suspend and resume reach Kueue through the Job's Workload
+            outcome = await asyncio.to_thread(self.workloads.sync, existing, suspend)
+        by_workload = outcome is kueue.Outcome.SET
+        patch = edits.live_patch(existing, job, suspend, pending, suspended_by_workload=by_workload)
         if patch:
             await asyncio.to_thread(self.kube.patch, "Job", namespace, name, patch)
+        if suspend and outcome is kueue.Outcome.NOT_YET:
+            # suspended just after its queue label came: Kueue, making its Workload now, would
+            # admit it; that Workload is deactivated on a retry
+            delay = min(2.0 * 2**retry, 60.0)
+            raise kopf.TemporaryError(f"Job {name} has no Kueue Workload yet", delay=delay)
 
     def remove_job(self, job: Obj) -> None:
         """Delete a Job of ours that is to be made anew, and wait until its name is free."""

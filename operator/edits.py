@@ -2,7 +2,8 @@
 
 Some fields reach a running Job at once (Kubernetes lets them change): ``suspend``,
 ``backoffLimit``, ``activeDeadlineSeconds``, ``ttlSecondsAfterFinished`` and ``queueName`` (the
-Kueue label). Every other field shapes the pods (their template is immutable) or the trainer's
+Kueue label; with a queue, ``suspend`` reaches Kueue through the Job's Workload, see ``kueue``).
+Every other field shapes the pods (their template is immutable) or the trainer's
 ConfigMap (read when a pod starts): those take effect at the next start. The child Job carries
 the spec it was built from and the generation it reflects in annotations, so the operator, after
 a restart too, knows which fields still wait for that start.
@@ -104,24 +105,46 @@ def stopped(job: Obj, pods: list[Obj]) -> bool:
     return all((p.get("status") or {}).get("phase") in ("Succeeded", "Failed") for p in pods)
 
 
-def live_patch(existing: Obj, desired: Obj, suspend: bool, pending: list[str]) -> Obj | None:
+def to_create(job: Obj, suspend: bool) -> Obj:
+    """The Job as it is created: while the user has the job suspended it is not handed to Kueue
+    (no queue label: Kueue makes no Workload for it and holds no quota); resuming adds the label
+    (``live_patch``), and Kueue admits it from then on."""
+    labels = (job.get("metadata") or {}).get("labels") or {}
+    if not suspend or KUEUE_QUEUE_LABEL not in labels:
+        return job
+    kept = {k: v for k, v in labels.items() if k != KUEUE_QUEUE_LABEL}
+    return {**job, "metadata": {**job["metadata"], "labels": kept}}
+
+
+def live_patch(
+    existing: Obj,
+    desired: Obj,
+    suspend: bool,
+    pending: list[str],
+    suspended_by_workload: bool = False,
+) -> Obj | None:
     """The merge patch that brings an existing Job's mutable fields to the desired ones.
 
-    ``suspend`` is the resource's: with a Kueue queue the operator only ever suspends (Kueue
-    admits and resumes); without, the Job's suspend follows it both ways. The Job's annotations
-    say which generation it now reflects (the desired one unless fields wait for the next start)
-    and which fields wait. None when nothing differs.
+    ``suspend`` is the resource's: with a Kueue queue the operator never un-suspends the Job
+    (Kueue admits and resumes it), and suspends it only where no Workload does that
+    (``suspended_by_workload``: the Job's Workload is deactivated instead, see ``kueue``; Kueue
+    would un-suspend an admitted Job at once); without a queue, the Job's suspend follows it both
+    ways. A Job the user holds suspended that Kueue never had gets its queue label when resumed.
+    The Job's annotations say which generation it now reflects (the desired one unless fields
+    wait for the next start) and which fields wait. None when nothing differs.
     """
     have, want = existing.get("spec") or {}, desired.get("spec") or {}
     spec: Obj = {k: want.get(k) for k in LIVE_JOB_FIELDS if have.get(k) != want.get(k)}
     if kueue_managed(desired):
-        if suspend and not have.get("suspend"):
+        if suspend and not have.get("suspend") and not suspended_by_workload:
             spec["suspend"] = True
     elif bool(have.get("suspend")) != suspend:
         spec["suspend"] = suspend
     meta: Obj = {}
     have_queue = ((existing.get("metadata") or {}).get("labels") or {}).get(KUEUE_QUEUE_LABEL)
     want_queue = ((desired.get("metadata") or {}).get("labels") or {}).get(KUEUE_QUEUE_LABEL)
+    if suspend and have_queue is None:
+        want_queue = None  # held back from Kueue until resumed (``to_create``)
     if have_queue != want_queue:
         meta["labels"] = {KUEUE_QUEUE_LABEL: want_queue}
     annotations: Obj = {}

@@ -64,7 +64,8 @@ async def reconcile_training_job(
 ) -> None:
     """Make the children match the spec, then fold their state into the status."""
     state = OperatorState.of(memo)
-    await reconcile.reconcile(state, Views.of(kw), body, ("dtj", namespace, name), uid, reason)
+    key = ("dtj", namespace, name)
+    await reconcile.reconcile(state, Views.of(kw), body, key, uid, reason, kw.get("retry", 0))
 
 
 @kopf.on.resume(api.GROUP, api.VERSION, MERGE_PLURAL)

@@ -62,6 +62,7 @@ class Kube:
         *,
         content_type: str = "application/json",
         parse: bool = True,
+        query: list[tuple[str, str]] | None = None,
     ) -> Any:
         """One call; the parsed JSON response (None when ``parse`` is false)."""
         headers: dict[str, str] = {"Accept": "application/json"}
@@ -69,7 +70,7 @@ class Kube:
         method, url, headers, _, _ = self.api_client.param_serialize(
             method=method,
             resource_path=path,
-            query_params=[],
+            query_params=list(query or ()),
             header_params=headers,
             auth_settings=["BearerToken"],
         )
@@ -110,6 +111,23 @@ class Kube:
         """Merge-patch a custom resource's status subresource."""
         path = custom(group, version, namespace, plural, name) + "/status"
         self.request("PATCH", path, {"status": status}, content_type=MERGE_PATCH, parse=False)
+
+    def list_custom(
+        self, group: str, version: str, namespace: str, plural: str, label_selector: str
+    ) -> list[Obj]:
+        """The custom objects of a namespace that match a label selector."""
+        path = f"/apis/{group}/{version}/namespaces/{quote(namespace)}/{plural}"
+        items: list[Obj] = self.request("GET", path, query=[("labelSelector", label_selector)])[
+            "items"
+        ]
+        return items
+
+    def patch_custom(
+        self, group: str, version: str, namespace: str, plural: str, name: str, patch: Obj
+    ) -> None:
+        """Merge-patch a custom resource."""
+        path = custom(group, version, namespace, plural, name)
+        self.request("PATCH", path, patch, content_type=MERGE_PATCH, parse=False)
 
     def nodes(self) -> list[Obj]:
         items: list[Obj] = self.request("GET", "/api/v1/nodes")["items"]

@@ -14,15 +14,23 @@ from difftrain_operator.views import Key, Views, owned_by, plain
 
 
 async def reconcile(
-    state: OperatorState, views: Views, body: kopf.Body, key: Key, uid: str, reason: str
+    state: OperatorState,
+    views: Views,
+    body: kopf.Body,
+    key: Key,
+    uid: str,
+    reason: str,
+    retry: int = 0,
 ) -> None:
-    """Run one reconcile: counted, timed, and known to be creating children while it runs."""
+    """Run one reconcile: counted, timed, and known to be creating children while it runs.
+
+    ``retry``: how many times Kopf retried this handler (its delays grow with it)."""
     kind = "DiffusionTrainingJob" if key[0] == "dtj" else "ModelMerge"
     if reason == "create":
         metrics.CREATED.labels(kind).inc()
     with state.refresher.creating(key), metrics.reconcile_timer(kind):
         if key[0] == "dtj":
-            await reconcile_training_job(state, views, body, key, uid)
+            await reconcile_training_job(state, views, body, key, uid, retry)
         else:
             await reconcile_merge(state, views, body, key, uid)
 
@@ -45,7 +53,7 @@ async def checked(
 
 
 async def reconcile_training_job(
-    state: OperatorState, views: Views, body: kopf.Body | Obj, key: Key, uid: str
+    state: OperatorState, views: Views, body: kopf.Body | Obj, key: Key, uid: str, retry: int = 0
 ) -> None:
     """Make a training job's children match its spec."""
     if (body.get("status") or {}).get("phase") in status.FINISHED:
@@ -70,6 +78,7 @@ async def reconcile_training_job(
             children,
             suspend=resource.spec.suspend,
             started=started,
+            retry=retry,
         )
     # the status follows shortly, in one write with what the Job controller does meanwhile
     state.refresher.schedule(views, key)

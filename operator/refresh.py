@@ -112,6 +112,7 @@ class StatusRefresher:
                     gpus_per_pod=spec.resources.gpus_per_worker,
                     queue_name=queue,
                     ran_before=status.has_started(current, pods),
+                    requeued=status.requeued(current),
                 )
             )
             stopped_by = None

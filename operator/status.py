@@ -52,6 +52,8 @@ class Observed:
     queue_name: str | None = None
     # whether its pods ran before (a Kueue-suspended Job was then preempted, not queued)
     ran_before: bool = False
+    # whether it waits for Kueue again after the user resumed it (queued, not preempted)
+    requeued: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ def fold(observed: Observed, at: dt.datetime | None = None) -> Folded:
         )
     if job.get("spec", {}).get("suspend") and observed.queue_name and not observed.suspend:
         # suspended by Kueue, not by the user: waiting for admission, or evicted after it
-        if observed.ran_before:
+        if observed.ran_before and not observed.requeued:
             return Folded(
                 "Suspended",
                 "Preempted",
@@ -354,7 +356,17 @@ def with_queued(
         return [c for c in conditions if c.get("type") != "Queued"]
     if folded.phase == "Queued" or folded.reason == "Preempted":
         return _set_condition(conditions, "Queued", "True", folded.reason, folded.message, at)
+    if folded.phase == "Suspended":  # the user's: Kueue does not admit it until resumed
+        return _set_condition(conditions, "Queued", "False", "Suspended", folded.message, at)
     return _set_condition(conditions, "Queued", "False", "Admitted", "", at)
+
+
+def requeued(current: Obj) -> bool:
+    """Whether a job Kueue holds now was last held by the user (suspended) or already queued:
+    it waits for admission again, it was not preempted."""
+    if current.get("phase") == "Queued":
+        return True
+    return current.get("phase") == "Suspended" and _reason(current, "Suspended") == "Suspended"
 
 
 def termination_message(pods: list[Obj]) -> str | None:

@@ -13,6 +13,7 @@ import difftrain_operator
 from difftrain_operator import startup
 from difftrain_operator.checks import ClusterChecks
 from difftrain_operator.children import ChildCreator
+from difftrain_operator.kueue import Workloads
 from difftrain_operator.metrics import PhaseTracker
 from difftrain_operator.refresh import StatusRefresher
 from difftrain_operator.status_writer import StatusWriter
@@ -24,6 +25,7 @@ STATE_CLASSES: tuple[type, ...] = (
     PhaseTracker,
     StatusRefresher,
     StatusWriter,
+    Workloads,
     startup.OperatorState,
 )
 
