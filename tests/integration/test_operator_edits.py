@@ -1,16 +1,15 @@
-"""Edits, Kueue and accounting against the real API server and controller-manager.
+"""Edits and accounting against the real API server and controller-manager (Kueue's admission
+and preemption are tested with the real Kueue in test_operator_kueue.py).
 
 As in test_operator_reconcile, nothing schedules or runs pods here: the tests move pod phases
-through the status subresource as a kubelet would, and flip a Job's suspend as Kueue's Job
-controller does (it keeps a queued Job suspended, un-suspends it on admission, and suspends it
-again on preemption, upon which the Job controller deletes its pods).
+through the status subresource as a kubelet would, and suspend a Job as a preemption does (upon
+which the Job controller deletes its pods).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import subprocess
-import time
 
 import pytest
 from kubernetes import client
@@ -236,70 +235,6 @@ def test_a_training_field_edit_before_any_pod_started_updates_the_config_map(
         _edit(kube_api, namespace, "early", {"hyperparameters": {"learningRate": 0.001}})
     assert refused.value.status == 422
     assert "spec.hyperparameters cannot change while the job runs" in str(refused.value.body)
-
-
-def test_kueue_owns_admission_and_a_preemption_shows_and_resumes(kube_api, namespace, operator):
-    _start(kube_api, namespace, "queued", queueName="team-a", resources={"gpusPerWorker": 2})
-    batch = client.BatchV1Api(kube_api)
-    job = _job(kube_api, namespace)
-    name = job.metadata.name
-    assert job.spec.suspend  # created suspended, for Kueue to admit
-    assert job.metadata.labels["kueue.x-k8s.io/queue-name"] == "team-a"
-    wait_for(lambda: _status(kube_api, namespace, "queued").get("phase") == "Queued", what="Queued")
-    queued = _condition(kube_api, namespace, "queued", "Queued")
-    assert (queued["status"], queued["reason"]) == ("True", "WaitingForAdmission")
-    assert "team-a" in queued["message"]
-    # an edit does not un-suspend it: Kueue alone admits
-    _edit(kube_api, namespace, "queued", {"backoffLimit": 5})
-    wait_for(
-        lambda: batch.read_namespaced_job(name, namespace).spec.backoff_limit == 5,
-        what="the edit on the queued Job",
-    )
-    time.sleep(2)
-    assert batch.read_namespaced_job(name, namespace).spec.suspend
-    assert _status(kube_api, namespace, "queued")["phase"] == "Queued"
-
-    # Kueue admits it
-    batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": False}})
-    pod = wait_for(lambda: _live_pods(kube_api, namespace), what="an admitted pod")[0]
-    _run_pod(kube_api, namespace, pod.metadata.name, started_minutes_ago=60)
-    _training(kube_api, namespace, "queued")
-    before = _status(kube_api, namespace, "queued")
-    assert _condition(kube_api, namespace, "queued", "Queued")["status"] == "False"
-    assert before["gpuHours"] == pytest.approx(2.0, abs=0.05)
-
-    # Kueue preempts it: suspends the Job, whose controller deletes the pods
-    batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": True}})
-    status = wait_for(
-        lambda: (s := _status(kube_api, namespace, "queued")).get("restarts") == 1 and s,
-        timeout=90,
-        what="the preemption counted",
-    )
-    assert status["phase"] == "Suspended"
-    assert status["lastRestartReason"] == "Preempted"
-    suspended = next(c for c in status["conditions"] if c["type"] == "Suspended")
-    assert suspended["reason"] == "Preempted"
-    assert "newest checkpoint" in suspended["message"]
-    assert _condition(kube_api, namespace, "queued", "Queued")["reason"] == "Preempted"
-    assert status["gpuHours"] >= before["gpuHours"]  # the deleted pod's hours are kept
-    time.sleep(2)
-    assert batch.read_namespaced_job(name, namespace).spec.suspend  # not resumed by the operator
-
-    # re-admitted: it runs again, same Job, same config (the trainer resumes from its checkpoint)
-    batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": False}})
-    again = wait_for(
-        lambda: _live_pods(kube_api, namespace, exclude={pod.metadata.name}), what="a new pod"
-    )[0]
-    _run_pod(kube_api, namespace, again.metadata.name, started_minutes_ago=30)
-    wait_for(
-        lambda: _status(kube_api, namespace, "queued").get("gpuHours", 0) >= 2.9,
-        what="GPU-hours of both pods",
-    )
-    final = _status(kube_api, namespace, "queued")
-    assert final["phase"] == "Running"
-    assert final["restarts"] == 1
-    assert final["estimatedCost"] == pytest.approx(final["gpuHours"] * PRICE, abs=0.02)
-    assert batch.read_namespaced_job(name, namespace).metadata.uid == job.metadata.uid
 
 
 def test_gpu_hours_and_restarts_only_grow(kube_api, namespace, operator):
