@@ -51,14 +51,19 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) 
 
 
 class BucketBatchSampler:
-    """A batch sampler whose batches each hold indices of one bucket.
+    """A batch sampler whose batches each hold indices of one bucket, every index once an epoch.
 
     ``sizes[i]`` is the bucket of item ``i`` (from :func:`nearest_bucket`). Each epoch shuffles
     every bucket and the order of the batches, deterministically from ``(seed, epoch)``, so all
     ranks agree on one global list of batches and each takes every ``num_replicas``-th of it.
-    With ``drop_last`` the incomplete batch of each bucket is left out and every rank gets
-    ``len(self)`` batches; without it, incomplete batches are kept and, when the count does not
-    divide by the ranks, the first batches are repeated so every rank still gets the same count.
+
+    Nothing is left out: a bucket's last batch holds what remains (fewer than ``batch_size``
+    images, so a bucket smaller than one batch is still trained). Every rank must run the same
+    number of batches, so when their count does not divide by ``num_replicas`` the largest
+    batches are split in two until it does, which keeps every image to once an epoch; only when
+    there are fewer images than batches to fill (a handful of images over many ranks) are some,
+    fewer than ``num_replicas``, repeated. The batches of an epoch depend only on the seed, the
+    epoch and the sizes, so a position (epoch, batch) is the same after a resume.
     """
 
     def __init__(
@@ -69,7 +74,6 @@ class BucketBatchSampler:
         seed: int,
         num_replicas: int = 1,
         rank: int = 0,
-        drop_last: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -79,27 +83,28 @@ class BucketBatchSampler:
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
-        self.drop_last = drop_last
         self.epoch = 0
         groups: dict[tuple[int, int], list[int]] = {}
         for index, (width, height) in enumerate(sizes):
             groups.setdefault((width, height), []).append(index)
-        self._groups = [groups[k] for k in sorted(groups)]
+        self._buckets = sorted(groups)
+        self._groups = [groups[k] for k in self._buckets]
 
     def set_epoch(self, epoch: int) -> None:
         """Use the shuffle of ``epoch`` (call before iterating, as with DistributedSampler)."""
         self.epoch = epoch
 
+    def bucket_counts(self) -> dict[tuple[int, int], int]:
+        """Images per bucket, (width, height) -> count, in the buckets' order."""
+        return {b: len(g) for b, g in zip(self._buckets, self._groups, strict=True)}
+
     def _total_batches(self) -> int:
-        if self.drop_last:
-            return sum(len(g) // self.batch_size for g in self._groups)
-        return sum(-(-len(g) // self.batch_size) for g in self._groups)
+        batches = sum(-(-len(g) // self.batch_size) for g in self._groups)
+        return -(-batches // self.num_replicas) * self.num_replicas
 
     def __len__(self) -> int:
-        total = self._total_batches()
-        if self.drop_last:
-            return total // self.num_replicas
-        return -(-total // self.num_replicas)
+        """Batches per rank and epoch."""
+        return self._total_batches() // self.num_replicas
 
     def _epoch_batches(self) -> list[list[int]]:
         rng = random.Random(f"difftrain-buckets:{self.seed}:{self.epoch}")
@@ -107,17 +112,22 @@ class BucketBatchSampler:
         for group in self._groups:
             order = group[:]
             rng.shuffle(order)
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start : start + self.batch_size]
-                if len(batch) == self.batch_size or not self.drop_last:
-                    batches.append(batch)
+            batches.extend(
+                order[start : start + self.batch_size]
+                for start in range(0, len(order), self.batch_size)
+            )
+        wanted = self._total_batches()
+        while batches and len(batches) < wanted:
+            largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+            batch = batches[largest]
+            if len(batch) < 2:  # fewer images than batches to fill: repeated below
+                break
+            half = -(-len(batch) // 2)
+            batches[largest : largest + 1] = [batch[:half], batch[half:]]
         rng.shuffle(batches)
+        if batches and len(batches) < wanted:
+            batches = (batches * (wanted // len(batches) + 1))[:wanted]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self._epoch_batches()
-        count = len(self)
-        if not self.drop_last and batches:
-            padded = count * self.num_replicas
-            batches = (batches * (padded // len(batches) + 1))[:padded]
-        yield from batches[self.rank :: self.num_replicas][:count]
+        yield from self._epoch_batches()[self.rank :: self.num_replicas]

@@ -385,19 +385,20 @@ def _sampler(
     instance = examples[: len(examples) - prior_count]
     sizes = [e.size for e in instance]
 
-    def make(drop_last: bool) -> Any:
-        return BucketBatchSampler(
-            sizes,
-            hp.batch_size,
-            seed=hp.seed,
-            num_replicas=acc.num_processes,
-            rank=acc.process_index,
-            drop_last=drop_last,
+    # Every image once an epoch: a bucket's last, smaller batch is trained too (see the sampler).
+    sampler = BucketBatchSampler(
+        sizes,
+        hp.batch_size,
+        seed=hp.seed,
+        num_replicas=acc.num_processes,
+        rank=acc.process_index,
+    )
+    if acc.is_main_process and spec.preprocessing.buckets.enabled:
+        counts = sampler.bucket_counts()
+        logger.info(
+            "buckets %s (every image once an epoch; a bucket's last batch may be smaller)",
+            " ".join(f"{w}x{h}={n}" for (w, h), n in counts.items()),
         )
-
-    sampler = make(True)
-    if len(sampler) == 0:
-        sampler = make(False)  # fewer images than one batch per process: use what there is
     if prior_count:
         return PriorPairedSampler(sampler, len(instance), prior_count, seed=hp.seed)
     return sampler
