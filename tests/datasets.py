@@ -264,3 +264,79 @@ def dirty_dataset() -> DirtyDataset:
         kept=len(pairs) - sum(dropped.values()),
         truncated=1,
     )
+
+
+def animated_gif(seeds: Iterable[int], size: tuple[int, int] = (128, 128)) -> bytes:
+    """An animated GIF, one synthetic frame per seed."""
+    frames = [synthetic_image(s, size) for s in seeds]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class MixedDataset:
+    """A folder dataset holding every kind of file a user's upload may have, and what the report
+    must say of it: each file counted once, an image with its caption file as one."""
+
+    files: dict[str, bytes]  # relative path -> bytes
+    dropped: dict[str, int]
+    examples: dict[str, list[str]]
+    notes: dict[str, int]
+    kept: list[str]  # keys, sorted
+    total: int
+
+
+def mixed_dataset() -> MixedDataset:
+    """Images in every format Pillow reads here (an animated GIF among them), an ICO named .png,
+    a caption without an image, files that are no image at all, and two unreadable images."""
+    from difftrain.data.images import AVIF
+
+    def caption(i: int) -> bytes:
+        return f"a mixed format photo number {i}".encode()
+
+    images = {
+        "a.jpg": jpeg(300),
+        "b.png": encode(synthetic_image(301), "PNG"),
+        "c.gif": encode(synthetic_image(302), "GIF"),
+        "d_animated.gif": animated_gif([303, 304, 305]),
+        "e.bmp": encode(synthetic_image(306), "BMP"),
+        "f.tif": encode(synthetic_image(307), "TIFF"),
+        "g.tiff": encode(synthetic_image(308, mode="CMYK"), "TIFF"),
+        "h.webp": encode(synthetic_image(309), "WEBP"),
+        "i.avif": encode(synthetic_image(310), "AVIF") if AVIF else b"not decodable here",
+        "j_icon.png": encode(synthetic_image(311, (64, 64)), "ICO"),
+        "k_text.jpg": b"a text file named .jpg\n",
+        "l_cut.gif": encode(synthetic_image(312), "GIF")[:200],
+    }
+    files = dict(images)
+    files.update({f"{_stem(name)}.txt": caption(i) for i, name in enumerate(images)})
+    files.update(
+        {
+            "orphan.txt": caption(99),
+            "sub/another orphan.txt": caption(98),
+            "README.md": b"# my dataset\n",
+            "labels.csv": b"file,label\na.jpg,1\n",
+            "clip.mp4": b"\x00\x00\x00\x18ftypmp42",
+            "photo.heic": b"\x00\x00\x00\x18ftypheic",
+        }
+    )
+    kept = ["a", "b", "c", "d_animated", "e", "f", "g", "h"] + (["i"] if AVIF else [])
+    unsupported = ["README.md", "clip.mp4", "j_icon", "labels.csv", "photo.heic"]
+    orphans = ["orphan.txt", "sub/another orphan.txt"]
+    if not AVIF:  # .avif is then no image file: counted unread, and its caption has no image
+        unsupported = sorted([*unsupported, "i.avif"])
+        orphans = sorted([*orphans, "i.txt"])
+    dropped = {
+        "unsupported_format": len(unsupported),
+        "orphan_caption": len(orphans),
+        "corrupt": 2,
+    }
+    examples = {
+        "unsupported_format": unsupported[:5],
+        "orphan_caption": orphans,
+        "corrupt": ["k_text", "l_cut"],
+        "first_frame_only": ["d_animated"],
+    }
+    total = len(kept) + sum(dropped.values())
+    return MixedDataset(files, dropped, examples, {"first_frame_only": 1}, sorted(kept), total)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from difftrain.data.images import ImageError, decode, decode_rgb
+from difftrain.data.images import AVIF, ImageError, UnsupportedFormatError, decode, decode_rgb
 from tests.datasets import encode, jpeg, synthetic_image
 
 
@@ -102,5 +104,29 @@ def test_text_file_named_jpg_is_an_image_error():
 
 
 def test_other_formats_are_refused_by_name():
-    with pytest.raises(ImageError, match=r"anim\.gif: GIF images are not supported"):
-        decode_rgb(encode(synthetic_image(6, (16, 16)), "GIF"), "anim.gif")
+    with pytest.raises(UnsupportedFormatError, match=r"icon\.png: ICO images are not supported"):
+        decode_rgb(encode(synthetic_image(6, (16, 16)), "ICO"), "icon.png")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode"),
+    [("GIF", "RGB"), ("BMP", "RGB"), ("TIFF", "RGB"), ("TIFF", "CMYK"), ("AVIF", "RGB")],
+)
+def test_gif_bmp_tiff_and_avif_are_decoded(fmt, mode):
+    if fmt == "AVIF" and not AVIF:
+        pytest.skip("this Pillow has no AVIF support")
+    image = synthetic_image(7, (48, 40), mode)
+    out = decode(encode(image, fmt), f"x.{fmt.lower()}")
+    assert (out.width, out.height, out.frames, out.image.mode) == (48, 40, 1, "RGB")
+    expected = np.asarray(image.convert("RGB"), np.float64)
+    tolerance = 12 if fmt in ("GIF", "AVIF") else 1  # GIF: a 256-colour palette; AVIF: lossy
+    assert np.abs(np.asarray(out.image, np.float64) - expected).mean() < tolerance
+
+
+def test_an_animated_gif_gives_its_first_frame_and_counts_the_frames():
+    frames = [Image.new("RGB", (32, 24), c) for c in [(255, 0, 0), (0, 0, 255), (0, 255, 0)]]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=50)
+    out = decode(buf.getvalue(), "anim.gif")
+    assert out.frames == 3
+    assert out.image.getpixel((5, 5)) == (255, 0, 0)

@@ -63,7 +63,9 @@ def test_hidden_files_and_folders_are_not_part_of_the_dataset(tmp_path):
     put_files(
         tmp_path, {".difftrain-cache/x.jpg": jpeg(1), "._img000.jpg": b"mac", "notes.md": b""}
     )
-    assert [p.key for p in read(tmp_path)] == ["img000", "img001"]
+    got = read(tmp_path)
+    assert [p.key for p in got] == ["img000", "img001", "notes.md"]  # notes.md: counted, unread
+    assert [p.skipped for p in got] == [None, None, "unsupported_format"]
 
 
 def test_two_images_with_one_stem_keep_unique_keys(tmp_path):
@@ -89,12 +91,14 @@ def test_jsonl_reads_file_name_and_the_caption_column(tmp_path):
     assert got[3].caption is None
 
 
-def test_jsonl_row_naming_a_missing_image_is_kept_as_an_unreadable_pair(tmp_path):
+def test_jsonl_row_naming_a_missing_image_is_counted_as_missing_not_read(tmp_path):
     write_jsonl_dataset(tmp_path, clean_pairs(1))
     meta = tmp_path / "metadata.jsonl"
     meta.write_text(meta.read_text() + json.dumps({"file_name": "gone.jpg", "text": "x y"}) + "\n")
     got = {p.key: p for p in read(tmp_path)}
-    assert got["gone"].data == b"" and got["gone"].caption == "x y"
+    assert got["gone"].skipped == "missing_image" and got["gone"].caption == "x y"
+    assert got["gone"].name == str(tmp_path / "gone.jpg")
+    assert got["img000"].skipped is None
 
 
 def test_jsonl_wrong_caption_column_is_named_with_the_columns_found(tmp_path):
@@ -133,12 +137,12 @@ def test_webdataset_groups_members_by_key_across_shards(tmp_path, caption_ext):
     assert got[4].name == f"{tmp_path}/shard-00001.tar#img004.jpg"
 
 
-def test_webdataset_sample_without_an_image_is_kept_as_unreadable(tmp_path):
+def test_webdataset_sample_without_an_image_is_counted_as_an_orphan_caption(tmp_path):
     put_files(tmp_path, {"s.tar": tar_bytes([("a.txt", b"orphan caption"), ("b.jpg", jpeg(1))])})
     got = read(tmp_path)
-    assert [(p.key, p.data == b"", p.caption) for p in got] == [
-        ("s/a", True, "orphan caption"),
-        ("s/b", False, None),
+    assert [(p.key, p.skipped, p.caption) for p in got] == [
+        ("s/a", "orphan_caption", "orphan caption"),
+        ("s/b", None, None),
     ]
 
 

@@ -302,17 +302,33 @@ class DiffusionTrainingJobSpec(APIModel):
 class DatasetReport(APIModel):
     """What the cleaning kept and dropped."""
 
-    total: int = Field(default=0, ge=0, description="Pairs found.")
+    total: int = Field(
+        default=0,
+        ge=0,
+        description="Everything found, each counted once: images (with their caption file), "
+        "shard samples, and every other file; always kept plus the sum of dropped.",
+    )
     kept: int = Field(default=0, ge=0, description="Pairs kept for training.")
-    dropped: dict[str, int] = Field(default_factory=dict, description="Pairs dropped, by reason.")
+    dropped: dict[str, int] = Field(
+        default_factory=dict,
+        description="What was not kept, by reason: unsupported_format, orphan_caption, "
+        "missing_image, not_in_metadata, corrupt, too_small, extreme_aspect_ratio, "
+        "missing_caption, empty_caption, short_caption, banned_words, exact_duplicate, "
+        "near_duplicate, missing_conditioning.",
+    )
+    notes: dict[str, int] = Field(
+        default_factory=dict,
+        description="Kept pairs used with a change, by kind: first_frame_only (an animated or "
+        "multi-page image, trained on its first frame).",
+    )
     truncated_captions: int = Field(
         default=0, ge=0, description="Captions longer than the text encoder's context."
     )
     augmented: int = Field(default=0, ge=0, description="Boomerang variants added.")
     examples: dict[str, Annotated[list[ShortText], Field(max_length=5)]] = Field(
         default_factory=dict,
-        description="The first few keys (at most 5) of the pairs dropped for each reason, so "
-        "they can be found and fixed.",
+        description="The first few keys (at most 5) dropped for each reason and kept with each "
+        "note, so they can be found and fixed.",
     )
 
 

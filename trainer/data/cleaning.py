@@ -1,9 +1,13 @@
 """Cleaning: every pair is kept or dropped for one named reason, and every drop is counted.
 
-Checks run in this order, and a pair is dropped for the first that fails (so each pair has
-exactly one reason):
+Every file of the dataset is counted once (an image and its caption file as one pair): files the
+source does not read are reported under the reason the listing gave them (``unsupported_format``,
+``orphan_caption``, ``missing_image``, ``not_in_metadata``; see :data:`REASONS`), so ``total`` is
+always ``kept`` plus the sum of ``dropped``. Checks run in this order, and a pair is dropped for
+the first that fails (so each pair has exactly one reason):
 
-1. ``corrupt``: unreadable, truncated or not an image (a text file named ``.jpg``);
+1. ``unsupported_format``: an image Pillow reads in a format difftrain does not train on;
+   ``corrupt``: unreadable, truncated or not an image (a text file named ``.jpg``);
 2. ``too_small``: the shorter side is under ``minResolution``;
 3. ``extreme_aspect_ratio``: long side / short side over ``maxAspectRatio``;
 4. ``missing_caption`` / ``empty_caption`` / ``short_caption``: no caption file or column, a
@@ -18,6 +22,9 @@ Duplicates are only compared with pairs that were kept, in key order, so the fir
 wins and a copy of a dropped pair is not dropped for being a copy. Decoding and hashing run in a
 thread pool (Pillow, hashlib and numpy release the GIL); the decisions are taken in key order in
 one thread, so the result does not depend on the number of workers.
+
+A kept animated or multi-page image is trained on its first frame and counted in
+``notes["first_frame_only"]`` (with example keys), so nothing is changed without a word.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import imagehash
 import numpy as np
 
 from difftrain.api import CleaningSpec, DatasetReport, DatasetSpec
-from difftrain.data.images import ImageError, decode
+from difftrain.data.images import SUPPORTED, ImageError, UnsupportedFormatError, decode
 from difftrain.data.pairs import CleanPair, RawPair
 from difftrain.data.parallel import ordered_map
 from difftrain.data.sources import iter_pairs
@@ -43,6 +50,10 @@ from difftrain.storage import FILE_MANIFEST_SUFFIX, Store, commit_file, join, sc
 logger = logging.getLogger(__name__)
 
 REASONS: dict[str, str] = {
+    "unsupported_format": f"neither an image ({SUPPORTED}) nor a caption this layout reads",
+    "orphan_caption": "a caption file (or shard sample) without an image",
+    "missing_image": "named by metadata.jsonl but not in the dataset",
+    "not_in_metadata": "an image that no metadata.jsonl row names",
     "corrupt": "unreadable, truncated or not an image",
     "too_small": "shorter side under cleaning.minResolution",
     "extreme_aspect_ratio": "long side / short side over cleaning.maxAspectRatio",
@@ -52,6 +63,10 @@ REASONS: dict[str, str] = {
     "banned_words": "caption contains one of cleaning.bannedWords",
     "exact_duplicate": "same bytes as a pair kept earlier",
     "near_duplicate": "perceptual hash within cleaning.nearDuplicateDistance of a kept pair",
+}
+# Kept pairs used with a change the user should know of.
+NOTES: dict[str, str] = {
+    "first_frame_only": "animated or multi-page image: only its first frame is trained",
 }
 MAX_EXAMPLES = 5
 MAX_KEY_LENGTH = 253  # DatasetReport.examples entries are ShortText
@@ -77,22 +92,35 @@ class _Probe:
     pair: RawPair
     sha256: str
     error: str | None = None
+    reason: str | None = None  # why it cannot be used at all (with error): a key of REASONS
     width: int = 0
     height: int = 0
     phash: int | None = None
+    frames: int = 1
 
 
 def _probe(pair: RawPair, *, with_phash: bool) -> _Probe:
+    if pair.skipped is not None:  # counted from the listing, never read
+        return _Probe(pair, "", error=REASONS[pair.skipped], reason=pair.skipped)
     digest = hashlib.sha256(pair.data).hexdigest()
     try:
         decoded = decode(pair.data, pair.name, draft=HASH_DECODE_SIZE)
+    except UnsupportedFormatError as exc:
+        return _Probe(pair, digest, error=str(exc), reason="unsupported_format")
     except ImageError as exc:
-        return _Probe(pair, digest, error=str(exc))
+        return _Probe(pair, digest, error=str(exc), reason="corrupt")
     phash = None
     if with_phash:
         bits = imagehash.phash(decoded.image).hash.flatten()
         phash = int.from_bytes(np.packbits(bits).tobytes(), "big")
-    return _Probe(pair, digest, width=decoded.width, height=decoded.height, phash=phash)
+    return _Probe(
+        pair,
+        digest,
+        width=decoded.width,
+        height=decoded.height,
+        phash=phash,
+        frames=decoded.frames,
+    )
 
 
 class HammingIndex:
@@ -150,8 +178,8 @@ class _Cleaner:
     def verdict(self, probe: _Probe) -> tuple[str | None, str]:
         """(reason or None, the caption to keep)."""
         spec = self.spec
-        if probe.error is not None:
-            return "corrupt", ""
+        if probe.reason is not None:
+            return probe.reason, ""
         short, long = sorted((probe.width, probe.height))
         if short < spec.min_resolution:
             return "too_small", ""
@@ -199,8 +227,15 @@ def clean(
     probe = partial(_probe, with_phash=spec.near_duplicate_distance > 0)
     kept: list[CleanPair] = []
     dropped: dict[str, int] = {}
+    notes: dict[str, int] = {}
     examples: dict[str, list[str]] = {}
     truncated = seen = 0
+
+    def example(name: str, key: str) -> None:
+        keys = examples.setdefault(name, [])
+        if len(keys) < MAX_EXAMPLES:
+            keys.append(key[:MAX_KEY_LENGTH])
+
     probes: Iterator[_Probe] = ordered_map(probe, pairs, workers=workers, name="difftrain-clean")
     try:
         for result in probes:
@@ -209,9 +244,7 @@ def clean(
             pair = result.pair
             if reason is not None:
                 dropped[reason] = dropped.get(reason, 0) + 1
-                keys = examples.setdefault(reason, [])
-                if len(keys) < MAX_EXAMPLES:
-                    keys.append(pair.key[:MAX_KEY_LENGTH])
+                example(reason, pair.key)
                 logger.debug(
                     "pair dropped",
                     extra={"key": pair.key, "reason": reason, "detail": result.error or ""},
@@ -219,6 +252,9 @@ def clean(
             else:
                 if count_tokens is not None and max_tokens is not None:
                     truncated += count_tokens(caption) > max_tokens
+                if result.frames > 1:
+                    notes["first_frame_only"] = notes.get("first_frame_only", 0) + 1
+                    example("first_frame_only", pair.key)
                 kept.append(
                     CleanPair(
                         pair.key,
@@ -239,12 +275,14 @@ def clean(
         if close is not None:
             close()
     ordered = {r: dropped[r] for r in REASONS if r in dropped}
+    noted = {n: notes[n] for n in NOTES if n in notes}
     report = DatasetReport(
         total=seen,
         kept=len(kept),
         dropped=ordered,
+        notes=noted,
         truncated_captions=truncated,
-        examples={r: examples[r] for r in ordered},
+        examples={r: examples[r] for r in (*ordered, *noted)},
     )
     logger.info(
         "dataset cleaned", extra={"total": seen, "kept": len(kept), "dropped": json.dumps(ordered)}
@@ -309,15 +347,29 @@ def format_report(result: CleaningResult) -> str:
         f"{'dropped':<{width}}{sum(report.dropped.values()):>8}",
     ]
     for reason, count in report.dropped.items():
-        keys = ", ".join(result.examples.get(reason, []))
-        if count > len(result.examples.get(reason, [])):
-            keys += ", ..."
-        lines.append(f"  {reason:<{width - 2}}{count:>8}   {_shorten(keys, 70)}")
+        lines.append(_reason_line(reason, count, result.examples, width))
+    for note, count in report.notes.items():
+        lines.append(_reason_line(note, count, result.examples, width, indent=""))
     if result.tokens_counted:  # without the model's tokenizer there is nothing to report
         lines.append(f"{'truncated captions':<{width}}{report.truncated_captions:>8}")
     if report.augmented:
         lines.append(f"{'augmented':<{width}}{report.augmented:>8}")
+    meanings = {**REASONS, **NOTES}
+    shown = [r for r in (*report.dropped, *report.notes) if r in meanings]
+    if shown:
+        lines.append("")
+        lines.extend(f"{r}: {meanings[r]}" for r in shown)
     return "\n".join(lines)
+
+
+def _reason_line(
+    name: str, count: int, examples: dict[str, list[str]], width: int, indent: str = "  "
+) -> str:
+    keys = ", ".join(examples.get(name, []))
+    if count > len(examples.get(name, [])):
+        keys += ", ..."
+    label = f"{indent}{name}"
+    return f"{label:<{width}}{count:>8}   {_shorten(keys, 70)}"
 
 
 def _shorten(text: str, width: int) -> str:

@@ -18,6 +18,9 @@ class RawPair:
     name: str  # the file (or shard member) the user recognises
     data: bytes  # encoded image bytes
     caption: str | None  # None when the pair has no caption file or column
+    # Set when the file is counted but never read: a reason of cleaning.REASONS decided from the
+    # listing (unsupported_format, orphan_caption, missing_image, not_in_metadata).
+    skipped: str | None = None
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,15 @@ Layouts (``dataset.format``):
   ``n02085620-`` or index ``001.`` removed, underscores as spaces);
 - ``auto``: detected from the files found.
 
-Files and folders whose names start with a dot are never part of a dataset (caches, partial
-uploads, macOS metadata). Pairs come out in a deterministic order (sorted keys; shards in name
-order, members in archive order) whatever order the parallel reads finish in.
+Images are JPEG, PNG, WebP, GIF, BMP, TIFF (and AVIF where Pillow has it; see
+:data:`difftrain.data.images.EXTENSIONS`). Every other file is still yielded, unread, as a pair
+with ``skipped`` set, so cleaning counts it: a caption file no image uses (``orphan_caption``), a
+file of any other kind (``unsupported_format``), and with ``jsonl`` a row naming a file that is
+not there (``missing_image``) or an image no row names (``not_in_metadata``); ``metadata.jsonl``
+itself is the layout's index, not counted. Files and folders whose names start with a dot are
+never part of a dataset (caches, partial uploads, macOS metadata). Pairs come out in a
+deterministic order (sorted keys; shards in name order, members in archive order) whatever order
+the parallel reads finish in.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from difftrain.api import DatasetSpec
+from difftrain.data.images import EXTENSIONS as IMAGE_EXTENSIONS
 from difftrain.data.pairs import CleanPair, DatasetError, RawPair, caption_text, caption_value
 from difftrain.data.parallel import ordered_map
 from difftrain.data.webdataset import SHARD_EXTENSIONS, prefetch, shard_key, shard_pairs
@@ -35,7 +42,7 @@ from difftrain.storage import Store, is_s3, split_s3
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+CAPTION_EXTENSIONS = (".txt",)
 METADATA_NAME = "metadata.jsonl"
 FORMATS = ("folder", "jsonl", "webdataset", "classes")
 
@@ -55,6 +62,7 @@ class _Job:
     image: str | None  # relative path; None when the image is missing
     caption: str | None = None
     caption_file: str | None = None
+    skipped: str | None = None  # counted, not read: the reason (``image`` is the file counted)
 
 
 def _where(spec: DatasetSpec, store: Store) -> str:
@@ -137,10 +145,10 @@ def iter_pairs(spec: DatasetSpec, store: Store, *, workers: int = 8) -> Iterator
     fmt = _detect(spec, listing, where)
     logger.info("reading dataset", extra={"uri": spec.uri, "format": fmt})
     if fmt == "webdataset":
-        shards = [(listing.uri(f), shard_key(f)) for f in listing.files if _is_shard(f)]
-        if not shards:
+        if not any(_is_shard(f) for f in listing.files):
             raise DatasetError(f"{where} has no .tar shards: set dataset.format or fix the prefix")
-        return prefetch(shard_pairs(store, shards, spec.caption_column), depth=max(16, workers * 4))
+        entries = _webdataset_entries(store, listing, spec.caption_column)
+        return prefetch(entries, depth=max(16, workers * 4))
     if fmt == "jsonl":
         jobs = _jsonl_jobs(spec, store, listing, where)
     elif fmt == "classes":
@@ -150,13 +158,22 @@ def iter_pairs(spec: DatasetSpec, store: Store, *, workers: int = 8) -> Iterator
     return ordered_map(lambda job: _read_job(store, listing, job), jobs, workers=workers)
 
 
+def _webdataset_entries(store: Store, listing: _Listing, column: str) -> Iterator[RawPair]:
+    """The shards' samples and, in name order among them, every other file, counted unread."""
+    for rel in listing.files:
+        if _is_shard(rel):
+            yield from shard_pairs(store, [(listing.uri(rel), shard_key(rel))], column)
+        else:
+            yield RawPair(rel, listing.uri(rel), b"", None, skipped=_leftover_reason(rel))
+
+
 def _read_job(store: Store, listing: _Listing, job: _Job) -> RawPair:
+    if job.skipped is not None or job.image is None:
+        name = listing.uri(job.image if job.image is not None else job.key)
+        return RawPair(job.key, name, b"", job.caption, skipped=job.skipped or "missing_image")
     caption = job.caption
     if job.caption_file is not None:
         caption = caption_text(store.get_bytes(listing.uri(job.caption_file)))
-    if job.image is None:
-        # Named by metadata.jsonl but absent: counted as corrupt (unreadable), never skipped.
-        return RawPair(job.key, listing.uri(job.key), b"", caption)
     uri = listing.uri(job.image)
     return RawPair(job.key, uri, store.get_bytes(uri), caption)
 
@@ -174,14 +191,28 @@ def _image_keys(images: list[str]) -> dict[str, str]:
     return {f: _stem(f) if stems[_stem(f)] == 1 else f for f in images}
 
 
+def _is_caption(rel: str) -> bool:
+    return rel.lower().endswith(CAPTION_EXTENSIONS)
+
+
+def _leftover_reason(rel: str) -> str:
+    return "orphan_caption" if _is_caption(rel) else "unsupported_format"
+
+
+def _leftovers(listing: _Listing, used: set[str]) -> list[_Job]:
+    """A job for each file no pair reads, counted under its reason, keyed by its path."""
+    return [_Job(f, f, skipped=_leftover_reason(f)) for f in listing.files if f not in used]
+
+
 def _folder_jobs(listing: _Listing, where: str) -> list[_Job]:
     images = [f for f in listing.files if _is_image(f)]
     if not images:
         raise DatasetError(f"{where} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    captions = {_stem(f): f for f in listing.files if f.endswith(".txt")}
+    captions = {_stem(f): f for f in listing.files if _is_caption(f)}
     keys = _image_keys(images)
     jobs = [_Job(keys[f], f, caption_file=captions.get(_stem(f))) for f in images]
-    return sorted(jobs, key=lambda j: j.key)
+    used = set(images) | {j.caption_file for j in jobs if j.caption_file is not None}
+    return sorted(jobs + _leftovers(listing, used), key=lambda j: j.key)
 
 
 _CLASS_PREFIX = re.compile(r"^(n\d{8}-|\d+[._-])")
@@ -211,7 +242,7 @@ def _class_jobs(spec: DatasetSpec, listing: _Listing, where: str) -> list[_Job]:
         # An image outside any class folder has no caption: dropped and reported, not guessed.
         caption = template.replace("{class}", class_name(folder)) if folder else None
         jobs.append(_Job(keys[f], f, caption=caption))
-    return sorted(jobs, key=lambda j: j.key)
+    return sorted(jobs + _leftovers(listing, set(images)), key=lambda j: j.key)
 
 
 def _jsonl_jobs(spec: DatasetSpec, store: Store, listing: _Listing, where: str) -> list[_Job]:
@@ -244,15 +275,22 @@ def _jsonl_jobs(spec: DatasetSpec, store: Store, listing: _Listing, where: str) 
             rel = f"{folder}/{row['file_name']}" if folder else row["file_name"]
             rel = rel.removeprefix("./")
             key = _stem(rel)
-            jobs[key] = _Job(
-                key, rel if rel in present else None, caption=caption_value(row.get(column))
-            )
+            caption = caption_value(row.get(column))
+            missing = None if rel in present else "missing_image"
+            jobs[key] = _Job(key, rel, caption=caption, skipped=missing)
     if jobs and not found_column:
         raise DatasetError(
             f"{where}: no row of {METADATA_NAME} has the caption column {column!r} (columns: "
             f"{', '.join(sorted(columns))}); set dataset.captionColumn"
         )
-    return [jobs[k] for k in sorted(jobs)]
+    named = {j.image for j in jobs.values() if j.image is not None}
+    unnamed = [
+        _Job(f, f, skipped="not_in_metadata")
+        for f in listing.files
+        if _is_image(f) and f not in named
+    ]
+    used = named | set(metas) | {j.image for j in unnamed if j.image is not None}
+    return sorted([*jobs.values(), *unnamed, *_leftovers(listing, used)], key=lambda j: j.key)
 
 
 __all__ = [

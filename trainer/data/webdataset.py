@@ -3,7 +3,8 @@
 A sample is the run of consecutive members sharing a key (``dir/000123.jpg``, ``dir/000123.txt``:
 key ``dir/000123``, the part of the name before the first dot), as WebDataset writes them. The
 caption comes from ``.txt``, ``.caption`` or ``.json`` (its caption column, ``caption`` or
-``text``), in that order of preference.
+``text``), in that order of preference. A sample without an image member is still yielded, unread,
+with ``skipped`` set: ``orphan_caption`` when it holds only captions, else ``unsupported_format``.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import IO
 
+from difftrain.data.images import EXTENSIONS
 from difftrain.data.pairs import DatasetError, RawPair, caption_text, caption_value
 from difftrain.storage import Store
 
 SHARD_EXTENSIONS = (".tar.gz", ".tgz", ".tar")  # longest first: the suffix is cut off the key
 CAPTION_EXTENSIONS = ("txt", "caption", "json")  # in order of preference
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = tuple(e.removeprefix(".") for e in EXTENSIONS)
 
 
 def shard_key(rel: str) -> str:
@@ -91,8 +93,11 @@ def _sample(prefix: str, uri: str, key: str, members: dict[str, bytes], column: 
         if caption is not None:
             break
     name = f"{uri}#{key}.{image_ext or next(iter(members))}"
-    data = members[image_ext] if image_ext else b""  # a sample without an image: reported corrupt
-    return RawPair(f"{prefix}/{key}", name, data, caption)
+    if image_ext is None:  # counted, not read: a caption without an image, or something else
+        only_captions = all(e in CAPTION_EXTENSIONS for e in members)
+        reason = "orphan_caption" if only_captions else "unsupported_format"
+        return RawPair(f"{prefix}/{key}", name, b"", caption, skipped=reason)
+    return RawPair(f"{prefix}/{key}", name, members[image_ext], caption)
 
 
 _END = object()

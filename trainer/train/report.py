@@ -74,7 +74,7 @@ class ConsoleReporter:
             self.bar = tqdm(total=total_steps, desc="training", unit="step", file=sys.stderr)
 
     def dataset(self, report: DatasetReport) -> None:
-        dropped = ", ".join(f"{k}={v}" for k, v in sorted(report.dropped.items())) or "none"
+        dropped = ", ".join(f"{k}={v}" for k, v in report.dropped.items()) or "none"
         logger.info(
             "dataset total=%d kept=%d augmented=%d dropped: %s",
             report.total,
@@ -82,6 +82,9 @@ class ConsoleReporter:
             report.augmented,
             dropped,
         )
+        for reason, keys in report.examples.items():  # where to look, for each reason and note
+            count = report.dropped.get(reason, report.notes.get(reason, 0))
+            logger.info("dataset %s=%d e.g. %s", reason, count, ", ".join(keys))
 
     def progress(self, progress: Progress) -> None:
         if self.bar is not None:
