@@ -30,7 +30,11 @@ link_ready() {
 
 # build_go NAME VERSIONDIR CMD...: run CMD (which writes NAME into $tmp) unless the binary is cached.
 build_go() {
-  local name=$1 vdir="$cache/$2"; shift 2
+  local name=$1 vdir="$cache/$2" lock; shift 2
+  if [ ! -x "$vdir/$name" ] && ! link_ready "$name"; then
+    # Several test runs on one machine build a binary once: the others wait here for it.
+    exec {lock}>"$cache/.lock-$name" && flock "$lock"
+  fi
   if [ ! -x "$vdir/$name" ] && ! link_ready "$name"; then
     log "building $name into $vdir (first run on this machine; this takes minutes)"
     local tmp; tmp="$(mktemp -d "$cache/.build.XXXXXX")"
@@ -39,6 +43,7 @@ build_go() {
     mkdir -p "$vdir" && mv "$tmp/$name" "$vdir/$name" && rm -rf "$tmp"
     log "built $name in $((SECONDS - start))s"
   fi
+  if [ -n "${lock:-}" ]; then exec {lock}>&-; fi
   if [ -x "$vdir/$name" ]; then ln -sf "$vdir/$name" "$out/$name"; fi
 }
 
