@@ -17,6 +17,8 @@ from tests.datasets import (
     clean_pairs,
     dirty_dataset,
     jpeg,
+    mixed_dataset,
+    put_files,
     write_class_dataset,
     write_folder_dataset,
     write_jsonl_dataset,
@@ -187,3 +189,41 @@ def test_cli_failures_are_one_line_with_exit_3(s3, monkeypatch, capsys, where, s
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("dataset check: ")
     assert message.format(endpoint=s3.endpoint) in lines[0]
+
+
+def test_report_over_a_mixed_bucket_counts_every_object(s3, monkeypatch, capsys):
+    """Every object under the prefix ends up kept or under one reason, from MinIO as from a
+    folder; GIF, BMP, TIFF, WebP (and AVIF) are read; `dataset check` prints each reason."""
+    mixed = mixed_dataset()
+    dest = S3Location(s3.client(), s3.bucket, "mixed")
+    put_files(dest, mixed.files)
+    uri = dest.uri()
+    store = store_for(s3)
+    objects = list(store.list(f"{uri}/"))
+    assert len(objects) == len(mixed.files)
+    result = load_dataset(spec(uri, cleaning={"minResolution": 64, "minCaptionWords": 2}), store)
+    report = result.report
+    assert sorted(p.key for p in result.pairs) == mixed.kept
+    assert report.dropped == mixed.dropped and report.notes == mixed.notes
+    assert report.examples == mixed.examples
+    captions_paired = sum(1 for k in mixed.files if k.endswith(".txt")) - mixed.dropped.get(
+        "orphan_caption", 0
+    )
+    # each object once: an image with its caption file as one, every other object on its own
+    assert report.total == len(objects) - captions_paired == mixed.total
+    assert report.total == report.kept + sum(report.dropped.values())
+
+    code, out, err = cli_check(
+        s3, monkeypatch, capsys, uri, None, "--min-resolution", "64", "--min-caption-words", "2"
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    assert [x.split() for x in lines[1:3]] == [
+        ["total", str(mixed.total)],
+        ["kept", str(len(mixed.kept))],
+    ]
+    for reason, count in mixed.dropped.items():
+        (line,) = [x for x in lines if x.strip().startswith(reason + " ")]
+        assert line.split()[1] == str(count)
+        assert any(x.startswith(f"{reason}: ") for x in lines)  # and what it means
+    assert "first_frame_only" in out and "d_animated" in out

@@ -213,3 +213,24 @@ def test_for_any_mix_of_files_total_is_kept_plus_every_drop(kinds):
         report = load_dataset(spec, LocalStore()).report
     assert report.total == report.kept + sum(report.dropped.values()) == len(kinds) + 1
     assert {"kept": report.kept, **report.dropped} == expected
+
+
+def test_dataset_check_prints_and_writes_every_reason(tmp_path, capsys):
+    from difftrain.cli import main
+
+    mixed = mixed_dataset()
+    put_files(tmp_path / "data", mixed.files)
+    flags = ["--min-resolution", "64", "--min-caption-words", "2"]
+    assert main(["dataset", "check", str(tmp_path / "data"), *flags]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[1].split() == ["total", str(mixed.total)]
+    for reason, count in mixed.dropped.items():
+        (line,) = [x for x in lines if x.startswith(f"  {reason} ")]
+        assert line.split()[1] == str(count)
+        assert f"{reason}: {REASONS[reason]}" in lines
+    (note,) = [x for x in lines if x.startswith("first_frame_only ")]
+    assert note.split()[1:] == ["1", "d_animated"]
+    assert main(["dataset", "check", str(tmp_path / "data"), *flags, "--json"]) == 0
+    wire = json.loads(capsys.readouterr().out)
+    assert wire["notes"] == {"first_frame_only": 1} and wire["dropped"] == mixed.dropped
