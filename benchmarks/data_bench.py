@@ -100,6 +100,7 @@ def pipeline(uri: str, store: Store, resolution: int, workers: int) -> Run:
     """Sources + cleaning + transforms."""
     from difftrain.api import DatasetSpec, PreprocessingSpec
     from difftrain.data import ImageTransform, load_dataset
+    from difftrain.data.image_bytes import read_image
     from difftrain.data.parallel import ordered_map
 
     spec = DatasetSpec.model_validate({"uri": uri})
@@ -111,8 +112,8 @@ def pipeline(uri: str, store: Store, resolution: int, workers: int) -> Run:
     cleaned = time.perf_counter()
 
     def prepare(index: int) -> float:
-        pair = result.pairs[index]
-        image = transform.decode(pair.data, pair.name)
+        pair = result.pairs[index]  # kept pairs hold no bytes: read again, as training does
+        image = transform.decode(read_image(store, pair), pair.name)
         tensor = transform(image, rng=random.Random(index))
         return float(tensor[0, 0, 0])
 

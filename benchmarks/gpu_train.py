@@ -15,9 +15,9 @@ One run, on one GPU (H100/H200), measures in the same process tree, on the same 
   log line. MFU = UNet forward+backward FLOPs per image
   (``torch.utils.flop_counter.FlopCounterMode``, batch 1 under bf16 autocast) × images/s over
   the measured bf16 matmul rate of the card (8192² matmuls).
-- ``precompute``: the latent cache build through its own API (``LatentCache.build``, as the run
-  calls it) over the whole dataset, read from the local disk (the GPU machine has no MinIO):
-  images/s of the build and end to end (listing, reading and cleaning included).
+- ``precompute``: the latent cache build through its own API (``LatentCache.get_or_build``, as
+  the run calls it) over the whole dataset, read from the local disk (the GPU machine has no
+  MinIO): images/s of the build and end to end (listing, reading and cleaning included).
 - ``example b8``: the anchor, written here after the diffusers text_to_image example's step: VAE
   and CLIP encode every step (both bf16, no grad), fp32 UNet master weights under bf16 autocast,
   default (foreach, unfused) AdamW, gradient clipping, TF32 on; batches preloaded on the GPU, as in
@@ -476,11 +476,12 @@ def train_row(ctx: dict[str, Any], method: str, batch: int) -> dict[str, Any]:
 
 
 def precompute_row(ctx: dict[str, Any]) -> dict[str, Any]:
-    """The cache build over the whole dataset, through LatentCache.build, as the run calls it."""
+    """The cache build over the whole dataset, through LatentCache.get_or_build (images read
+    again as the build encodes them, as in a run)."""
     import torch
 
     from difftrain import api
-    from difftrain.data.cache import LatentCache, cache_key
+    from difftrain.data.cache import LatentCache, cache_space
     from difftrain.data.cleaning import load_dataset
     from difftrain.data.transforms import ImageTransform
     from difftrain.models import load_base_model
@@ -506,20 +507,17 @@ def precompute_row(ctx: dict[str, Any]) -> dict[str, Any]:
         pairs = list(cleaned.pairs)
         listed = time.perf_counter()
         transform = ImageTransform(spec.preprocessing)
-        key = cache_key(
-            pairs, spec.preprocessing, components.identity, seed=spec.hyperparameters.seed
-        )
+        space = cache_space(spec.preprocessing, components.identity, seed=spec.hyperparameters.seed)
         # a first, small build (to another root) takes the encoders' warm-up (CUDA kernels,
         # cuDNN's algorithm choice), which a long real build amortises
         warm = pairs[: min(len(pairs), 32)]
         warm_start = time.perf_counter()
-        LatentCache(store, str(work / "warm-cache")).build(
-            cache_key(
-                warm, spec.preprocessing, components.identity, seed=spec.hyperparameters.seed
-            ),
+        LatentCache(store, str(work / "warm-cache")).get_or_build(
             warm,
             components,
             transform,
+            space=space,
+            read=store,
             seed=spec.hyperparameters.seed,
             device=device,
             dtype=torch.float32 if device == "cpu" else torch.float16,
@@ -530,11 +528,12 @@ def precompute_row(ctx: dict[str, Any]) -> dict[str, Any]:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         built_start = time.perf_counter()
-        samples = cache.build(
-            key,
+        samples, _ = cache.get_or_build(
             pairs,
             components,
             transform,
+            space=space,
+            read=store,
             seed=spec.hyperparameters.seed,
             device=device,
             dtype=torch.float32 if device == "cpu" else torch.float16,
@@ -823,7 +822,7 @@ def print_table(report: dict[str, Any]) -> None:
             continue
         if r["kind"] == "precompute":
             note = (
-                f"LatentCache.build of {r['images']} images from the local disk, "
+                f"LatentCache.get_or_build of {r['images']} images from the local disk, "
                 f"{r['views_per_image']} view each, {r['encoder_dtype']} encoders; end to end "
                 f"{r['end_to_end_img_s']:.1f} img/s; ratio to the example's encode-only rate"
             )

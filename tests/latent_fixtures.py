@@ -85,3 +85,32 @@ def spy_on_encoders(components: Any, monkeypatch: Any) -> EncoderSpies:
     monkeypatch.setattr(components.vae, "encode", spies.vae_encode)
     monkeypatch.setattr(components.text_encoder, "forward", spies.text_forward)
     return spies
+
+
+def cache_tensors(root: Any) -> dict[str, Any]:
+    """Every tensor of the newest index of the latent cache under the folder ``root``, by name
+    ("latent/<address>", "flipped/<address>", "text/<address>")."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from difftrain.data.cache import LatentCache
+    from difftrain.storage import LocalStore
+
+    index = LatentCache(LocalStore(), str(root)).index()
+    tensors: dict[str, Any] = {}
+    for name in index.shards:
+        tensors.update(load_file(str(Path(root) / "shards" / name)))
+    return tensors
+
+
+def cache_shard_ranks(root: Any) -> list[str]:
+    """Which process encoded each shard of the newest index under the folder ``root``, sorted."""
+    from pathlib import Path
+
+    from difftrain.data.cache import LatentCache
+    from difftrain.data.cache_samples import shard_metadata
+    from difftrain.storage import LocalStore
+
+    index = LatentCache(LocalStore(), str(root)).index()
+    return sorted(shard_metadata(Path(root) / "shards" / n)["rank"] for n in index.shards)

@@ -76,6 +76,15 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: its URI, size and version (as :meth:`Store.stat` gives them)."""
+
+    uri: str
+    size: int
+    version: str
+
+
 class Store(Protocol):
     """What the trainer and the merge engine need from a store."""
 
@@ -110,6 +119,11 @@ class Store(Protocol):
 
     def list(self, uri_prefix: str) -> Iterator[str]:
         """URIs of the objects under a prefix (recursively), sorted."""
+        ...
+
+    def list_info(self, uri_prefix: str) -> Iterator[ObjectInfo]:
+        """The objects under a prefix with their sizes and versions, sorted by URI: what
+        :meth:`list` finds, from the same one listing (no request per object)."""
         ...
 
     def exists(self, uri: str) -> bool:
@@ -176,6 +190,14 @@ class LocalStore:
             return
         if root.is_dir():
             yield from sorted(str(p) for p in root.rglob("*") if p.is_file())
+
+    def list_info(self, uri_prefix: str) -> Iterator[ObjectInfo]:
+        for uri in self.list(uri_prefix):
+            try:
+                st = Path(uri).stat()
+            except FileNotFoundError:  # removed since it was listed
+                continue
+            yield ObjectInfo(uri, st.st_size, f"{st.st_mtime_ns}-{st.st_size}")
 
     def exists(self, uri: str) -> bool:
         return Path(uri).is_file()
@@ -352,6 +374,22 @@ class S3Store:
         )
         for name in sorted(o.object_name for o in objects if o.object_name):
             yield f"s3://{bucket}/{name}"
+
+    def list_info(self, uri_prefix: str) -> Iterator[ObjectInfo]:
+        bucket, prefix = split_s3(uri_prefix)
+        objects = self._call(
+            bucket,
+            "list",
+            lambda: list(self.client.list_objects(bucket, prefix=prefix, recursive=True)),
+        )
+        found = (
+            ObjectInfo(
+                f"s3://{bucket}/{o.object_name}", int(o.size or 0), (o.etag or "").strip('"')
+            )
+            for o in objects
+            if o.object_name
+        )
+        yield from sorted(found, key=lambda o: o.uri)
 
     def exists(self, uri: str) -> bool:
         from minio.error import S3Error

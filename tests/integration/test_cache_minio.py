@@ -1,21 +1,30 @@
-"""The latent cache on the real MinIO: committed shards, reused by a second run, crash-safe."""
+"""The per-sample latent cache on the real MinIO: found without downloading, only new or changed
+samples read and encoded, crash-safe, and the same cache from `difftrain dataset cache`."""
 
 from __future__ import annotations
 
 import io
 import json
+from collections import Counter
+from pathlib import Path
+from typing import IO
 
 import pytest
 import torch
 
 from difftrain.api import BaseModelSpec, DatasetSpec, PreprocessingSpec
 from difftrain.cli import main
-from difftrain.data.cache import LatentCache, cache_key
-from difftrain.data.cleaning import load_dataset
+from difftrain.data.cache import CACHE_FOLDER, INDEX_FOLDER, LatentCache, cache_space
 from difftrain.data.transforms import ImageTransform
 from difftrain.models import load_base_model
 from difftrain.models.tiny import build_tiny_components, build_tiny_pipeline_folder
-from difftrain.storage import MANIFEST_NAME, Credentials, S3Store, StoreConfig, join
+from difftrain.storage import Credentials, S3Store, StoreConfig, join
+from difftrain.train.shared_data import (
+    CacheSettings,
+    SingleProcess,
+    cached_dataset,
+    clean_dataset,
+)
 from tests.latent_fixtures import make_pairs, shape_png, spy_on_encoders
 
 
@@ -34,105 +43,152 @@ def store_for(s3) -> S3Store:
     )
 
 
-def test_second_run_on_minio_reuses_the_cache(components, s3, monkeypatch):
+class CountingS3Store(S3Store):
+    """The real S3 store, counting the GETs of each object (whole, ranged or streamed) on its
+    read path."""
+
+    def __init__(self, config: StoreConfig) -> None:
+        super().__init__(config)
+        self.gets: Counter[str] = Counter()
+
+    def get_bytes(self, uri: str) -> bytes:
+        self.gets[uri] += 1
+        return super().get_bytes(uri)
+
+    def read_range(self, uri: str, offset: int, length: int) -> bytes:
+        self.gets[uri] += 1
+        return super().read_range(uri, offset, length)
+
+    def open_stream(self, uri: str, offset: int = 0) -> IO[bytes]:
+        self.gets[uri] += 1
+        return super().open_stream(uri, offset)
+
+    def dataset_gets(self) -> dict[str, int]:
+        return {u: n for u, n in self.gets.items() if f"/{CACHE_FOLDER}/" not in u}
+
+
+def put(s3, name: str, data: bytes) -> None:
+    s3.client().put_object(s3.bucket, name, io.BytesIO(data), len(data))
+
+
+def prepare(s3, components, tmp_path, name: str):
+    """One run's data preparation, as `difftrain run` does it: clean, then find or encode."""
+    store = CountingS3Store(store_for(s3).config)
+    spec = DatasetSpec(uri=s3.uri("ds"), cleaning={"minResolution": 32, "nearDuplicateDistance": 4})
+    root = join(spec.uri, CACHE_FOLDER)
+    cleaned = clean_dataset(spec, store, facts_root=root)
+    pre = PreprocessingSpec(resolution=64, flip_probability=0.5)
+    settings = CacheSettings(
+        pre=pre, seed=0, root=root, dtype=torch.float32, generation_dtype=torch.float32
+    )
+    sizes = [(64, 64)] * len(cleaned.pairs)
+    cached = cached_dataset(
+        SingleProcess(torch.device("cpu")),
+        settings,
+        cleaned.pairs,
+        sizes,
+        components,
+        ImageTransform(pre),
+        store,
+        tmp_path / name,
+    )
+    return cached, store
+
+
+def test_adding_one_image_downloads_and_encodes_one(components, s3, tmp_path, monkeypatch):
     spies = spy_on_encoders(components, monkeypatch)
-    spec = PreprocessingSpec(resolution=64, flip_probability=0.5)
-    pairs = make_pairs(6)
-    key = cache_key(pairs, spec, components.identity)
-    root = s3.uri("dataset/.difftrain-cache")
-
-    first, hit = LatentCache(store_for(s3), root).get_or_build(
-        key, pairs, components, ImageTransform(spec), batch_size=4
-    )
-    assert not hit
+    captions = {}
+    for i in range(6):
+        data, caption = shape_png(i)
+        captions[i] = f"{caption}, picture {i}"  # each caption its own
+        put(s3, f"ds/img{i}.png", data)
+        put(s3, f"ds/img{i}.txt", captions[i].encode())
+    first, cold = prepare(s3, components, tmp_path, "run1")
+    assert first.encoded == 6 and not first.hit
+    assert len(cold.dataset_gets()) == 12
+    assert spies.vae_encode.items == 12  # each image and its mirror image
     calls = spies.calls
-    assert calls > 0
-    names = sorted(o.object_name for o in s3.client().list_objects(s3.bucket, recursive=True))
-    assert names == [
-        f"dataset/.difftrain-cache/{key}/{MANIFEST_NAME}",
-        f"dataset/.difftrain-cache/{key}/shard-00000.safetensors",
-    ]
 
-    # A second run (a new process would build the same store and cache from the spec).
-    second, hit = LatentCache(store_for(s3), root).get_or_build(
-        key, pairs, components, ImageTransform(spec), batch_size=4
-    )
-    assert hit and spies.calls == calls
-    for a, b in zip(first, second, strict=True):
-        assert a.key == b.key and a.caption == b.caption
+    again, warm = prepare(s3, components, tmp_path, "run2")
+    assert again.hit and again.encoded == 0 and spies.calls == calls
+    assert warm.dataset_gets() == {}, "a cache hit downloads no object of the dataset"
+
+    data, caption = shape_png(6)
+    put(s3, "ds/img6.png", data)
+    put(s3, "ds/img6.txt", b"a new one, picture 6")
+    vae, text = spies.vae_encode.items, spies.text_forward.items
+    grown, store = prepare(s3, components, tmp_path, "run3")
+    assert grown.encoded == 1 and not grown.hit
+    assert spies.vae_encode.items - vae == 2 and spies.text_forward.items - text == 1
+    images = {u: n for u, n in store.dataset_gets().items() if u.endswith(".png")}
+    assert images == {s3.uri("ds/img6.png"): 2}  # cleaning, then encoding: that image only
+    assert store.dataset_gets() == {**images, s3.uri("ds/img6.txt"): 1}
+    # training reads bitwise the same tensors for the samples that did not change
+    assert [s.key for s in grown.samples] == [f"img{i}" for i in range(7)]
+    for a, b in zip(first.samples, grown.samples[:6], strict=True):
         assert torch.equal(a.latent_params, b.latent_params)
         assert a.latent_params_flipped is not None and b.latent_params_flipped is not None
         assert torch.equal(a.latent_params_flipped, b.latent_params_flipped)
         assert torch.equal(a.text_embeddings, b.text_embeddings)
 
-    # A new resolution is a new key: encoded again, beside the old cache.
-    bigger = PreprocessingSpec(resolution=128, flip_probability=0.5)
-    _, hit = LatentCache(store_for(s3), root).get_or_build(
-        cache_key(pairs, bigger, components.identity), pairs, components, ImageTransform(bigger)
-    )
-    assert not hit and spies.calls > calls
+    # a changed caption: that sample's text is encoded again, and no image is read
+    put(s3, "ds/img2.txt", b"a rewritten caption for picture 2")
+    vae, text = spies.vae_encode.items, spies.text_forward.items
+    recaptioned, store = prepare(s3, components, tmp_path, "run4")
+    assert recaptioned.encoded == 0 and not recaptioned.hit
+    assert spies.vae_encode.items == vae and spies.text_forward.items - text == 1
+    assert store.dataset_gets() == {s3.uri("ds/img2.txt"): 1}
+    assert recaptioned.samples[2].caption == "a rewritten caption for picture 2"
+    assert torch.equal(recaptioned.samples[2].latent_params, first.samples[2].latent_params)
 
 
-def test_cache_without_manifest_on_minio_is_rebuilt(components, s3, monkeypatch):
+def test_shards_without_an_index_on_minio_are_not_read(components, s3, monkeypatch):
     store = store_for(s3)
     spec = PreprocessingSpec(resolution=64)
+    space = cache_space(spec, components.identity)
     pairs = make_pairs(3)
-    key = cache_key(pairs, spec, components.identity)
     cache = LatentCache(store, s3.uri("ds/.difftrain-cache"))
-    cache.build(key, pairs, components, ImageTransform(spec))
-    store.delete(join(cache.prefix(key), MANIFEST_NAME))
-    assert list(store.list(cache.prefix(key)))  # the shards are still there
-    assert cache.lookup(key) is None
-
+    cache.get_or_build(pairs, components, ImageTransform(spec), space=space)
+    for uri in store.list(join(cache.root, INDEX_FOLDER) + "/"):
+        store.delete(uri)  # as if the run had stopped between its shards and its index
+    assert list(store.list(cache.root + "/"))  # the shards are still there
     spies = spy_on_encoders(components, monkeypatch)
-    samples, hit = cache.get_or_build(key, pairs, components, ImageTransform(spec))
-    assert not hit and spies.vae_encode.items == 3 and len(samples) == 3
-    assert cache.lookup(key) is not None
+    samples, encoded = cache.get_or_build(pairs, components, ImageTransform(spec), space=space)
+    assert encoded == 3 and spies.vae_encode.items == 3 and len(samples) == 3
 
 
 def test_dataset_cache_command_on_minio(s3, tmp_path, monkeypatch, capsys):
-    mc = s3.client()
     for i in range(3):
         data, caption = shape_png(i)
-        mc.put_object(s3.bucket, f"ds/img{i}.png", io.BytesIO(data), len(data))
-        text = caption.encode()
-        mc.put_object(s3.bucket, f"ds/img{i}.txt", io.BytesIO(text), len(text))
+        put(s3, f"ds/img{i}.png", data)
+        put(s3, f"ds/img{i}.txt", caption.encode())
     model = build_tiny_pipeline_folder(tmp_path / "model")
     monkeypatch.setenv("DIFFTRAIN_STORE_ACCESS_KEY", s3.access_key)
     monkeypatch.setenv("DIFFTRAIN_STORE_SECRET_KEY", s3.secret_key)
-    args = [
-        "dataset",
-        "cache",
-        s3.uri("ds"),
-        "--model",
-        str(model),
-        "--endpoint",
-        s3.endpoint,
-        "--insecure",
-        "--resolution",
-        "64",
-        "--min-resolution",
-        "32",
-        "--near-duplicate-distance",
-        "0",
-        "--json",
-    ]
+    args = ["dataset", "cache", s3.uri("ds"), "--model", str(model), "--endpoint", s3.endpoint]
+    args += ["--insecure", "--resolution", "64", "--min-resolution", "32"]
+    args += ["--near-duplicate-distance", "0", "--dtype", "fp32", "--json"]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
-    assert first["hit"] is False and first["samples"] == 3
-    assert first["uri"] == s3.uri(f"ds/.difftrain-cache/{first['key']}")
+    assert first["hit"] is False and first["samples"] == 3 and first["encoded"] == 3
+    assert first["uri"] == s3.uri("ds/.difftrain-cache")
     assert main(args) == 0
     second = json.loads(capsys.readouterr().out)
     assert second["hit"] is True and second["key"] == first["key"]
 
-    # A training run's lookup finds the same cache: same pairs, settings and model, same key.
-
-    store = store_for(s3)
+    # A training run's preparation finds every sample: same images, settings and model.
     loaded = load_base_model(BaseModelSpec(uri=str(model)), None, work_dir=tmp_path / "w")
-    cleaned = load_dataset(
-        DatasetSpec(uri=s3.uri("ds"), cleaning={"minResolution": 32, "nearDuplicateDistance": 0}),
-        store,
-    )
-    key = cache_key(cleaned.pairs, PreprocessingSpec(resolution=64), loaded.identity)
-    assert key == first["key"]
-    assert LatentCache(store, s3.uri("ds/.difftrain-cache")).lookup(key) is not None
+    store = CountingS3Store(store_for(s3).config)
+    spec = DatasetSpec(uri=s3.uri("ds"), cleaning={"minResolution": 32, "nearDuplicateDistance": 0})
+    cleaned = clean_dataset(spec, store, facts_root=s3.uri("ds/.difftrain-cache"))
+    pre = PreprocessingSpec(resolution=64)
+    settings = CacheSettings(
+        pre=pre, seed=0, root=s3.uri("ds/.difftrain-cache"), dtype=torch.float32,
+        generation_dtype=torch.float32,
+    )  # fmt: skip
+    cached = cached_dataset(
+        SingleProcess(torch.device("cpu")), settings, cleaned.pairs, [(64, 64)] * 3, loaded,
+        ImageTransform(pre), store, Path(tmp_path / "local"),
+    )  # fmt: skip
+    assert cached.hit and cached.key == first["key"]
+    assert store.dataset_gets() == {}

@@ -52,9 +52,9 @@ def test_first_run_builds_and_second_run_hits(dataset_dir, model_dir, capsys):
     assert main(cache_cli(dataset_dir, model_dir)) == 0
     first = json.loads(capsys.readouterr().out)
     assert first["hit"] is False
-    assert first["samples"] == 4
-    assert first["uri"] == f"{dataset_dir}/.difftrain-cache/{first['key']}"
-    assert (dataset_dir / ".difftrain-cache" / first["key"] / "_manifest.json").is_file()
+    assert first["samples"] == 4 and first["encoded"] == 4
+    assert first["uri"] == f"{dataset_dir}/.difftrain-cache"
+    assert (dataset_dir / ".difftrain-cache" / "index" / first["key"]).is_file()
     assert first["size_bytes"] > 0
     report = json.loads(Path(first["report_uri"]).read_text(encoding="utf-8"))["report"]
     assert report["total"] == 5 and report["kept"] == 4
@@ -62,13 +62,22 @@ def test_first_run_builds_and_second_run_hits(dataset_dir, model_dir, capsys):
 
     assert main(cache_cli(dataset_dir, model_dir)) == 0
     second = json.loads(capsys.readouterr().out)
-    assert second["hit"] is True
+    assert second["hit"] is True and second["encoded"] == 0
     assert second["key"] == first["key"] and second["samples"] == 4
 
-    # Another preprocessing setting is another cache.
+    # Another preprocessing setting gives other latents, beside the first ones.
     assert main(cache_cli(dataset_dir, model_dir, "--flip-probability", "0.5")) == 0
     flipped = json.loads(capsys.readouterr().out)
-    assert flipped["hit"] is False and flipped["key"] != first["key"]
+    assert flipped["hit"] is False and flipped["encoded"] == 4
+    assert flipped["key"] != first["key"]
+
+    # One image more: only it is encoded.
+    data, caption = shape_png(9)
+    (dataset_dir / "img9.png").write_bytes(data)
+    (dataset_dir / "img9.txt").write_text(caption, encoding="utf-8")
+    assert main(cache_cli(dataset_dir, model_dir)) == 0
+    grown = json.loads(capsys.readouterr().out)
+    assert grown["hit"] is False and grown["encoded"] == 1 and grown["samples"] == 5
 
 
 def test_boomerang_variants_are_cached_with_their_sources(dataset_dir, model_dir, capsys):
@@ -86,7 +95,7 @@ def test_cache_root_elsewhere(dataset_dir, model_dir, tmp_path, capsys):
     root = tmp_path / "elsewhere"
     assert main(cache_cli(dataset_dir, model_dir, "--cache-root", str(root))) == 0
     outcome = json.loads(capsys.readouterr().out)
-    assert (root / outcome["key"] / "_manifest.json").is_file()
+    assert (root / "index" / outcome["key"]).is_file()
     assert not (dataset_dir / ".difftrain-cache").exists()
 
 
@@ -94,7 +103,7 @@ def test_table_output_names_key_result_and_size(dataset_dir, model_dir, capsys):
     args = [a for a in cache_cli(dataset_dir, model_dir) if a != "--json"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "miss (built)" in out and "samples 4" in out and "key " in out and "size " in out
+    assert "encoded 4 new" in out and "samples 4" in out and "key " in out and "size " in out
 
 
 def test_a_missing_model_is_a_clear_error(dataset_dir, tmp_path, capsys):

@@ -213,10 +213,10 @@ def test_class_images_run_every_network_together_after_the_encoders_were_left_el
     monkeypatch.setattr(sampling, "build_pipeline", build)
     real_get_or_build = LatentCache.get_or_build
 
-    def get_or_build(self: Any, key: str, pairs: Any, components: Any, *a: Any, **kw: Any) -> Any:
+    def get_or_build(self: Any, pairs: Any, components: Any, *a: Any, **kw: Any) -> Any:
         # the class images' cache is encoded right after they are made
         after.append(_placement(components.vae, components.text_encoder))
-        return real_get_or_build(self, key, pairs, components, *a, **kw)
+        return real_get_or_build(self, pairs, components, *a, **kw)
 
     monkeypatch.setattr(LatentCache, "get_or_build", get_or_build)
     job = tiny_job(

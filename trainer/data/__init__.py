@@ -2,7 +2,7 @@
 
 from difftrain.data.boomerang import BoomerangError, boomerang_variants
 from difftrain.data.buckets import BucketBatchSampler, make_buckets, nearest_bucket
-from difftrain.data.cache import CachedSample, CacheError, LatentCache, cache_key
+from difftrain.data.cache import CachedSample, CacheError, LatentCache, cache_space
 from difftrain.data.cleaning import (
     REASONS,
     CleaningResult,
@@ -30,7 +30,7 @@ __all__ = [
     "LatentCache",
     "RawPair",
     "boomerang_variants",
-    "cache_key",
+    "cache_space",
     "clean",
     "decode_rgb",
     "detect_format",

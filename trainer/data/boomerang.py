@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from difftrain.data.cache import encode_text, sample_rng
+from difftrain.data.cache_encode import encode_text, sample_rng
 from difftrain.data.pairs import CleanPair
 
 if TYPE_CHECKING:
@@ -50,13 +50,15 @@ def boomerang_variants(
     batch_size: int = 8,
     sizes: Sequence[tuple[int, int]] | None = None,
     progress: Callable[[int], object] | None = None,
+    read: Callable[[CleanPair], bytes] | None = None,
 ) -> list[CleanPair]:
     """``copies`` variants of every pair (keys ``<key>~boomerang<i>``), in the pairs' order.
 
     ``sizes`` gives each pair's (width, height) for aspect-ratio buckets. ``progress`` is called
     with the number of variants each batch made. The networks run together on ``device`` in
     ``dtype`` and eval mode, ``batch_size`` variants of one size at a time, and are left where
-    and as they were.
+    and as they were. ``read`` gives a pair's image bytes when it holds none
+    (:func:`difftrain.data.image_bytes.read_image`).
     """
     from difftrain.models.placement import placed  # not at import: it loads diffusers
 
@@ -80,7 +82,8 @@ def boomerang_variants(
             for n, _ in batch:
                 if n not in sources:
                     size = sizes[n] if sizes is not None else None
-                    image = transform.decode(pairs[n].data, pairs[n].name, size=size)
+                    data = pairs[n].data or (read(pairs[n]) if read is not None else b"")
+                    image = transform.decode(data, pairs[n].name, size=size)
                     rng = sample_rng(seed, pairs[n].key)
                     sources[n] = transform(image, size=size, rng=rng, flip=False)
             result = _img2img(

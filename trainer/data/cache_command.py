@@ -1,8 +1,9 @@
 """``difftrain dataset cache``: clean a dataset and encode it into the latent cache ahead of time.
 
-The cache goes where a training job looks for it (``<dataset uri>/.difftrain-cache``) under the
-key the job computes from the same cleaned pairs, preprocessing settings and model, so the job's
-first run skips the encoders. The argument parser lives in :mod:`difftrain.cli` (this module
+The cache goes where a training job looks for it (``<dataset uri>/.difftrain-cache``), each sample
+under the address the job computes from the same image, caption, preprocessing settings and
+model, so the job's first run skips the encoders; run again after adding images, it encodes only
+those. The argument parser lives in :mod:`difftrain.cli` (this module
 imports torch, which the operator's image does not have).
 """
 
@@ -28,6 +29,7 @@ class CacheOutcome:
     report_uri: str
     hit: bool
     samples: int
+    encoded: int  # samples whose latents this run encoded (0 on a hit)
     augmented: int
     size_bytes: int
     seconds: float
@@ -79,18 +81,29 @@ def _device_and_dtype(name: str, dtype: str) -> tuple[Any, Any]:
 
 
 def build_dataset_cache(args: argparse.Namespace, bars: bool = True) -> CacheOutcome:
-    """Load the model and the dataset, then reuse or build the cache; raises domain errors."""
+    """Load the model and the dataset, then find or encode every sample; raises domain errors.
+
+    The same preparation as a training run's (:mod:`difftrain.train.shared_data`): cleaning that
+    reuses the kept facts of objects seen before, and a per-sample cache in which only new or
+    changed samples are encoded.
+    """
     from tqdm import tqdm
 
     from difftrain.api import BaseModelSpec
-    from difftrain.data.boomerang import boomerang_variants
     from difftrain.data.buckets import make_buckets, nearest_bucket
-    from difftrain.data.cache import CACHE_FOLDER, LatentCache, cache_key
-    from difftrain.data.cleaning import load_dataset, write_report
+    from difftrain.data.cache import CACHE_FOLDER
+    from difftrain.data.cleaning import write_report
     from difftrain.data.command import _dataset_spec, open_store_from_args
     from difftrain.data.transforms import ImageTransform
     from difftrain.models import load_base_model
-    from difftrain.storage import join, read_manifest, scratch_dir
+    from difftrain.models.placement import frozen_dtype
+    from difftrain.storage import join, scratch_dir
+    from difftrain.train.shared_data import (
+        CacheSettings,
+        SingleProcess,
+        cached_dataset,
+        clean_dataset,
+    )
 
     started = time.monotonic()
     spec = _dataset_spec(args)
@@ -103,85 +116,62 @@ def build_dataset_cache(args: argparse.Namespace, bars: bool = True) -> CacheOut
             open_store_from_args(args.model, args),
             work_dir=work / "model",
         )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    tokenizer = components.tokenizer
-    store = open_store_from_args(spec.uri, args)
-    with tqdm(desc="clean", unit="pair", file=sys.stderr, disable=not bars or None) as bar:
-        cleaned = load_dataset(
-            spec,
-            store,
-            count_tokens=lambda text: len(tokenizer(text).input_ids),
-            max_tokens=tokenizer.model_max_length,
-            progress=lambda n: bar.update(n - bar.n),
-            workers=args.workers,
-        )
-    pairs = list(cleaned.pairs)
-    transform = ImageTransform(pre)
-    sizes = None
-    if pre.buckets.enabled:
-        buckets = make_buckets(pre.buckets, pre.resolution)
-        sizes = [nearest_bucket(p.width, p.height, buckets) for p in pairs]
-    root = args.cache_root or join(spec.uri, CACHE_FOLDER)
-    cache_store = open_store_from_args(root, args)
-    cache = LatentCache(cache_store, root)
-    key = cache_key(pairs, pre, components.identity, seed=args.seed)
-    samples = cache.lookup(key)
-    hit = samples is not None
-    if samples is None:
-        todo = list(pairs)
-        if pre.boomerang.enabled:
-            with tqdm(
-                desc="boomerang",
-                total=len(pairs) * pre.boomerang.copies,
-                unit="image",
-                file=sys.stderr,
-                disable=not bars or None,
-            ) as bar:
-                variants = boomerang_variants(
-                    pairs,
-                    components,
-                    transform,
-                    strength=pre.boomerang.strength,
-                    copies=pre.boomerang.copies,
-                    seed=args.seed,
-                    device=device,
-                    sizes=sizes,
-                    progress=bar.update,
-                )
-            todo += variants
-            cleaned.report.augmented = len(variants)
-            if sizes is not None:
-                by_key = dict(zip((p.key for p in pairs), sizes, strict=True))
-                sizes = sizes + [by_key[v.key.split("~", 1)[0]] for v in variants]
-        with tqdm(
-            desc="encode", total=len(todo), unit="image", file=sys.stderr, disable=not bars or None
-        ) as bar:
-            samples = cache.build(
-                key,
-                todo,
-                components,
-                transform,
-                sizes=sizes,
-                batch_size=args.batch_size,
+        tokenizer = components.tokenizer
+        store = open_store_from_args(spec.uri, args)
+        root = args.cache_root or join(spec.uri, CACHE_FOLDER)
+        cache_store = open_store_from_args(root, args)
+        with tqdm(desc="clean", unit="pair", file=sys.stderr, disable=not bars or None) as bar:
+            cleaned = clean_dataset(
+                spec,
+                store,
+                facts_root=root,
+                facts_store=cache_store,
+                count_tokens=lambda text: len(tokenizer(text).input_ids),
+                max_tokens=tokenizer.model_max_length,
+                progress=lambda n: bar.update(n - bar.n),
+                workers=args.workers,
+            )
+        pairs = list(cleaned.pairs)
+        sizes = [(pre.resolution, pre.resolution)] * len(pairs)
+        if pre.buckets.enabled:
+            buckets = make_buckets(pre.buckets, pre.resolution)
+            sizes = [nearest_bucket(p.width, p.height, buckets) for p in pairs]
+        with tqdm(desc="encode", unit="image", file=sys.stderr, disable=not bars or None) as bar:
+            settings = CacheSettings(
+                pre=pre,
                 seed=args.seed,
-                device=device,
+                root=root,
                 dtype=dtype,
+                # Boomerang's networks in full precision (as this command always ran them)
+                generation_dtype=frozen_dtype(device, "no"),
+                batch_size=args.batch_size,
                 progress=bar.update,
             )
-    else:
-        cleaned.report.augmented = len(samples) - len(pairs)
-    # Beside the shards, outside their manifest: what the cleaning dropped to make this cache.
-    report_uri = write_report(cache_store, cache.prefix(key), cleaned)
-    manifest = read_manifest(cache_store, cache.prefix(key)) or {"files": []}
+            cached = cached_dataset(
+                SingleProcess(device),
+                settings,
+                pairs,
+                sizes,
+                components,
+                ImageTransform(pre),
+                store,
+                work / "cache",
+                cache_store=cache_store,
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    cleaned.report.augmented = len(cached.samples) - len(pairs)
+    # Beside the shards: what the cleaning dropped to make this cache (the latest run's).
+    report_uri = write_report(cache_store, root, cleaned)
     return CacheOutcome(
-        uri=cache.prefix(key),
-        key=key,
+        uri=root,
+        key=cached.key,
         report_uri=report_uri,
-        hit=hit,
-        samples=len(samples),
-        augmented=len(samples) - len(pairs),
-        size_bytes=sum(int(f["size"]) for f in manifest["files"]),
+        hit=cached.hit,
+        samples=len(cached.samples),
+        encoded=cached.encoded,
+        augmented=len(cached.samples) - len(pairs),
+        size_bytes=cached.size_bytes,
         seconds=round(time.monotonic() - started, 3),
     )
 
@@ -212,7 +202,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return 0
     print(f"cache   {outcome.uri}")
     print(f"key     {outcome.key}")
-    print(f"result  {'hit (reused, nothing encoded)' if outcome.hit else 'miss (built)'}")
+    result = "hit (reused, nothing encoded)" if outcome.hit else f"encoded {outcome.encoded} new"
+    print(f"result  {result}")
     extra = f" ({outcome.augmented} Boomerang variants)" if outcome.augmented else ""
     print(f"samples {outcome.samples}{extra}")
     print(f"size    {_human(outcome.size_bytes)} ({outcome.size_bytes} bytes)")

@@ -36,16 +36,20 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import imagehash
 import numpy as np
 
 from difftrain.api import CleaningSpec, DatasetReport, DatasetSpec
 from difftrain.data.images import SUPPORTED, ImageError, UnsupportedFormatError, decode
-from difftrain.data.pairs import CleanPair, RawPair
+from difftrain.data.pairs import CleanPair, ImageFacts, RawPair
 from difftrain.data.parallel import ordered_map
 from difftrain.data.sources import iter_pairs
 from difftrain.storage import FILE_MANIFEST_SUFFIX, Store, commit_file, join, scratch_dir
+
+if TYPE_CHECKING:
+    from difftrain.data.facts import CleaningFacts
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +106,18 @@ class _Probe:
 def _probe(pair: RawPair, *, with_phash: bool) -> _Probe:
     if pair.skipped is not None:  # counted from the listing, never read
         return _Probe(pair, "", error=REASONS[pair.skipped], reason=pair.skipped)
+    if pair.facts is not None:  # seen in an earlier run, unchanged: its facts, not its bytes
+        f = pair.facts
+        return _Probe(
+            pair,
+            f.sha256,
+            error=f.error,
+            reason=f.reason,
+            width=f.width,
+            height=f.height,
+            phash=f.phash,
+            frames=f.frames,
+        )
     digest = hashlib.sha256(pair.data).hexdigest()
     try:
         decoded = decode(pair.data, pair.name, draft=HASH_DECODE_SIZE)
@@ -120,6 +136,25 @@ def _probe(pair: RawPair, *, with_phash: bool) -> _Probe:
         height=decoded.height,
         phash=phash,
         frames=decoded.frames,
+    )
+
+
+def _learn(facts: CleaningFacts, probe: _Probe) -> None:
+    """Keep what was learnt from an image read in this run, by its object version."""
+    pair = probe.pair
+    if pair.facts is not None or not pair.version or pair.skipped is not None:
+        return
+    facts.add_image(
+        pair.version,
+        ImageFacts(
+            sha256=probe.sha256,
+            width=probe.width,
+            height=probe.height,
+            phash=probe.phash,
+            error=probe.error,
+            reason=probe.reason,
+            frames=probe.frames,
+        ),
     )
 
 
@@ -216,8 +251,13 @@ def clean(
     limit: int | None = None,
     progress: Callable[[int], object] | None = None,
     workers: int = 2,
+    facts: CleaningFacts | None = None,
 ) -> CleaningResult:
     """Keep or drop each pair (see the module's docstring); stop once ``limit`` pairs are kept.
+
+    Pairs hold their image bytes only on their way through (a bounded window of them at a
+    time): the kept pairs carry none, so memory does not grow with the images' sizes. With
+    ``facts``, what is learnt from each image read is added to them for later runs.
 
     ``count_tokens``/``max_tokens``: captions longer than the text encoder's context are kept
     (the encoder truncates them) and counted in ``report.truncatedCaptions``. ``progress`` is
@@ -240,6 +280,8 @@ def clean(
     try:
         for result in probes:
             seen += 1
+            if facts is not None:
+                _learn(facts, result)
             reason, caption = cleaner.verdict(result)
             pair = result.pair
             if reason is not None:
@@ -257,13 +299,13 @@ def clean(
                     example("first_frame_only", pair.key)
                 kept.append(
                     CleanPair(
-                        pair.key,
-                        pair.name,
-                        pair.data,
-                        caption,
-                        result.width,
-                        result.height,
-                        result.sha256,
+                        key=pair.key,
+                        name=pair.name,
+                        caption=caption,
+                        width=result.width,
+                        height=result.height,
+                        sha256=result.sha256,
+                        span=pair.span,
                     )
                 )
             if progress is not None:
@@ -300,16 +342,22 @@ def load_dataset(
     progress: Callable[[int], object] | None = None,
     workers: int = 2,
     read_workers: int = 8,
+    facts: CleaningFacts | None = None,
 ) -> CleaningResult:
-    """Read (:func:`iter_pairs`) and clean (:func:`clean`) a dataset, honouring ``spec.limit``."""
+    """Read (:func:`iter_pairs`) and clean (:func:`clean`) a dataset, honouring ``spec.limit``.
+
+    With ``facts`` (:mod:`difftrain.data.facts`) objects seen in an earlier run are judged by
+    what was learnt from them then, without being downloaded, and new ones are learnt.
+    """
     return clean(
-        iter_pairs(spec, store, workers=read_workers),
+        iter_pairs(spec, store, workers=read_workers, facts=facts),
         spec.cleaning,
         count_tokens=count_tokens,
         max_tokens=max_tokens,
         limit=spec.limit,
         progress=progress,
         workers=workers,
+        facts=facts,
     )
 
 

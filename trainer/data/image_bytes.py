@@ -1,17 +1,17 @@
-"""The image bytes of kept pairs, read again from the dataset by name.
+"""The image bytes of kept pairs, read again from the dataset by name when they are needed.
 
-With several processes, one cleans the dataset and sends the others the kept pairs without their
-bytes (:func:`difftrain.train.shared_cache.clean_on_main`). A process that then encodes its share of
-the latent cache reads just its pairs' images here: a pair's ``name`` is where cleaning read it (an
-object URI or a local path, or ``<shard URI>#<member>`` inside a WebDataset shard), and its
-``sha256`` says that the bytes are still the ones cleaning kept.
+Cleaning keeps no image bytes (:class:`difftrain.data.pairs.CleanPair`): a pair's ``name`` is
+where it was found (an object URI or a local path, or ``<shard URI>#<member>`` inside a
+WebDataset shard, with the member's ``span`` in an uncompressed shard), and its ``sha256`` says
+the bytes read now are still the ones cleaning judged. The latent cache reads the images of the
+samples it encodes here, and the uncached training loop each batch's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from difftrain.data.pairs import CleanPair, DatasetError
 from difftrain.data.parallel import ordered_map
@@ -19,36 +19,69 @@ from difftrain.data.webdataset import SHARD_EXTENSIONS, tar_pairs
 from difftrain.storage import Store
 
 
+def read_image(store: Store, pair: CleanPair) -> bytes:
+    """One pair's image bytes: its own, or read again from the dataset (and verified)."""
+    if pair.data:
+        return pair.data
+    shard, member = _shard_member(pair.name)
+    if member is None:
+        data = store.get_bytes(pair.name)
+    elif pair.span is not None:  # one ranged read inside an uncompressed shard
+        data = store.read_range(shard, *pair.span)
+    else:  # a compressed shard: streamed up to the member
+        found = _from_shard(store, shard, {pair.name})
+        if pair.name not in found:
+            raise DatasetError(f"{pair.name} is no longer in its shard; restart the job")
+        data = found[pair.name]
+    return _verified(pair, data)
+
+
+def iter_image_bytes(
+    pairs: Iterable[CleanPair], store: Store, *, workers: int = 8
+) -> Iterator[CleanPair]:
+    """``pairs`` with their bytes, read ``workers`` at a time and handed out in order: only a
+    bounded window of images is held at once."""
+    return ordered_map(
+        lambda p: p if p.data else dataclasses.replace(p, data=read_image(store, p)),
+        pairs,
+        workers=workers,
+        name="difftrain-reread",
+    )
+
+
 def with_image_bytes(
     pairs: Sequence[CleanPair], store: Store, *, workers: int = 8
 ) -> list[CleanPair]:
-    """``pairs`` with their image bytes (read where a pair has none), verified by sha256."""
-    missing = [p for p in pairs if not p.data]
-    in_shards: dict[str, set[str]] = {}
-    for pair in missing:
+    """``pairs`` with their image bytes (read where a pair has none), verified by sha256.
+
+    Members of compressed shards are read in one pass over each shard; everything else as
+    :func:`read_image` reads it.
+    """
+    streamed: dict[str, set[str]] = {}
+    for pair in pairs:
         shard, member = _shard_member(pair.name)
-        if member is not None:
-            in_shards.setdefault(shard, set()).add(pair.name)
+        if not pair.data and member is not None and pair.span is None:
+            streamed.setdefault(shard, set()).add(pair.name)
     found: dict[str, bytes] = {}
-    for shard, names in in_shards.items():
+    for shard, names in streamed.items():
         found.update(_from_shard(store, shard, names))
-    files = [p.name for p in missing if _shard_member(p.name)[1] is None]
-    read = ordered_map(store.get_bytes, files, workers=workers, name="difftrain-reread")
-    found.update(zip(files, read, strict=True))
     out = []
     for pair in pairs:
-        if not pair.data:
-            data = found.get(pair.name)
-            if data is None:
-                raise DatasetError(f"{pair.name} is no longer in its shard; restart the job")
-            if hashlib.sha256(data).hexdigest() != pair.sha256:
-                raise DatasetError(
-                    f"{pair.name} changed after the dataset was cleaned (its sha256 is not the "
-                    "cleaned image's); leave the dataset unchanged while a job reads it"
-                )
-            pair = dataclasses.replace(pair, data=data)
+        if not pair.data and pair.name in found:
+            pair = dataclasses.replace(pair, data=_verified(pair, found[pair.name]))
+        elif not pair.data and pair.name in streamed.get(_shard_member(pair.name)[0], ()):
+            raise DatasetError(f"{pair.name} is no longer in its shard; restart the job")
         out.append(pair)
-    return out
+    return list(iter_image_bytes(out, store, workers=workers))
+
+
+def _verified(pair: CleanPair, data: bytes) -> bytes:
+    if hashlib.sha256(data).hexdigest() != pair.sha256:
+        raise DatasetError(
+            f"{pair.name} changed after the dataset was cleaned (its sha256 is not the "
+            "cleaned image's); leave the dataset unchanged while a job reads it"
+        )
+    return data
 
 
 def _shard_member(name: str) -> tuple[str, str | None]:

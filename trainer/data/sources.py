@@ -30,8 +30,9 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from difftrain.api import DatasetSpec
 from difftrain.data.images import EXTENSIONS as IMAGE_EXTENSIONS
@@ -39,6 +40,9 @@ from difftrain.data.pairs import CleanPair, DatasetError, RawPair, caption_text,
 from difftrain.data.parallel import ordered_map
 from difftrain.data.webdataset import SHARD_EXTENSIONS, prefetch, shard_key, shard_pairs
 from difftrain.storage import Store, is_s3, split_s3
+
+if TYPE_CHECKING:
+    from difftrain.data.facts import CleaningFacts
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +55,18 @@ FORMATS = ("folder", "jsonl", "webdataset", "classes")
 class _Listing:
     root: str  # dataset.uri without a trailing slash (the parent when it names one object)
     files: list[str]  # paths relative to root, sorted, hidden ones left out
+    # path relative to root -> (size, version), from the same listing
+    versions: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     def uri(self, rel: str) -> str:
         return f"{self.root}/{rel}" if self.root else rel
+
+    def version_key(self, rel: str) -> str:
+        """The object's version key (difftrain.data.facts), "" when the listing had none."""
+        from difftrain.data.facts import version_key
+
+        found = self.versions.get(rel)
+        return version_key(self.uri(rel), *found) if found else ""
 
 
 @dataclass(frozen=True)
@@ -76,28 +89,35 @@ def _list(spec: DatasetSpec, store: Store) -> _Listing:
     uri = spec.uri.rstrip("/") if is_s3(spec.uri) else str(Path(spec.uri))
     if is_s3(uri):
         _, key = split_s3(uri)
-        uris = list(store.list(f"{uri}/" if key else uri))
-        if not uris and key and store.exists(uri):  # the URI names one shard or metadata file
-            return _Listing(uri.rsplit("/", 1)[0], [uri.rsplit("/", 1)[1]])
+        infos = list(store.list_info(f"{uri}/" if key else uri))
+        if not infos and key and store.exists(uri):  # the URI names one shard or metadata file
+            return _one_object(store, uri.rsplit("/", 1)[0], uri.rsplit("/", 1)[1])
     else:
         path = Path(uri)
         if path.is_file():
-            return _Listing(str(path.parent), [path.name])
+            return _one_object(store, str(path.parent), path.name)
         if not path.is_dir():
             raise DatasetError(f"dataset.uri {spec.uri} does not exist: give an existing folder")
-        uris = list(store.list(uri))
+        infos = list(store.list_info(uri))
     prefix = f"{uri}/"
-    files = sorted(
-        rel
-        for rel in (u[len(prefix) :] if u.startswith(prefix) else u for u in uris)
-        if rel and not any(part.startswith(".") for part in rel.split("/"))
-    )
+    versions = {
+        rel: (info.size, info.version)
+        for info in infos
+        if (rel := info.uri[len(prefix) :] if info.uri.startswith(prefix) else info.uri)
+        and not any(part.startswith(".") for part in rel.split("/"))
+    }
+    files = sorted(versions)
     if not files:
         raise DatasetError(
             f"{_where(spec, store)} is empty: no files under this prefix; check the bucket and "
             "prefix (or upload the dataset there)"
         )
-    return _Listing(uri, files)
+    return _Listing(uri, files, versions)
+
+
+def _one_object(store: Store, root: str, name: str) -> _Listing:
+    size, version = store.stat(f"{root}/{name}")
+    return _Listing(root, [name], {name: (size, version)})
 
 
 def _is_image(rel: str) -> bool:
@@ -133,12 +153,15 @@ def detect_format(spec: DatasetSpec, store: Store) -> str:
     return _detect(spec, _list(spec, store), _where(spec, store))
 
 
-def iter_pairs(spec: DatasetSpec, store: Store, *, workers: int = 8) -> Iterator[RawPair]:
+def iter_pairs(
+    spec: DatasetSpec, store: Store, *, workers: int = 8, facts: CleaningFacts | None = None
+) -> Iterator[RawPair]:
     """Every image–caption pair of the dataset, in a deterministic order.
 
     Objects are read by ``workers`` threads (the store's latency, not its bandwidth, is what
-    limits many small reads). Raises DatasetError (layout) or StorageError (store) before the
-    first pair when the prefix is empty, the bucket missing or the credentials refused.
+    limits many small reads). With ``facts``, an object whose version they know is not read: its
+    pair comes with the facts and no bytes. Raises DatasetError (layout) or StorageError (store)
+    before the first pair when the prefix is empty, the bucket missing or the credentials refused.
     """
     where = _where(spec, store)
     listing = _list(spec, store)
@@ -147,7 +170,7 @@ def iter_pairs(spec: DatasetSpec, store: Store, *, workers: int = 8) -> Iterator
     if fmt == "webdataset":
         if not any(_is_shard(f) for f in listing.files):
             raise DatasetError(f"{where} has no .tar shards: set dataset.format or fix the prefix")
-        entries = _webdataset_entries(store, listing, spec.caption_column)
+        entries = _webdataset_entries(store, listing, spec.caption_column, facts)
         return prefetch(entries, depth=max(16, workers * 4))
     if fmt == "jsonl":
         jobs = _jsonl_jobs(spec, store, listing, where)
@@ -155,27 +178,49 @@ def iter_pairs(spec: DatasetSpec, store: Store, *, workers: int = 8) -> Iterator
         jobs = _class_jobs(spec, listing, where)
     else:
         jobs = _folder_jobs(listing, where)
-    return ordered_map(lambda job: _read_job(store, listing, job), jobs, workers=workers)
+    return ordered_map(lambda job: _read_job(store, listing, job, facts), jobs, workers=workers)
 
 
-def _webdataset_entries(store: Store, listing: _Listing, column: str) -> Iterator[RawPair]:
+def _webdataset_entries(
+    store: Store, listing: _Listing, column: str, facts: CleaningFacts | None
+) -> Iterator[RawPair]:
     """The shards' samples and, in name order among them, every other file, counted unread."""
     for rel in listing.files:
         if _is_shard(rel):
-            yield from shard_pairs(store, [(listing.uri(rel), shard_key(rel))], column)
+            shard = (listing.uri(rel), shard_key(rel), listing.version_key(rel))
+            yield from shard_pairs(store, [shard], column, facts)
         else:
             yield RawPair(rel, listing.uri(rel), b"", None, skipped=_leftover_reason(rel))
 
 
-def _read_job(store: Store, listing: _Listing, job: _Job) -> RawPair:
+def _read_job(
+    store: Store, listing: _Listing, job: _Job, facts: CleaningFacts | None = None
+) -> RawPair:
     if job.skipped is not None or job.image is None:
         name = listing.uri(job.image if job.image is not None else job.key)
         return RawPair(job.key, name, b"", job.caption, skipped=job.skipped or "missing_image")
     caption = job.caption
     if job.caption_file is not None:
-        caption = caption_text(store.get_bytes(listing.uri(job.caption_file)))
+        caption = _caption_file(store, listing, job.caption_file, facts)
     uri = listing.uri(job.image)
-    return RawPair(job.key, uri, store.get_bytes(uri), caption)
+    version = listing.version_key(job.image)
+    known = facts.image(version) if facts is not None else None
+    if known is not None:  # seen before, unchanged: judged by its facts, not read
+        assert facts is not None
+        facts.count_reused()
+        return RawPair(job.key, uri, b"", caption, version=version, facts=known)
+    return RawPair(job.key, uri, store.get_bytes(uri), caption, version=version)
+
+
+def _caption_file(store: Store, listing: _Listing, rel: str, facts: CleaningFacts | None) -> str:
+    version = listing.version_key(rel)
+    known = facts.caption(version) if facts is not None else None
+    if known is not None:
+        return known
+    text = caption_text(store.get_bytes(listing.uri(rel)))
+    if facts is not None and version:
+        facts.add_caption(version, text)
+    return text
 
 
 def _stem(rel: str) -> str:

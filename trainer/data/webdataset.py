@@ -9,16 +9,20 @@ with ``skipped`` set: ``orphan_caption`` when it holds only captions, else ``uns
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import tarfile
 import threading
 from collections.abc import Iterator, Sequence
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
 
 from difftrain.data.images import EXTENSIONS
-from difftrain.data.pairs import DatasetError, RawPair, caption_text, caption_value
+from difftrain.data.pairs import DatasetError, RawPair, Span, caption_text, caption_value
 from difftrain.storage import Store
+
+if TYPE_CHECKING:
+    from difftrain.data.facts import CleaningFacts
 
 SHARD_EXTENSIONS = (".tar.gz", ".tgz", ".tar")  # longest first: the suffix is cut off the key
 CAPTION_EXTENSIONS = ("txt", "caption", "json")  # in order of preference
@@ -37,20 +41,63 @@ def split_member(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext.lower()
 
 
-def shard_pairs(store: Store, shards: Sequence[tuple[str, str]], column: str) -> Iterator[RawPair]:
-    """The samples of each ``(uri, key prefix)`` shard in turn, as they stream in."""
-    for uri, prefix in shards:
+def shard_pairs(
+    store: Store,
+    shards: Sequence[tuple[str, str, str]],
+    column: str,
+    facts: CleaningFacts | None = None,
+) -> Iterator[RawPair]:
+    """The samples of each ``(uri, key prefix, version key)`` shard in turn, as they stream in.
+
+    With ``facts``, a shard whose version they know is not read: its samples come from them,
+    without bytes; the samples of a shard that is read are added to them.
+    """
+    from difftrain.data.facts import member_key
+
+    for uri, prefix, version in shards:
+        known = facts.shard(version) if facts is not None and version else None
+        if known is not None:
+            assert facts is not None
+            facts.count_reused(len(known))
+            yield from (_known_sample(row, facts) for row in known)
+            continue
+        rows: list[dict[str, Any]] = []
         with store.open_stream(uri) as stream:
-            yield from tar_pairs(stream, uri, prefix, column)
+            for raw in tar_pairs(stream, uri, prefix, column):
+                if version:
+                    raw = dataclasses.replace(raw, version=member_key(version, raw.name))
+                    rows.append(_sample_row(raw))
+                yield raw
+        if facts is not None and version:
+            facts.add_shard(version, rows)
+
+
+_NOT_KEPT = ("data", "facts")  # a shard's samples are kept without their bytes and image facts
+
+
+def _sample_row(raw: RawPair) -> dict[str, Any]:
+    kept = (f.name for f in dataclasses.fields(raw) if f.name not in _NOT_KEPT)
+    return {name: getattr(raw, name) for name in kept}
+
+
+def _known_sample(row: dict[str, Any], facts: CleaningFacts) -> RawPair:
+    fields = {f.name for f in dataclasses.fields(RawPair)}
+    values = {k: v for k, v in row.items() if k in fields}
+    if values.get("span") is not None:
+        values["span"] = tuple(values["span"])
+    return RawPair(**{**values, "data": b"", "facts": facts.image(row["version"])})
 
 
 def tar_pairs(stream: IO[bytes], uri: str, prefix: str, column: str) -> Iterator[RawPair]:
     """The samples of one tar stream, keyed ``<prefix>/<sample key>``."""
     key: str | None = None
     members: dict[str, bytes] = {}
+    spans: dict[str, Span] = {}
     try:
         # 'r|*': a forward-only stream of blocks (plain or gzip); members are read as they arrive.
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            # in an uncompressed shard a member's bytes can be read again by range
+            plain = getattr(tar.fileobj, "comptype", None) == "tar"
             for info in tar:
                 if not info.isfile():
                     continue
@@ -59,20 +106,29 @@ def tar_pairs(stream: IO[bytes], uri: str, prefix: str, column: str) -> Iterator
                     continue
                 sample, ext = split_member(name)
                 if sample != key and key is not None and members:
-                    yield _sample(prefix, uri, key, members, column)
-                    members = {}
+                    yield _sample(prefix, uri, key, members, column, spans)
+                    members, spans = {}, {}
                 key = sample
                 fh = tar.extractfile(info)
                 members[ext] = fh.read() if fh is not None else b""
+                if plain:
+                    spans[ext] = (info.offset_data, info.size)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DatasetError(
             f"{uri} is not a readable tar archive ({exc}); rewrite the shard"
         ) from None
     if members and key is not None:
-        yield _sample(prefix, uri, key, members, column)
+        yield _sample(prefix, uri, key, members, column, spans)
 
 
-def _sample(prefix: str, uri: str, key: str, members: dict[str, bytes], column: str) -> RawPair:
+def _sample(
+    prefix: str,
+    uri: str,
+    key: str,
+    members: dict[str, bytes],
+    column: str,
+    spans: dict[str, Span] | None = None,
+) -> RawPair:
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
     caption: str | None = None
     for ext in CAPTION_EXTENSIONS:
@@ -97,7 +153,8 @@ def _sample(prefix: str, uri: str, key: str, members: dict[str, bytes], column: 
         only_captions = all(e in CAPTION_EXTENSIONS for e in members)
         reason = "orphan_caption" if only_captions else "unsupported_format"
         return RawPair(f"{prefix}/{key}", name, b"", caption, skipped=reason)
-    return RawPair(f"{prefix}/{key}", name, members[image_ext], caption)
+    span = (spans or {}).get(image_ext)
+    return RawPair(f"{prefix}/{key}", name, members[image_ext], caption, span=span)
 
 
 _END = object()

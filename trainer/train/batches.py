@@ -27,7 +27,8 @@ class Example:
     key: str
     caption: str
     size: tuple[int, int]  # (width, height) it is trained at
-    data: bytes | None = None  # encoded image (raw mode)
+    data: bytes | None = None  # encoded image (raw mode), when held in memory
+    source: Any = None  # the CleanPair whose image is read for each batch (raw mode, no data)
     cached: Any = None  # difftrain.data.cache.CachedSample (cached mode)
     conditioning: bytes | None = None  # ControlNet conditioning image
     is_prior: bool = False  # a DreamBooth class image
@@ -97,6 +98,7 @@ class BatchBuilder:
         caption_dropout: float,
         scaling_factor: float,
         shift_factor: float | None = None,
+        read: Callable[[Any], bytes] | None = None,
     ) -> None:
         self.examples = examples
         self.seed = seed
@@ -106,6 +108,7 @@ class BatchBuilder:
         self.caption_dropout = caption_dropout
         self.scaling_factor = scaling_factor
         self.shift_factor = shift_factor
+        self.read = read  # a source pair -> its image bytes, read when a batch needs them
         # The text encoder's output for an empty caption (caption dropout with cached text).
         self.empty_embedding: torch.Tensor | None = None
 
@@ -136,8 +139,12 @@ class BatchBuilder:
                     else:
                         embeddings.append(ex.cached.text_embeddings.float())
             else:
-                assert self.transform is not None and self.decode is not None and ex.data
-                image = self.decode(ex.data, ex.key)
+                assert self.transform is not None and self.decode is not None
+                data = ex.data
+                if not data:
+                    assert self.read is not None and ex.source is not None, ex.key
+                    data = self.read(ex.source)
+                image = self.decode(data, ex.key)
                 pixels.append(self.transform(image, size=ex.size, rng=rng, flip=flip))
             if ex.conditioning is not None:
                 assert self.transform is not None and self.decode is not None

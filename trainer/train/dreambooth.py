@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -137,7 +138,7 @@ def class_examples(
     Missing class images are generated, and all are encoded, on ``device`` (the networks that
     generate them in ``dtype``).
     """
-    from difftrain.data.cache import LatentCache, cache_key
+    from difftrain.data.cache import LatentCache, cache_space
     from difftrain.data.images import decode_rgb
     from difftrain.data.pairs import CleanPair
     from difftrain.data.transforms import ImageTransform
@@ -175,9 +176,12 @@ def class_examples(
     if spec.preprocessing.cache_latents:
         cache = LatentCache(output_store, join(spec.output.uri, "class-images", "cache"))
         pre = spec.preprocessing
-        key = cache_key(pairs, pre, components.identity, extra={"role": "class"})
+        # class images get no Boomerang variants: their space has none
+        space = dataclasses.replace(
+            cache_space(pre, components.identity, extra={"role": "class"}), copies=0
+        )
         samples, _ = cache.get_or_build(
-            key, pairs, components, ImageTransform(pre), seed=0, device=device
+            pairs, components, ImageTransform(pre), space=space, seed=0, device=device
         )
         return [
             Example(key=s.key, caption=s.caption, size=(res, res), cached=s, is_prior=True)

@@ -13,6 +13,7 @@ import random
 import signal
 import threading
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,13 +108,20 @@ def run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
 
 
 def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
-    from difftrain.data.cleaning import load_dataset, write_report
+    from difftrain.data.cache import CACHE_FOLDER
+    from difftrain.data.cleaning import write_report
+    from difftrain.data.image_bytes import read_image
     from difftrain.data.images import decode_rgb
     from difftrain.data.transforms import ImageTransform
     from difftrain.models import load_base_model
     from difftrain.models.placement import frozen_dtype
     from difftrain.train.dreambooth import check_prior_settings
-    from difftrain.train.shared_data import cached_dataset, clean_on_main
+    from difftrain.train.shared_data import (
+        CacheSettings,
+        cached_dataset,
+        clean_dataset,
+        clean_on_main,
+    )
 
     spec = job.spec.resolved()
     check_prior_settings(spec)
@@ -150,10 +158,14 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
     tokenizer = components.tokenizer
     data_store = open_store(spec.dataset.uri, options.store_config)
 
+    cache_root = join(spec.dataset.uri, CACHE_FOLDER)
+
     def clean() -> CleaningResult:
-        return load_dataset(
+        # with the latent cache, objects seen before are judged by their kept facts, not read
+        return clean_dataset(
             spec.dataset,
             data_store,
+            facts_root=cache_root if pre.cache_latents else None,
             count_tokens=lambda text: len(tokenizer(text).input_ids),
             max_tokens=tokenizer.model_max_length,
         )
@@ -189,9 +201,16 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
     examples: list[Example]
     generation = {"device": acc.device, "dtype": frozen_dtype(acc.device, hp.mixed_precision)}
     if pre.cache_latents:
+        settings = CacheSettings(
+            pre=pre,
+            seed=hp.seed,
+            root=cache_root,
+            dtype=torch.float32 if acc.device.type == "cpu" else torch.float16,
+            generation_dtype=generation["dtype"],
+        )
         cached = cached_dataset(
             acc,
-            spec,
+            settings,
             pairs,
             sizes,
             components,
@@ -216,14 +235,17 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
         write_key = "uncached"
         if pre.boomerang.enabled:
             sources = len(pairs)
-            pairs, sizes = _with_boomerang(spec, pairs, sizes, components, transform, generation)
+            pairs, sizes = _with_boomerang(
+                spec, pairs, sizes, components, transform, generation, data_store
+            )
             report.augmented = len(pairs) - sources
         examples = [
             Example(
                 key=p.key,
                 caption=p.caption,
                 size=sizes[i],
-                data=p.data,
+                data=p.data or None,  # a dataset's pairs hold none: read per batch
+                source=p,
                 conditioning=conditioning.get(source_key(p.key)),
             )
             for i, p in enumerate(pairs)
@@ -258,6 +280,7 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
         caption_dropout=spec.regularization.caption_dropout,
         scaling_factor=float(components.vae.config.scaling_factor),
         shift_factor=getattr(components.vae.config, "shift_factor", None),
+        read=partial(read_image, data_store),
     )
     if spec.regularization.caption_dropout > 0 and pre.cache_latents:
         from difftrain.data.cache import encode_text
@@ -345,9 +368,11 @@ def _with_boomerang(
     components: Any,
     transform: Any,
     generation: dict[str, Any],
+    data_store: Any,
 ) -> tuple[list[Any], list[tuple[int, int]]]:
     """The pairs followed by their Boomerang variants, and the variants' sizes (their source's)."""
     from difftrain.data.boomerang import boomerang_variants
+    from difftrain.data.image_bytes import read_image
 
     boomerang = spec.preprocessing.boomerang
     variants = boomerang_variants(
@@ -358,6 +383,7 @@ def _with_boomerang(
         copies=boomerang.copies,
         seed=spec.hyperparameters.seed,
         sizes=sizes,
+        read=partial(read_image, data_store),
         **generation,
     )
     by_key = {p.key: s for p, s in zip(pairs, sizes, strict=True)}

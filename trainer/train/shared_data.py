@@ -1,32 +1,36 @@
-"""Data preparation shared by the processes of a job: one cleans, all encode the latent cache.
+"""Data preparation shared by the processes of a job, and by ``difftrain dataset cache``.
 
-With several processes and the latent cache on, the main process reads and cleans the dataset and
-sends the others the kept pairs without their bytes (:func:`clean_on_main`). On a cache miss every
-process then encodes its share of the samples (:mod:`difftrain.data.cache_plan`: its run of
-source images and their Boomerang variants), reading just its share's images, on its own
-accelerator; once all have uploaded their shards the main process commits the manifest, and every
-process reads the whole cache back. A process that fails tells the others, so none waits forever
-at a barrier; the cache stays absent (no manifest) and the next attempt builds it again.
+:func:`clean_dataset` lists and cleans a dataset, judging objects seen in an earlier run by the
+cleaning facts kept beside the latent cache (:mod:`difftrain.data.facts`) instead of downloading
+them. With several processes and the latent cache on, the main process cleans and sends the
+others the kept pairs (:func:`clean_on_main`; pairs never hold image bytes). :func:`cached_dataset`
+then finds each sample in the per-sample cache (:mod:`difftrain.data.cache`): the main process
+looks up which are missing and tells the others; every process encodes its share of the missing
+ones (their images read from the dataset a chunk at a time, their Boomerang variants made there),
+on its own accelerator; once all have uploaded their shards the main process commits the next
+index, and every process reads the samples back from verified local copies. A process that fails
+tells the others, so none waits forever at a barrier; nothing half-built is ever indexed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from difftrain.api import DatasetReport, DiffusionTrainingJobSpec
-from difftrain.storage import Store, join
+from difftrain.api import DatasetReport
+from difftrain.storage import StorageError, Store
 from difftrain.train.methods import TrainingConfigError
 
 if TYPE_CHECKING:
-    from difftrain.data.cache import CachedSample, LatentCache
-    from difftrain.data.cache_plan import PlannedShard
+    from difftrain.api import DatasetSpec, PreprocessingSpec
+    from difftrain.data.cache import CachedSample
     from difftrain.data.cleaning import CleaningResult
     from difftrain.data.pairs import CleanPair
     from difftrain.data.transforms import ImageTransform
@@ -38,127 +42,251 @@ T = TypeVar("T")
 Size = tuple[int, int]
 
 
+class SingleProcess:
+    """The parts of an Accelerator that data preparation uses, for one process on ``device``
+    (``difftrain dataset cache``)."""
+
+    num_processes = 1
+    process_index = 0
+    is_main_process = True
+    is_local_main_process = True
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @contextlib.contextmanager
+    def local_main_process_first(self) -> Iterator[None]:
+        yield
+
+
+def clean_dataset(
+    spec: DatasetSpec,
+    store: Store,
+    *,
+    facts_root: str | None = None,
+    facts_store: Store | None = None,
+    count_tokens: Callable[[str], int] | None = None,
+    max_tokens: int | None = None,
+    progress: Callable[[int], object] | None = None,
+    workers: int = 2,
+) -> CleaningResult:
+    """List and clean ``spec``'s dataset; with ``facts_root`` (the latent cache's root) an object
+    whose version was seen before is judged by its kept facts, not downloaded, and what is
+    learnt from the others is kept there for the next run."""
+    from difftrain.data.cleaning import load_dataset
+    from difftrain.data.facts import CleaningFacts
+
+    facts = None
+    where = facts_store or store
+    if facts_root is not None:
+        need_phash = spec.cleaning.near_duplicate_distance > 0
+        facts = CleaningFacts.load(where, facts_root, need_phash=need_phash)
+    result = load_dataset(
+        spec,
+        store,
+        count_tokens=count_tokens,
+        max_tokens=max_tokens,
+        progress=progress,
+        workers=workers,
+        facts=facts,
+    )
+    if facts is not None and facts_root is not None:
+        logger.info(
+            "dataset: %d objects judged by their kept facts (not read), %d facts learnt",
+            facts.reused,
+            facts.added,
+        )
+        try:
+            facts.save(where, facts_root)
+        except StorageError as exc:  # the next run reads those objects again; this one goes on
+            logger.warning("cleaning facts not saved: %s", exc)
+    return result
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """How a run's samples are cached: what changes the tensors, and how they are encoded."""
+
+    pre: PreprocessingSpec
+    seed: int
+    root: str  # the cache's root (<dataset.uri>/.difftrain-cache unless told otherwise)
+    dtype: torch.dtype  # the cached tensors'
+    generation_dtype: torch.dtype  # the networks' while they make Boomerang variants
+    batch_size: int = 16
+    texts: bool = True  # cache text embeddings too
+    extra: dict[str, str] | None = None
+    progress: Callable[[int], object] | None = None  # called with the samples each batch encoded
+
+
 @dataclass
 class CachedDataset:
     """The run's cached samples (every process's, in sample order) and how they were found."""
 
     samples: list[CachedSample]
-    key: str
-    hit: bool
+    key: str  # the index generation they were read from
+    hit: bool  # nothing had to be encoded, by any process
     encoded: int  # samples this process encoded (0 on a hit)
+    size_bytes: int = 0  # of the shards the samples are read from
 
 
 def cached_dataset(
     acc: Any,
-    spec: DiffusionTrainingJobSpec,
+    settings: CacheSettings,
     pairs: list[CleanPair],
     sizes: list[Size],
     components: Components,
     transform: ImageTransform,
     data_store: Store,
     local_dir: Path,
+    cache_store: Store | None = None,
 ) -> CachedDataset:
-    """The committed cache of these pairs, built by all processes together when there is none.
+    """The pairs' samples from the per-sample cache, the missing ones encoded by all processes.
 
-    ``pairs`` may lack their image bytes (see :func:`clean_on_main`); a process reads those of
-    its share. The samples read their tensors from verified copies under ``local_dir``.
+    ``pairs`` hold no image bytes: each process reads those of its share of the missing samples
+    from ``data_store``. The samples read their tensors from verified copies under ``local_dir``.
     """
-    from difftrain.data.cache import CACHE_FOLDER, CacheError, LatentCache, cache_key
-    from difftrain.data.cache_plan import plan_shards
+    from difftrain.data.cache import CacheError, LatentCache, Lookup, new_build_id
+    from difftrain.data.cache_keys import cache_space, wanted_samples
 
-    pre, hp = spec.preprocessing, spec.hyperparameters
-    cache = LatentCache(data_store, join(spec.dataset.uri, CACHE_FOLDER))
-    key = cache_key(pairs, pre, components.identity, seed=hp.seed)
-    # the first process on each machine copies the shards; the others find verified copies
-    with acc.local_main_process_first():
-        samples = cache.lookup(key, local_dir=local_dir)
-    if _everyone(acc, samples is not None):
-        assert samples is not None
-        return CachedDataset(samples, key, hit=True, encoded=0)
+    pre = settings.pre
+    space = cache_space(pre, components.identity, seed=settings.seed, extra=settings.extra)
+    wanted = wanted_samples(pairs, space, texts=settings.texts)
+    cache = LatentCache(cache_store or data_store, settings.root)
 
-    copies = pre.boomerang.copies if pre.boomerang.enabled else 0
-    plan = plan_shards(len(pairs), copies, acc.num_processes)
+    def look_up() -> dict[str, Any]:
+        index = cache.index()
+        found = cache.lookup(wanted, index, flips=space.flips, local_dir=local_dir)
+        return {
+            "index": index.name,
+            "build": new_build_id(),
+            "latents": found.latents,
+            "texts": found.texts,
+        }
 
-    def encode() -> int:
-        share = _ShareInputs(pairs, sizes, components, transform, data_store)
-        return _encode_share(acc, spec, cache, key, plan, share)
+    # the main process looks up (and copies what it finds); the others follow its answer
+    decided = _main_decides(acc, look_up, "looking up the latent cache")
+    found = Lookup([], decided["latents"], [(a, c) for a, c in decided["texts"]])
+    encoded = 0
+    name = decided["index"]
+    if not found.complete:
+        logger.info(
+            "latent cache: %d of %d samples and %d captions to encode",
+            len(found.latents),
+            len(wanted),
+            len(found.texts),
+        )
 
-    def commit() -> None:
-        if acc.is_main_process:
-            flips = pre.flip_probability > 0
-            cache.commit_shares(key, plan, world=acc.num_processes, flips=flips)
+        def encode() -> int:
+            return _encode_share(acc, settings, cache, decided["build"], pairs, sizes, wanted,
+                                 found, components, transform, data_store)  # fmt: skip
 
-    encoded = _all_succeed(acc, encode, "encoding its share of the latent cache")
+        encoded = _all_succeed(acc, encode, "encoding its share of the latent cache")
 
-    _all_succeed(acc, commit, "committing the latent cache")
+        def commit() -> dict[str, Any]:
+            index = cache.commit_shares(decided["build"], world=acc.num_processes)
+            return {"index": index.name}
+
+        name = _main_decides(acc, commit, "committing the latent cache")["index"]
     # read back through local copies, as a later run would: the built tensors are gone
     with acc.local_main_process_first():
-        samples = cache.lookup(key, local_dir=local_dir)
-    if samples is None:
+        index = cache.index(name or None)
+        again = cache.lookup(wanted, index, flips=space.flips, local_dir=local_dir)
+    if not again.complete:
         raise CacheError(
-            f"latent cache {cache.prefix(key)} was committed but does not read back complete; "
+            f"latent cache {settings.root} was committed but does not read back complete; "
             "check the store (another job may be deleting it)"
         )
-    return CachedDataset(samples, key, hit=False, encoded=encoded)
-
-
-@dataclass(frozen=True)
-class _ShareInputs:
-    pairs: list[CleanPair]
-    sizes: list[Size]
-    components: Components
-    transform: ImageTransform
-    data_store: Store
+    samples = [s for s in again.samples if s is not None]
+    used = {index.latents[w.latent] for w in wanted}
+    used |= {index.texts[w.text] for w in wanted if w.text}
+    size = sum(int(index.shards[n]["size"]) for n in used)
+    return CachedDataset(samples, index.name, found.complete, encoded, size)
 
 
 def _encode_share(
     acc: Any,
-    spec: DiffusionTrainingJobSpec,
-    cache: LatentCache,
-    key: str,
-    plan: list[PlannedShard],
-    inputs: _ShareInputs,
+    settings: CacheSettings,
+    cache: Any,
+    build: str,
+    pairs: list[CleanPair],
+    sizes: list[Size],
+    wanted: list[Any],
+    found: Any,
+    components: Components,
+    transform: ImageTransform,
+    data_store: Store,
 ) -> int:
-    """This process's samples: its sources' images and their Boomerang variants, uploaded."""
+    """This process's share of the missing samples: images, Boomerang variants, captions."""
     from difftrain.data.boomerang import boomerang_variants
-    from difftrain.data.cache_plan import source_share
-    from difftrain.data.image_bytes import with_image_bytes
-    from difftrain.models.placement import frozen_dtype
 
-    pre, hp = spec.preprocessing, spec.hyperparameters
+    pre = settings.pre
     rank = acc.process_index
-    copies = pre.boomerang.copies if pre.boomerang.enabled else 0
-    share = source_share(len(inputs.pairs), rank, acc.num_processes)
-    todo = with_image_bytes(inputs.pairs[share.start : share.stop], inputs.data_store)
-    todo_sizes = inputs.sizes[share.start : share.stop]
-    components, transform = inputs.components, inputs.transform
-    if copies:
-        todo += boomerang_variants(
-            todo,
+    by_key = {p.key: s for p, s in zip(pairs, sizes, strict=True)}
+
+    def variants(sources: list[CleanPair], _sizes: list[Size] | None) -> list[CleanPair]:
+        return boomerang_variants(
+            sources,
             components,
             transform,
             strength=pre.boomerang.strength,
-            copies=copies,
-            seed=hp.seed,
+            copies=pre.boomerang.copies,
+            seed=settings.seed,
             device=acc.device,
-            dtype=frozen_dtype(acc.device, hp.mixed_precision),
-            sizes=todo_sizes,
+            dtype=settings.generation_dtype,
+            sizes=[by_key[p.key] for p in sources],
         )
-        todo_sizes = todo_sizes + [s for s in todo_sizes for _ in range(copies)]
+
     count = cache.build_share(
-        key,
-        todo,
+        build,
+        pairs,
+        wanted,
+        found,
         components,
         transform,
-        plan=plan,
         rank=rank,
-        sizes=todo_sizes if pre.buckets.enabled else None,
-        seed=hp.seed,
+        world=acc.num_processes,
+        read=data_store,
+        variants=variants if pre.boomerang.enabled else None,
+        sizes=sizes if pre.buckets.enabled else None,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
         device=acc.device,
-        dtype=torch.float32 if acc.device.type == "cpu" else torch.float16,
+        dtype=settings.dtype,
+        progress=settings.progress,
     )
-    logger.info("latent cache: rank %d encoded %d samples of %d sources", rank, count, len(share))
+    logger.info("latent cache: rank %d encoded %d samples", rank, count)
     return int(count)
+
+
+def _main_decides(acc: Any, decide: Callable[[], dict[str, Any]], what: str) -> dict[str, Any]:
+    """``decide()`` on the main process, its JSON answer handed to every process (no pickle).
+    An error there raises on every process (there with its own error)."""
+    if acc.num_processes == 1:
+        return decide()
+    import torch.distributed as dist
+
+    payload = b""
+    error: Exception | None = None
+    if acc.is_main_process:
+        try:
+            payload = json.dumps(decide()).encode()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the others are told
+            error = exc
+            payload = json.dumps({"__error__": f"{type(exc).__name__}: {exc}"}).encode()
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=acc.device)
+    dist.broadcast(size, src=0)
+    buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=acc.device)
+    if acc.is_main_process:
+        buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    dist.broadcast(buffer, src=0)
+    if error is not None:
+        raise error
+    doc: dict[str, Any] = json.loads(buffer.cpu().numpy().tobytes())
+    if "__error__" in doc:
+        from difftrain.data.cache import CacheError
+
+        raise CacheError(f"the main process failed {what}: {doc['__error__']}")
+    return doc
 
 
 def _everyone(acc: Any, flag: bool) -> bool:
@@ -212,7 +340,8 @@ def clean_on_main(acc: Any, clean: Callable[[], CleaningResult]) -> CleaningResu
                 "examples": result.examples,
                 "tokensCounted": result.tokens_counted,
                 "pairs": [
-                    [p.key, p.name, p.caption, p.width, p.height, p.sha256] for p in result.pairs
+                    [p.key, p.name, p.caption, p.width, p.height, p.sha256, p.span]
+                    for p in result.pairs
                 ],
             }
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the others are told
@@ -232,7 +361,18 @@ def clean_on_main(acc: Any, clean: Callable[[], CleaningResult]) -> CleaningResu
     doc = json.loads(buffer.cpu().numpy().tobytes())
     if "error" in doc:
         raise TrainingConfigError(f"the main process could not read the dataset: {doc['error']}")
-    pairs = [CleanPair(k, n, b"", c, w, h, sha) for k, n, c, w, h, sha in doc["pairs"]]
+    pairs = [
+        CleanPair(
+            key=k,
+            name=n,
+            caption=c,
+            width=w,
+            height=h,
+            sha256=sha,
+            span=tuple(span) if span else None,
+        )
+        for k, n, c, w, h, sha, span in doc["pairs"]
+    ]
     logger.info(
         "dataset: %d kept pairs from the main process's cleaning (rank %d read no image)",
         len(pairs),
