@@ -14,11 +14,6 @@ from typing import Any
 import yaml
 
 DEFAULT_LOCAL_DIR = Path("difftrain-local")
-LOCAL_DATASET_SIZE = 96
-# a VAE that keeps colours and shapes, so the local run's samples show what it learned
-LOCAL_VAE_STEPS = 200
-# the shapes captions fill most of a short context, so the model learns to follow them sooner
-LOCAL_CONTEXT_LENGTH = 16
 
 
 def add_parser(sub: Any) -> None:
@@ -62,19 +57,9 @@ def _load_job(args: argparse.Namespace, work_dir: Path) -> Any:
     if args.job is None:
         if not args.local:
             raise api.SpecError("DiffusionTrainingJob", ["FILE: give a job file, or use --local"])
-        from difftrain.models.tiny import build_tiny_pipeline_folder
-        from difftrain.train.synthetic import default_local_job, write_shapes_dataset
+        from difftrain.train.synthetic import default_local_job, write_local_inputs
 
-        work_dir = work_dir.resolve()
-        if not (work_dir / "base-model" / "model_index.json").exists():
-            build_tiny_pipeline_folder(
-                work_dir / "base-model",
-                seed=0,
-                vae_steps=LOCAL_VAE_STEPS,
-                context_length=LOCAL_CONTEXT_LENGTH,
-            )
-        if not (work_dir / "dataset").exists():
-            write_shapes_dataset(work_dir / "dataset", LOCAL_DATASET_SIZE, size=64, seed=0)
+        work_dir = write_local_inputs(work_dir.resolve())
         doc = default_local_job(work_dir)
     else:
         try:

@@ -1,15 +1,18 @@
 """A synthetic captioned dataset of coloured shapes, and the local run's embedded default job.
 
 The local run needs no download: it writes this dataset and a tiny model into a work folder and
-trains on them through the same pipeline a cluster job uses.
+trains on them through the same pipeline a cluster job uses. ``prompt_colours`` reads a sample
+back: which of the palette's colours it shows, against the ones its prompt names.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -48,18 +51,124 @@ def caption_for(shape: str, colour: str, background: str) -> str:
     return f"a {colour} {shape} on a {background} background"
 
 
-def write_shapes_dataset(folder: Path, count: int, *, size: int = 64, seed: int = 0) -> Path:
-    """Write ``count`` PNG + same-stem .txt pairs (the folder layout) into ``folder``."""
+def parse_caption(caption: str) -> tuple[str, str, str]:
+    """(shape, colour, background) of a caption ``caption_for`` wrote."""
+    words = caption.split()
+    if (
+        len(words) != 7
+        or words[1] not in COLOURS
+        or words[2] not in SHAPES
+        or words[-2] not in COLOURS
+    ):
+        raise ValueError(f"{caption!r} is not 'a <colour> <shape> on a <colour> background'")
+    return words[2], words[1], words[-2]
+
+
+# A pixel farther than this (RGB distance) from every palette colour counts as none of them.
+PALETTE_RADIUS = 90.0
+
+
+@dataclass(frozen=True)
+class PromptColours:
+    """What a sample of a shapes prompt shows, in palette colours.
+
+    ``shares``: the fraction of the image's pixels nearest each palette colour (within
+    ``PALETTE_RADIUS``); ``border``: the median colour of the image's outer eighth, where the
+    background mostly is (a shape covers less than half of it); ``background_distance``: the
+    RGB distance from ``border`` to the prompt's background colour; ``shape_distance``: from the
+    mean colour of the pixels that are not the background colour (where the shape is) to the
+    prompt's shape colour.
+    """
+
+    prompt: str
+    shares: dict[str, float]
+    border: tuple[int, int, int]
+    shape_distance: float
+    background_distance: float
+
+    @property
+    def top_two(self) -> set[str]:
+        """The two palette colours covering most of the image."""
+        return set(sorted(self.shares, key=lambda c: -self.shares[c])[:2])
+
+    @property
+    def shows_prompt(self) -> bool:
+        """The image is mostly the prompt's two colours, and its border is the background's."""
+        _, colour, background = parse_caption(self.prompt)
+        return self.top_two == {colour, background} and nearest_colour(self.border) == background
+
+
+def nearest_colour(rgb: Any) -> str:
+    """The palette colour nearest an RGB triple."""
+    value = np.asarray(rgb, dtype=np.float32)
+    return min(COLOURS, key=lambda c: float(np.linalg.norm(value - np.asarray(COLOURS[c]))))
+
+
+def prompt_colours(image: Image.Image, prompt: str) -> PromptColours:
+    """Measure one sample of ``prompt`` (see PromptColours)."""
+    _, colour, background = parse_caption(prompt)
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    palette = np.asarray(list(COLOURS.values()), dtype=np.float32)
+    flat = pixels.reshape(-1, 3)
+    distance = np.linalg.norm(flat[:, None, :] - palette[None], axis=-1)
+    nearest = np.where(distance.min(axis=1) <= PALETTE_RADIUS, distance.argmin(axis=1), -1)
+    names = list(COLOURS)
+    shares = {name: float((nearest == i).mean()) for i, name in enumerate(names)}
+    k = max(1, pixels.shape[0] // 8)
+    edges = (pixels[:k], pixels[-k:], pixels[k:-k, :k], pixels[k:-k, -k:])
+    frame = np.concatenate([edge.reshape(-1, 3) for edge in edges])
+    border = np.median(frame, axis=0)
+    shape = flat[nearest != names.index(background)]
+    shape_mean = (shape if len(shape) else flat).mean(axis=0)
+    return PromptColours(
+        prompt=prompt,
+        shares=shares,
+        border=(round(float(border[0])), round(float(border[1])), round(float(border[2]))),
+        shape_distance=float(np.linalg.norm(shape_mean - np.asarray(COLOURS[colour]))),
+        background_distance=float(np.linalg.norm(border - np.asarray(COLOURS[background]))),
+    )
+
+
+def write_shapes_dataset(
+    folder: Path,
+    count: int,
+    *,
+    size: int = 64,
+    seed: int = 0,
+    backgrounds: tuple[str, ...] | None = None,
+) -> Path:
+    """Write ``count`` PNG + same-stem .txt pairs (the folder layout) into ``folder``.
+
+    Shapes cycle through SHAPES and the colours (those not in ``backgrounds``), each on one of
+    ``backgrounds`` (default: any other colour).
+    """
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    names = list(COLOURS)
+    names = [c for c in COLOURS if backgrounds is None or c not in backgrounds]
     for i in range(count):
         shape = SHAPES[i % len(SHAPES)]
         colour = names[(i // len(SHAPES)) % len(names)]
-        background = rng.choice([c for c in names if c != colour])
+        background = rng.choice([c for c in backgrounds or COLOURS if c != colour])
         draw_shape(size, shape, colour, background, rng).save(folder / f"{i:05d}.png")
         (folder / f"{i:05d}.txt").write_text(caption_for(shape, colour, background))
     return folder
+
+
+LOCAL_DATASET_SIZE = 96
+# The local run's tiny model (build_tiny_pipeline_folder's options): a VAE pre-trained on shapes
+# (its latents keep colours and shapes) and a 16-token text context the captions fill.
+LOCAL_MODEL: dict[str, Any] = {"vae_steps": 200, "context_length": 16}
+
+
+def write_local_inputs(work_dir: Path, *, images: int = LOCAL_DATASET_SIZE) -> Path:
+    """The local run's tiny model and shapes dataset under ``work_dir`` (each made once)."""
+    from difftrain.models.tiny import build_tiny_pipeline_folder
+
+    if not (work_dir / "base-model" / "model_index.json").exists():
+        build_tiny_pipeline_folder(work_dir / "base-model", seed=0, **LOCAL_MODEL)
+    if not (work_dir / "dataset").exists():
+        write_shapes_dataset(work_dir / "dataset", images, size=64, seed=0)
+    return work_dir
 
 
 def default_local_job(work_dir: Path) -> dict[str, Any]:
