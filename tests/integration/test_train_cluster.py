@@ -119,7 +119,9 @@ def test_trainer_reads_minio_and_patches_only_its_own_status(
     assert "runs/shapes/checkpoints/step-00000004/_manifest.json" in names
     assert not any(n.startswith("runs/shapes/checkpoints/step-00000002/") for n in names)
     cached = list(mc.list_objects(s3.bucket, "data/shapes/.difftrain-cache/", recursive=True))
-    assert any(o.object_name.endswith("_manifest.json") for o in cached)
+    # the per-sample cache: its shards, and the index written after them
+    assert any("/.difftrain-cache/index/" in o.object_name for o in cached)
+    assert any("/.difftrain-cache/shards/" in o.object_name for o in cached)
 
     # The trainer's identity may patch exactly its own resource's status.
     custom = client.CustomObjectsApi(sa_client)
