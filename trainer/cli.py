@@ -294,6 +294,16 @@ def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
         "--banned-word", action="append", metavar="WORD", help="drop captions with it (repeatable)"
     )
     parser.add_argument("--limit", type=int, help="stop once this many pairs are kept")
+    parser.add_argument(
+        "--caption-lines",
+        choices=["alternatives", "first", "joined"],
+        help="a caption's lines: each a caption of its own (default), the first only, or one",
+    )
+    parser.add_argument("--shuffle-tags", action="store_true", help="shuffle tags every epoch")
+    parser.add_argument("--keep-tokens", type=int, help="leading tags never shuffled or dropped")
+    parser.add_argument("--tag-dropout", type=float, help="probability each tag is left out")
+    parser.add_argument("--tag-separator", help="what separates tags (default ',')")
+    parser.add_argument("--repeats", type=int, help="times each image is seen per epoch")
     parser.add_argument("--workers", type=int, default=4, help="decoding threads (default 4)")
 
 

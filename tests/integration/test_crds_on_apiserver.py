@@ -101,6 +101,21 @@ def test_server_applies_the_defaults_of_the_api(kube_api, namespace):
             "should match",
         ),
         (
+            training_job("keep", dataset={"uri": "/d", "captions": {"keepTokens": 1}}),
+            "spec.dataset.captions.keepTokens",
+            "has no effect without shuffleTags or tagDropout",
+        ),
+        (
+            training_job("tagdrop", dataset={"uri": "/d", "captions": {"tagDropout": 1.5}}),
+            "spec.dataset.captions.tagDropout",
+            "less than or equal to 1",
+        ),
+        (
+            training_job("repeats", dataset={"uri": "/d", "repeats": 0}),
+            "spec.dataset.repeats",
+            "greater than or equal to 1",
+        ),
+        (
             training_job("typo", dataset={"uri": "/d", "formt": "jsonl"}),
             "spec.dataset.formt",
             "unknown field",

@@ -49,6 +49,7 @@ from difftrain.api.cluster import (
 from difftrain.api.data import (
     BoomerangSpec,
     BucketSpec,
+    CaptionSpec,
     CleaningSpec,
     DatasetFormat,
     DatasetSpec,
@@ -157,6 +158,7 @@ __all__ = [
     "BaseModelSpec",
     "BoomerangSpec",
     "BucketSpec",
+    "CaptionSpec",
     "CheckpointingSpec",
     "CleaningSpec",
     "Component",

@@ -48,6 +48,63 @@ class CleaningSpec(APIModel):
     )
 
 
+class CaptionSpec(APIModel):
+    """Caption tools: several captions per image, tag shuffling and tag dropout, drawn anew for
+    each example every epoch (seeded by hyperparameters.seed, so a resumed run draws the same)."""
+
+    model_config = rules(
+        cel(
+            "!has(self.keepTokens) || self.keepTokens == 0 || "
+            "(has(self.shuffleTags) && self.shuffleTags) || "
+            "(has(self.tagDropout) && self.tagDropout > 0.0)",
+            "dataset.captions.keepTokens has no effect without shuffleTags or tagDropout; "
+            "set one of them or leave keepTokens at 0",
+            ".keepTokens",
+        )
+    )
+
+    lines: Literal["alternatives", "first", "joined"] = Field(
+        default="alternatives",
+        description="How a caption with several non-empty lines (a caption file's lines, or the "
+        "strings of a list in the caption column) is read: 'alternatives' (each line is a caption "
+        "of its own and one is drawn each epoch, every one in turn), 'first' (only the first "
+        "line), 'joined' (the lines are one caption, joined by spaces).",
+    )
+    shuffle_tags: bool = Field(
+        default=False,
+        description="Shuffle the caption's tags (the parts between separators) every epoch, "
+        "the first keepTokens of them staying in place.",
+    )
+    keep_tokens: int = Field(
+        default=0,
+        ge=0,
+        le=255,
+        description="How many leading tags stay first and in order, never shuffled or dropped "
+        "(e.g. 1 for a trigger word written first in every caption).",
+    )
+    tag_dropout: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Probability that each tag (beyond the kept ones) is left out of the caption "
+        "for an epoch.",
+    )
+    separator: Annotated[str, Field(min_length=1, max_length=16)] = Field(
+        default=",",
+        description="What separates tags in a caption. Tags are joined back as written: "
+        "'a, b' for ',' (also ';' and ':'), 'a | b' for '|' and other marks.",
+    )
+
+    @model_validator(mode="after")
+    def _keep_tokens_used(self) -> CaptionSpec:
+        if self.keep_tokens and not self.shuffle_tags and self.tag_dropout == 0:
+            raise ValueError(
+                "dataset.captions.keepTokens has no effect without shuffleTags or tagDropout; "
+                "set one of them or leave keepTokens at 0"
+            )
+        return self
+
+
 DatasetFormat = Literal["auto", "folder", "jsonl", "webdataset", "classes"]
 
 
@@ -73,8 +130,18 @@ class DatasetSpec(APIModel):
         "files), with {class} replaced by the folder name, e.g. 'a photo of a {class}'.",
     )
     cleaning: CleaningSpec = section(CleaningSpec, "What is dropped before training.")
+    captions: CaptionSpec = section(
+        CaptionSpec, "Several captions per image, tag shuffling and tag dropout."
+    )
     limit: int | None = Field(
         default=None, ge=1, description="Use at most this many pairs (after cleaning)."
+    )
+    repeats: int = Field(
+        default=1,
+        ge=1,
+        le=10000,
+        description="How many times each image is seen per epoch (each time with its own "
+        "caption draw, flip and latent sample), as kohya's folder repeats.",
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
@@ -9,6 +10,7 @@ from pydantic import Field, model_validator
 from difftrain.api.base import APIModel, Prompt, Uri, cel, rules, section
 
 Method = Literal["full", "lora", "controlnet"]
+_PLACEHOLDER = re.compile(r"\{(\w*)\}")
 
 
 class LoraSpec(APIModel):
@@ -70,7 +72,10 @@ class DreamBoothSpec(APIModel):
     )
 
     instance_prompt: Prompt = Field(
-        description="Prompt naming the subject with its identifier, e.g. 'a photo of sks dog'."
+        description="Prompt naming the subject with its identifier, e.g. 'a photo of sks dog'. "
+        "It replaces each instance image's caption, unless it holds {caption}: then it is a "
+        "template the image's own caption (as drawn, after the dataset's caption tools) goes "
+        "into, e.g. 'a photo of sks dog, {caption}'."
     )
     class_prompt: Prompt | None = Field(
         default=None, description="Prompt for the subject's class, e.g. 'a photo of a dog'."
@@ -89,6 +94,16 @@ class DreamBoothSpec(APIModel):
     prior_loss_weight: float = Field(
         default=1.0, ge=0.0, le=100.0, description="Weight of the prior-preservation loss."
     )
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> DreamBoothSpec:
+        unknown = sorted(set(_PLACEHOLDER.findall(self.instance_prompt)) - {"caption"})
+        if unknown:
+            raise ValueError(
+                f"dreambooth.instancePrompt: unknown placeholder {{{unknown[0]}}}; the only one "
+                "is {caption} (the image's own caption)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _class_prompt(self) -> DreamBoothSpec:

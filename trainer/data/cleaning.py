@@ -42,6 +42,7 @@ import imagehash
 import numpy as np
 
 from difftrain.api import CleaningSpec, DatasetReport, DatasetSpec
+from difftrain.data.captions import caption_lines
 from difftrain.data.images import SUPPORTED, ImageError, UnsupportedFormatError, decode
 from difftrain.data.pairs import CleanPair, ImageFacts, RawPair
 from difftrain.data.parallel import ordered_map
@@ -204,42 +205,44 @@ def _banned_pattern(words: list[str]) -> re.Pattern[str] | None:
 
 
 class _Cleaner:
-    def __init__(self, spec: CleaningSpec) -> None:
+    def __init__(self, spec: CleaningSpec, lines: str = "alternatives") -> None:
         self.spec = spec
+        self.lines = lines  # dataset.captions.lines: how a caption's lines are read
         self.banned = _banned_pattern([w for w in spec.banned_words if w.strip()])
         self.hashes: set[str] = set()
         self.near = HammingIndex()
 
-    def verdict(self, probe: _Probe) -> tuple[str | None, str]:
-        """(reason or None, the caption to keep)."""
+    def verdict(self, probe: _Probe) -> tuple[str | None, tuple[str, ...]]:
+        """(reason or None, the captions to keep). Each of an image's captions is checked; one
+        that fails drops the pair (its image goes with that caption)."""
         spec = self.spec
         if probe.reason is not None:
-            return probe.reason, ""
+            return probe.reason, ()
         short, long = sorted((probe.width, probe.height))
         if short < spec.min_resolution:
-            return "too_small", ""
+            return "too_small", ()
         if long / short > spec.max_aspect_ratio:
-            return "extreme_aspect_ratio", ""
-        caption = (probe.pair.caption or "").strip()
+            return "extreme_aspect_ratio", ()
+        captions = caption_lines(probe.pair.caption, self.lines)
         if spec.min_caption_words > 0:
             if probe.pair.caption is None:
-                return "missing_caption", ""
-            if not caption:
-                return "empty_caption", ""
-            if len(caption.split()) < spec.min_caption_words:
-                return "short_caption", ""
-        if self.banned is not None and self.banned.search(caption):
-            return "banned_words", ""
+                return "missing_caption", ()
+            if not captions:
+                return "empty_caption", ()
+            if any(len(c.split()) < spec.min_caption_words for c in captions):
+                return "short_caption", ()
+        if self.banned is not None and any(self.banned.search(c) for c in captions):
+            return "banned_words", ()
         if spec.drop_exact_duplicates and probe.sha256 in self.hashes:
-            return "exact_duplicate", ""
+            return "exact_duplicate", ()
         if probe.phash is not None and (
             self.near.nearest_within(probe.phash, spec.near_duplicate_distance) is not None
         ):
-            return "near_duplicate", ""
+            return "near_duplicate", ()
         self.hashes.add(probe.sha256)
         if probe.phash is not None:
             self.near.add(probe.phash)
-        return None, caption
+        return None, tuple(captions) or ("",)
 
 
 def clean(
@@ -251,6 +254,7 @@ def clean(
     limit: int | None = None,
     progress: Callable[[int], object] | None = None,
     workers: int = 2,
+    lines: str = "alternatives",
     facts: CleaningFacts | None = None,
 ) -> CleaningResult:
     """Keep or drop each pair (see the module's docstring); stop once ``limit`` pairs are kept.
@@ -261,9 +265,10 @@ def clean(
 
     ``count_tokens``/``max_tokens``: captions longer than the text encoder's context are kept
     (the encoder truncates them) and counted in ``report.truncatedCaptions``. ``progress`` is
-    called with the number of pairs examined so far.
+    called with the number of pairs examined so far. ``lines``: how a caption's lines are read
+    (``dataset.captions.lines``, see :func:`difftrain.data.captions.caption_lines`).
     """
-    cleaner = _Cleaner(spec)
+    cleaner = _Cleaner(spec, lines)
     probe = partial(_probe, with_phash=spec.near_duplicate_distance > 0)
     kept: list[CleanPair] = []
     dropped: dict[str, int] = {}
@@ -282,7 +287,7 @@ def clean(
             seen += 1
             if facts is not None:
                 _learn(facts, result)
-            reason, caption = cleaner.verdict(result)
+            reason, captions = cleaner.verdict(result)
             pair = result.pair
             if reason is not None:
                 dropped[reason] = dropped.get(reason, 0) + 1
@@ -293,7 +298,7 @@ def clean(
                 )
             else:
                 if count_tokens is not None and max_tokens is not None:
-                    truncated += count_tokens(caption) > max_tokens
+                    truncated += any(count_tokens(c) > max_tokens for c in captions)
                 if result.frames > 1:
                     notes["first_frame_only"] = notes.get("first_frame_only", 0) + 1
                     example("first_frame_only", pair.key)
@@ -301,11 +306,12 @@ def clean(
                     CleanPair(
                         key=pair.key,
                         name=pair.name,
-                        caption=caption,
+                        caption=captions[0],
                         width=result.width,
                         height=result.height,
                         sha256=result.sha256,
                         span=pair.span,
+                        other_captions=captions[1:],
                     )
                 )
             if progress is not None:
@@ -357,6 +363,7 @@ def load_dataset(
         limit=spec.limit,
         progress=progress,
         workers=workers,
+        lines=spec.captions.lines,
         facts=facts,
     )
 

@@ -44,13 +44,22 @@ def _dataset_spec(args: argparse.Namespace) -> Any:
         "bannedWords": args.banned_word,
         "dropExactDuplicates": False if args.keep_exact_duplicates else None,
     }
+    captions = {
+        "lines": args.caption_lines,
+        "shuffleTags": True if args.shuffle_tags else None,
+        "keepTokens": args.keep_tokens,
+        "tagDropout": args.tag_dropout,
+        "separator": args.tag_separator,
+    }
     doc = {
         "uri": args.uri,
         "format": args.format,
         "captionColumn": args.caption_column,
         "captionTemplate": args.caption_template,
         "limit": args.limit,
+        "repeats": args.repeats,
         "cleaning": {k: v for k, v in cleaning.items() if v is not None},
+        "captions": {k: v for k, v in captions.items() if v is not None},
     }
     try:
         return DatasetSpec.model_validate({k: v for k, v in doc.items() if v is not None})
@@ -63,6 +72,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from difftrain.api import SpecError
+    from difftrain.data.captions import format_captions
     from difftrain.data.cleaning import format_report, load_dataset, write_report
     from difftrain.data.sources import DatasetError
     from difftrain.storage import StorageError
@@ -106,6 +116,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(f"dataset {spec.uri}")
         print(format_report(result))
+        print(format_captions(result.pairs, spec))
         if report_uri:
             print(f"report committed to {report_uri}")
     return 0

@@ -78,9 +78,11 @@ def caption_text(data: bytes) -> str:
 
 
 def caption_value(value: Any) -> str | None:
-    """A caption from a JSON field: a string, the first string of a list, or None."""
-    if isinstance(value, list):  # several captions per image: the first one
-        value = next((v for v in value if isinstance(v, str)), None)
+    """A caption from a JSON field: a string, or a list's strings one per line (several captions
+    per image, like a caption file's lines: see difftrain.data.captions.caption_lines), or None."""
+    if isinstance(value, list):
+        strings = [v.strip() for v in value if isinstance(v, str)]
+        return "\n".join(v for v in strings if v) if strings else None
     if value is None:
         return None
     return str(value).strip()

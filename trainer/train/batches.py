@@ -1,8 +1,10 @@
 """Training examples and batches: from the latent cache or decoded on the fly.
 
-Every random choice about an example (flip, crop, rotation, caption dropout) is drawn from a
-generator seeded by (seed, epoch, index), so resuming at a data position replays exactly the
-batches the uninterrupted run would have seen.
+Every random choice about an example (flip, crop, rotation, caption dropout, which caption and
+which tags: :mod:`difftrain.data.captions`) is drawn from a generator seeded by (seed, epoch,
+index), so resuming at a data position replays exactly the batches the uninterrupted run would
+have seen. A batch with a caption that varies across epochs carries no cached text embeddings:
+the loop encodes its captions itself.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import torch
 
+from difftrain.data.captions import CaptionPolicy
 from difftrain.train.objective import step_generator
 
 
@@ -25,13 +28,29 @@ class Example:
     """One training example: a cleaned pair and/or its cached encoding."""
 
     key: str
-    caption: str
+    caption: str  # what it trains with when nothing varies (and what a cache encoded)
     size: tuple[int, int]  # (width, height) it is trained at
     data: bytes | None = None  # encoded image (raw mode), when held in memory
     source: Any = None  # the CleanPair whose image is read for each batch (raw mode, no data)
     cached: Any = None  # difftrain.data.cache.CachedSample (cached mode)
     conditioning: bytes | None = None  # ControlNet conditioning image
     is_prior: bool = False  # a DreamBooth class image
+    # The image's own captions and its dataset's caption tools; without a policy (DreamBooth's
+    # class images) it trains with ``caption`` as it is.
+    captions: tuple[str, ...] = ()
+    policy: CaptionPolicy | None = None
+
+    @property
+    def varies(self) -> bool:
+        """Whether its text changes across epochs (several captions, shuffled or dropped tags)."""
+        return self.policy is not None and self.policy.varies(self.captions)
+
+    def text(self, seed: int, epoch: int, index: int) -> str:
+        """The caption it trains with in ``epoch`` at position ``index`` of the examples."""
+        if not self.varies:
+            return self.caption
+        assert self.policy is not None
+        return self.policy.draw(self.captions, seed=seed, epoch=epoch, index=index)
 
 
 @dataclass
@@ -119,12 +138,14 @@ class BatchBuilder:
         embeddings: list[torch.Tensor] = []
         conditioning: list[torch.Tensor] = []
         prior: list[bool] = []
+        # cached text embeddings only when every caption of the batch is the cached one
+        cached_text = not any(self.examples[i].varies for i in indices)
         for i in indices:
             ex = self.examples[i]
             rng = random.Random(f"{self.seed}:{epoch}:{i}")
             flip = rng.random() < self.flip_probability
             drop = rng.random() < self.caption_dropout
-            captions.append("" if drop else ex.caption)
+            captions.append("" if drop else ex.text(self.seed, epoch, i))
             prior.append(ex.is_prior)
             if ex.cached is not None:
                 params = ex.cached.latent_params
@@ -132,7 +153,7 @@ class BatchBuilder:
                     params = ex.cached.latent_params_flipped
                 gen = step_generator(self.seed, "latent", epoch, i)
                 latents.append(self._sample_latent(params, gen))
-                if ex.cached.text_embeddings is not None:
+                if cached_text and ex.cached.text_embeddings is not None:
                     if drop:
                         assert self.empty_embedding is not None
                         embeddings.append(self.empty_embedding)

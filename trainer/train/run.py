@@ -25,6 +25,7 @@ from difftrain.api import (
     DiffusionTrainingJobSpec,
     ExportedFile,
 )
+from difftrain.data.captions import CaptionPolicy
 from difftrain.storage import StoreConfig, join, open_store
 from difftrain.train.batches import BatchBuilder, Example
 from difftrain.train.loop import LoopInputs, LoopResult, Trainer
@@ -179,8 +180,15 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
             f"dataset.uri {spec.dataset.uri}: cleaning kept no image–text pair "
             f"(dropped: {report.dropped}); relax dataset.cleaning or add data"
         )
-    if spec.dreambooth is not None:
-        pairs = [dataclasses.replace(p, caption=spec.dreambooth.instance_prompt) for p in pairs]
+    # Caption tools: each example draws its text per epoch from its image's own captions; a
+    # fixed one (nothing varies) is the first caption in DreamBooth's template, which is what
+    # the cache encodes.
+    policy = CaptionPolicy.from_spec(
+        spec.dataset.captions,
+        template=spec.dreambooth.instance_prompt if spec.dreambooth is not None else None,
+    )
+    own_captions = {p.key: p.captions for p in pairs}
+    pairs = [dataclasses.replace(p, caption=policy.fixed(p.caption)) for p in pairs]
     conditioning: dict[str, bytes] = {}
     if spec.controlnet is not None:
         conditioning = _conditioning_images(spec, options)
@@ -207,6 +215,8 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
             root=cache_root,
             dtype=torch.float32 if acc.device.type == "cpu" else torch.float16,
             generation_dtype=generation["dtype"],
+            # no text embeddings when every caption varies: the loop encodes what it draws
+            texts=any(not policy.varies(c) for c in own_captions.values()),
         )
         cached = cached_dataset(
             acc,
@@ -228,6 +238,8 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
                 size=sizes[i],
                 cached=s,
                 conditioning=conditioning.get(source_key(s.key)),
+                captions=own_captions[source_key(s.key)],
+                policy=policy,
             )
             for i, s in enumerate(samples)
         ]
@@ -247,6 +259,8 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
                 data=p.data or None,  # a dataset's pairs hold none: read per batch
                 source=p,
                 conditioning=conditioning.get(source_key(p.key)),
+                captions=own_captions[source_key(p.key)],
+                policy=policy,
             )
             for i, p in enumerate(pairs)
         ]
@@ -257,6 +271,9 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
             "dataset ready examples=%d cache=%s key=%s", len(examples), cache_hit, write_key
         )
 
+    # dataset.repeats: each image that many times per epoch, each copy its own index (and so
+    # its own caption, flip and latent draws)
+    examples = examples * spec.dataset.repeats
     prior_count = 0
     if spec.dreambooth is not None and spec.dreambooth.prior_preservation:
         from difftrain.train.dreambooth import class_examples

@@ -340,7 +340,7 @@ def clean_on_main(acc: Any, clean: Callable[[], CleaningResult]) -> CleaningResu
                 "examples": result.examples,
                 "tokensCounted": result.tokens_counted,
                 "pairs": [
-                    [p.key, p.name, p.caption, p.width, p.height, p.sha256, p.span]
+                    [p.key, p.name, list(p.captions), p.width, p.height, p.sha256, p.span]
                     for p in result.pairs
                 ],
             }
@@ -365,11 +365,12 @@ def clean_on_main(acc: Any, clean: Callable[[], CleaningResult]) -> CleaningResu
         CleanPair(
             key=k,
             name=n,
-            caption=c,
+            caption=c[0],
             width=w,
             height=h,
             sha256=sha,
             span=tuple(span) if span else None,
+            other_captions=tuple(c[1:]),
         )
         for k, n, c, w, h, sha, span in doc["pairs"]
     ]
