@@ -358,6 +358,9 @@ class StepClock:
     def samples(self, uris: list[str]) -> None:
         self._now("samples")
 
+    def validation(self, status: Any) -> None:
+        self._now("validation")
+
     def finished(self, outputs: list[Any]) -> None:
         self.outputs = [o.uri for o in outputs]
         self._now("finished")

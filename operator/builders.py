@@ -187,6 +187,19 @@ def _store_env(storage: api.StorageSpec | None) -> list[Obj]:
     ]
 
 
+def _tracking_env(tracking: api.TrackingSpec) -> list[Obj]:
+    """The trackers' credentials, from their Secrets (never in the job's ConfigMap)."""
+    refs = {
+        "MLFLOW_TRACKING_TOKEN": tracking.mlflow.token_secret_ref if tracking.mlflow else None,
+        "WANDB_API_KEY": tracking.wandb.api_key_secret_ref if tracking.wandb else None,
+    }
+    return [
+        {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+        for name, ref in refs.items()
+        if ref is not None
+    ]
+
+
 def _pod_failure_policy() -> Obj:
     return {
         "rules": [
@@ -385,6 +398,7 @@ def build_training_children(
             "value": str(max(5, grace - 15)),
         },
         *_store_env(spec.storage),
+        *_tracking_env(spec.tracking),
     ]
     mounts: list[Obj] = []
     volumes: list[Obj] = []

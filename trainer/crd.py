@@ -174,6 +174,7 @@ TRAINING_IMMUTABLE_FIELDS = [
     "dreambooth",
     "hyperparameters",
     "output",
+    "validation",  # which images are held out of training
 ]
 
 

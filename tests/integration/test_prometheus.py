@@ -326,6 +326,8 @@ def stack(control_plane, kube_api, tmp_path_factory) -> Iterator[MonitoredStack]
                     "mixedPrecision": "no",
                 },
                 checkpointing={"everySteps": 3, "keepLast": 1},
+                # the validation loss panel: a quarter of the images held out, evaluated often
+                validation={"fraction": 0.25, "everySteps": 2, "maxImages": 2},
             )
             processes.append(start_training(job, work, run))
 

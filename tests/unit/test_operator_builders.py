@@ -341,6 +341,25 @@ def test_a_hub_model_gets_the_hub_cache_and_its_token_from_the_secret():
     ]
 
 
+def test_tracker_credentials_reach_the_trainer_from_their_secrets_only():
+    tracking = {
+        "backends": ["tensorboard", "mlflow", "wandb"],
+        "mlflow": {
+            "trackingUri": "http://mlflow.mlops:5000",
+            "tokenSecretRef": {"name": "mlflow", "key": "token"},
+        },
+        "wandb": {"apiKeySecretRef": {"name": "wandb", "key": "apiKey"}, "entity": "team"},
+    }
+    children = build_training_children(training_job(tracking=tracking), "uid-1", SETTINGS)
+    env = env_of(container(children.job))
+    assert env["MLFLOW_TRACKING_TOKEN"] == {"secretKeyRef": {"name": "mlflow", "key": "token"}}
+    assert env["WANDB_API_KEY"] == {"secretKeyRef": {"name": "wandb", "key": "apiKey"}}
+    job_yaml = children.config_map["data"]["job.yaml"]
+    assert "WANDB_API_KEY" not in job_yaml and "MLFLOW_TRACKING_TOKEN" not in job_yaml
+    plain = env_of(container(build_training_children(training_job(), "uid-1", SETTINGS).job))
+    assert "WANDB_API_KEY" not in plain and "MLFLOW_TRACKING_TOKEN" not in plain
+
+
 def test_a_store_model_gets_no_hub_cache_and_no_token():
     children = build_training_children(training_job(), "uid-1", SETTINGS)
     c = container(children.job)

@@ -21,6 +21,7 @@ from difftrain.api.base import (
 )
 from difftrain.api.cluster import ResourcesSpec
 from difftrain.api.data import DatasetSpec, PreprocessingSpec
+from difftrain.api.evaluation import TrackingSpec, ValidationSpec, ValidationStatus
 from difftrain.api.methods import (
     DEFAULT_GRACE_PERIOD_SECONDS,
     DEFAULT_LEARNING_RATE,
@@ -208,6 +209,12 @@ class DiffusionTrainingJobSpec(APIModel):
     regularization: RegularizationSpec = section(RegularizationSpec, "Regularisers.")
     sampling: SamplingSpec = section(SamplingSpec, "Samples during training.")
     checkpointing: CheckpointingSpec = section(CheckpointingSpec, "Checkpoints and resume.")
+    validation: ValidationSpec = section(
+        ValidationSpec, "A validation loss on held-out images (off until a split is set)."
+    )
+    tracking: TrackingSpec = section(
+        TrackingSpec, "Experiment trackers (TensorBoard by default, MLflow, W&B)."
+    )
     output: OutputSpec = Field(description="Where results are written.")
     storage: StorageSpec | None = Field(
         default=None, description="The object store; needed when any uri is s3://."
@@ -392,6 +399,9 @@ class DiffusionTrainingJobStatus(APIModel):
     )
     epoch: int | None = Field(default=None, ge=0, description="Current epoch.")
     loss: float | None = Field(default=None, description="Smoothed training loss.")
+    validation: ValidationStatus | None = Field(
+        default=None, description="The newest validation loss (with spec.validation)."
+    )
     images_per_second: float | None = Field(
         default=None, ge=0, description="Training throughput, all workers."
     )

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,15 @@ from difftrain.train.methods import (
 )
 from difftrain.train.metrics import TrainingMetrics
 from difftrain.train.report import Progress, Reporter
-from difftrain.train.sampling import build_pipeline, generate, should_sample, write_samples
+from difftrain.train.sampling import (
+    build_pipeline,
+    generate,
+    image_grid,
+    should_sample,
+    write_samples,
+)
+from difftrain.train.tracking import ExperimentTracker
+from difftrain.train.validation import ModelForEval, Validator
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +99,8 @@ class LoopInputs:
     sample_prompts: list[str]
     sample_conditioning: list[Any] | None = None
     stop_requested: threading.Event = field(default_factory=threading.Event)
+    validator: Validator | None = None
+    tracker: ExperimentTracker | None = None
 
 
 def make_optimizer(spec: DiffusionTrainingJobSpec, params: list[torch.nn.Parameter]) -> Any:
@@ -362,12 +373,7 @@ class Trainer:
         if self.acc.is_main_process:
             comps = self.inp.components
             mods = self.inp.modules
-            stack = contextlib.ExitStack()
-            if self.ema is not None:
-                stack.enter_context(self.ema.applied())
-            for m in self.wrapped.values():
-                m.eval()  # no dropout in samples
-            with stack:
+            with self._evaluating():
                 pipe = build_pipeline(
                     comps,
                     self.acc.unwrap_model(self.wrapped.get("unet", mods.unet)),
@@ -393,8 +399,6 @@ class Trainer:
                         self.spec.controlnet.conditioning_scale if self.spec.controlnet else 1.0
                     ),
                 )
-            for m in self.wrapped.values():
-                m.train()
             uris = write_samples(
                 self.inp.output_store,
                 self.inp.output_uri,
@@ -404,8 +408,52 @@ class Trainer:
                 self.inp.work_dir,
             )
             self.inp.reporter.samples(uris)
+            if self.inp.tracker is not None:
+                self.inp.tracker.log_samples(step, image_grid(images))
         self.acc.wait_for_everyone()
         return uris
+
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """Inside: the EMA weights (when EMA is on) in eval mode (no dropout), no gradients."""
+        with contextlib.ExitStack() as stack:
+            if self.ema is not None:
+                stack.enter_context(self.ema.applied())
+            stack.enter_context(torch.no_grad())
+            for m in self.wrapped.values():
+                m.eval()
+            try:
+                yield
+            finally:
+                for m in self.wrapped.values():
+                    m.train()
+
+    def _validate(self, validator: Validator, step: int) -> None:
+        """The validation loss of the current weights: each process its share, one collective
+        for the sums, one host read."""
+        mods = self.inp.modules
+        unwrap = self.acc.unwrap_model
+        model = ModelForEval(
+            self.inp.components,
+            mods,
+            unet=unwrap(self.wrapped.get("unet", mods.unet)),
+            text_encoder=unwrap(self.wrapped.get("text_encoder", mods.text_encoder)),
+            controlnet=unwrap(self.wrapped["controlnet"]) if "controlnet" in self.wrapped else None,
+            device=self.device,
+            autocast=self.acc.autocast,
+        )
+        with self._evaluating():
+            sums = validator.local_sums(model, self.device)
+        if self.world > 1:
+            sums = self.acc.reduce(sums, reduction="sum")
+        status = validator.result(sums.tolist(), step, ema=self.ema is not None)
+        logger.info("validation step=%d loss=%.6f images=%d", step, status.loss, status.images)
+        if self.inp.metrics is not None:
+            self.inp.metrics.record_validation(status.loss)
+        if self.acc.is_main_process:
+            self.inp.reporter.validation(status)
+            if self.inp.tracker is not None:
+                self.inp.tracker.log_validation(status)
 
     def _micro_batches(self, batches: list[Batch]) -> torch.Tensor:
         """Forward and backward of one optimizer step's micro-batches; the mean loss (on the
@@ -504,10 +552,14 @@ class Trainer:
                 if self.acc.is_main_process:
                     self._checkpoints_done(self.writer.poll())
                 outside = time.perf_counter()
+                if inp.validator is not None and inp.validator.due(step, total):
+                    self._validate(inp.validator, step)
                 if should_sample(step, total, self.spec.sampling.every_steps):
                     result.samples = self._sample(step)
                 if step % self.spec.checkpointing.every_steps == 0 or step == total:
                     result.latest_checkpoint = self.save_checkpoint()
+                    if inp.tracker is not None:
+                        inp.tracker.sync()
                 window.outside += time.perf_counter() - outside
             if pending:  # one process stopped between reads
                 losses, _ = self._read(pending)
@@ -550,6 +602,8 @@ class Trainer:
                 data_wait_seconds=window.waited,
                 gpu_memory_bytes=memory,
             )
+        if self.inp.tracker is not None:
+            self.inp.tracker.log_losses(self.state.step, losses, lr)
         if self.acc.is_main_process:
             self.inp.reporter.progress(
                 Progress(

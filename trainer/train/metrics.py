@@ -62,6 +62,13 @@ class TrainingMetrics:
             LABELS,
             registry=r,
         )
+        # Touched at the first evaluation only: a job without validation shows no series.
+        self.validation_loss = Gauge(
+            "difftrain_validation_loss",
+            "Validation loss on held-out images at fixed timesteps and noise (all processes)",
+            LABELS,
+            registry=r,
+        )
         self.checkpoint_duration = Histogram(
             "difftrain_checkpoint_duration_seconds",
             "Time to write and commit one checkpoint",
@@ -118,6 +125,10 @@ class TrainingMetrics:
         self.eta_seconds.labels(**labels).set(eta_seconds)
         self.data_wait_seconds.labels(**labels).inc(data_wait_seconds)
         self.gpu_memory_bytes.labels(**labels).set(gpu_memory_bytes)
+
+    def record_validation(self, loss: float) -> None:
+        """Set the newest validation loss."""
+        self.validation_loss.labels(**self._labels).set(loss)
 
     def record_checkpoint(self, seconds: float) -> None:
         """Observe one checkpoint's duration."""

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from difftrain.api import GROUP, VERSION, DatasetReport, ExportedFile
+from difftrain.api import GROUP, VERSION, DatasetReport, ExportedFile, ValidationStatus
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class Reporter(Protocol):
     def progress(self, progress: Progress) -> None: ...
     def checkpoint(self, uri: str) -> None: ...
     def samples(self, uris: list[str]) -> None: ...
+    def validation(self, status: ValidationStatus) -> None: ...
     def finished(self, outputs: list[ExportedFile]) -> None: ...
     def close(self) -> None: ...
 
@@ -102,6 +103,11 @@ class ConsoleReporter:
 
     def samples(self, uris: list[str]) -> None:
         logger.info("samples written count=%d first=%s", len(uris), uris[0] if uris else "")
+
+    def validation(self, status: ValidationStatus) -> None:
+        if self.bar is not None:
+            text = f"step {status.step}: validation loss {status.loss:.4f}"
+            self.bar.write(text, file=sys.stderr)
 
     def finished(self, outputs: list[ExportedFile]) -> None:
         for out in outputs:
@@ -183,6 +189,9 @@ class StatusReporter:
     def samples(self, uris: list[str]) -> None:
         self._patch({"samples": uris[-64:]}, now=True)
 
+    def validation(self, status: ValidationStatus) -> None:
+        self._patch({"validation": status.to_wire()}, now=True)
+
     def finished(self, outputs: list[ExportedFile]) -> None:
         self._patch({"outputs": [o.to_wire() for o in outputs]}, now=True)
 
@@ -216,6 +225,10 @@ class Reporters:
     def samples(self, uris: list[str]) -> None:
         for r in self.reporters:
             r.samples(uris)
+
+    def validation(self, status: ValidationStatus) -> None:
+        for r in self.reporters:
+            r.validation(status)
 
     def finished(self, outputs: list[ExportedFile]) -> None:
         for r in self.reporters:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 import signal
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,6 +34,8 @@ from difftrain.train.loop import LoopInputs, LoopResult, Trainer
 from difftrain.train.methods import TrainingConfigError, attach
 from difftrain.train.metrics import TrainingMetrics
 from difftrain.train.report import Reporter
+from difftrain.train.tracking import ExperimentTracker, accelerator_options
+from difftrain.train.validation import build_validator, held_out_examples, hold_out
 
 if TYPE_CHECKING:
     from difftrain.data.cleaning import CleaningResult
@@ -65,7 +69,7 @@ class RunOutcome:
     cache_hit: bool | None
 
 
-def _accelerator(spec: DiffusionTrainingJobSpec) -> Any:
+def _accelerator(spec: DiffusionTrainingJobSpec, **trackers: Any) -> Any:
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available()
@@ -74,7 +78,7 @@ def _accelerator(spec: DiffusionTrainingJobSpec) -> Any:
         raise TrainingConfigError(
             "hyperparameters.mixedPrecision fp16 needs a GPU; use bf16 or no on a CPU"
         )
-    return Accelerator(mixed_precision=mp, cpu=not cuda)
+    return Accelerator(mixed_precision=mp, cpu=not cuda, **trackers)
 
 
 def _recipe(spec: DiffusionTrainingJobSpec, base_identity: str) -> dict[str, str]:
@@ -128,7 +132,9 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
     check_prior_settings(spec)
     hp = spec.hyperparameters
     pre = spec.preprocessing
-    acc = _accelerator(spec)
+    options.work_dir.mkdir(parents=True, exist_ok=True)
+    tracking_dir = Path(tempfile.mkdtemp(prefix="tracking-", dir=options.work_dir))
+    acc = _accelerator(spec, **accelerator_options(spec.tracking, tracking_dir, os.environ))
     torch.manual_seed(hp.seed)
     random.seed(hp.seed)
     work = options.work_dir / f"rank{acc.process_index}"
@@ -203,6 +209,17 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
                     f"key (e.g. {missing[0]!r}); name each after its image"
                 )
 
+    def clean_validation(uri: str) -> list[Any]:
+        found = clean_dataset(
+            spec.dataset.model_copy(update={"uri": uri, "limit": None}),
+            open_store(uri, options.store_config),
+            count_tokens=lambda text: len(tokenizer(text).input_ids),
+            max_tokens=tokenizer.model_max_length,
+        )
+        return [dataclasses.replace(p, caption=policy.fixed(p.caption)) for p in found.pairs]
+
+    # validation: held out by key hash before anything is cached or trained (or a separate set)
+    pairs, held_out = hold_out(spec.validation, pairs, clean_validation, key=lambda p: p.key)
     transform = ImageTransform(pre)
     sizes = _sizes(spec, pairs)
     cache_hit: bool | None = None
@@ -313,6 +330,34 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
         ]
         if not spec.sampling.prompts:
             prompts = [e.caption for e in examples[:SAMPLE_PROMPTS_FROM_DATA]]
+    validator = None
+    if held_out:
+        validator = build_validator(
+            spec.validation,
+            held_out_examples(
+                held_out, _sizes(spec, held_out), conditioning if spec.controlnet else None
+            ),
+            components,
+            transform=transform,
+            decode=decode_rgb,
+            read=partial(
+                read_image,
+                open_store(spec.validation.uri or spec.dataset.uri, options.store_config),
+            ),
+            batch_size=hp.batch_size,
+            rank=acc.process_index,
+            world=acc.num_processes,
+        )
+    tracker = None
+    if spec.tracking.backends:
+        tracker = ExperimentTracker(
+            acc,
+            spec,
+            run_name=options.job_name,
+            store=output_store,
+            output_uri=spec.output.uri,
+            logging_dir=tracking_dir,
+        )
     inputs = LoopInputs(
         spec=spec,
         components=components,
@@ -328,6 +373,8 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
         sample_prompts=prompts,
         sample_conditioning=sample_conditioning,
         stop_requested=options.stop_requested,
+        validator=validator,
+        tracker=tracker,
     )
     trainer = Trainer(inputs, acc)
     resumed = trainer.resume()
@@ -344,6 +391,8 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
         reporter.finished(outputs)
     acc.wait_for_everyone()
     reporter.close()
+    if tracker is not None:
+        tracker.finish()
     acc.end_training()
     return RunOutcome(result.interrupted, result, outputs, report, cache_hit)
 

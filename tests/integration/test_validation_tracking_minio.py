@@ -1,0 +1,109 @@
+"""The validation loss in the resource's status (the real API server's schema) and TensorBoard's
+event files committed to the real MinIO beside the samples."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from difftrain import api
+from difftrain.storage import FILE_MANIFEST_SUFFIX, Credentials, StoreConfig
+from difftrain.train.report import ConsoleReporter, Reporters, StatusReporter
+from difftrain.train.run import RunOptions, run_training
+from tests.integration.resources import create
+from tests.training import prepare_local_inputs, tiny_job
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("crds_installed")]
+PLURAL = "diffusiontrainingjobs"
+
+
+def test_validation_in_status_and_tensorboard_files_in_minio(
+    kube_api, namespace, s3, tmp_path: Path
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    inputs = prepare_local_inputs(tmp_path / "inputs", images=16)
+    mc = s3.client()
+    for folder, prefix in ((inputs / "base-model", "models/tiny"), (inputs / "dataset", "data")):
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                mc.fput_object(s3.bucket, f"{prefix}/{path.relative_to(folder)}", str(path))
+    job = tiny_job(
+        inputs,
+        tmp_path / "unused",
+        hyperparameters={"batchSize": 2, "maxSteps": 4, "warmupSteps": 1, "mixedPrecision": "no"},
+        checkpointing={"everySteps": 2, "keepLast": 1},
+        sampling={"everySteps": 0, "numInferenceSteps": 1, "prompts": ["a red circle"]},
+        validation={"fraction": 0.25, "everySteps": 2, "timesteps": [300, 700], "maxImages": 2},
+    )
+    spec = job["spec"]
+    spec["baseModel"] = {"uri": s3.uri("models/tiny")}
+    spec["dataset"]["uri"] = s3.uri("data")
+    spec["output"] = {"uri": s3.uri("runs/val")}
+    spec["storage"] = {"endpoint": s3.endpoint, "secure": False, "secretRef": {"name": "keys"}}
+    job["metadata"] = {"name": "val"}
+    create(kube_api, namespace, job)
+    resource = api.parse_resource(job)
+    assert isinstance(resource, api.DiffusionTrainingJob)
+    seen: list[api.ValidationStatus] = []
+
+    class Seen(ConsoleReporter):
+        def validation(self, status: api.ValidationStatus) -> None:
+            seen.append(status)
+
+    options = RunOptions(
+        work_dir=tmp_path / "work",
+        store_config=StoreConfig(
+            endpoint=s3.endpoint,
+            credentials=Credentials(s3.access_key, s3.secret_key),
+            secure=False,
+        ),
+        job_name="val",
+        namespace=namespace,
+        reporter=Reporters(
+            Seen(bar=False), StatusReporter("val", namespace, interval=0.0, api_client=kube_api)
+        ),
+    )
+    outcome = run_training(resource, options)
+
+    # the status holds the newest validation loss, as the CRD's schema keeps it
+    status = client.CustomObjectsApi(kube_api).get_namespaced_custom_object(
+        api.GROUP, api.VERSION, namespace, PLURAL, "val"
+    )["status"]
+    assert [v.step for v in seen] == [2, 4]
+    assert status["validation"] == {
+        "loss": pytest.approx(seen[-1].loss),
+        "step": 4,
+        "images": 2,
+        "weights": "trained",
+    }
+
+    # every event file is committed with its manifest (size and sha256 of what was uploaded)
+    prefix = "runs/val/tracking/tensorboard/difftrain/"
+    names = [o.object_name for o in mc.list_objects(s3.bucket, prefix, recursive=True)]
+    events = [n for n in names if "tfevents" in n and not n.endswith(FILE_MANIFEST_SUFFIX)]
+    assert events, names
+    local = tmp_path / "tb"
+    for name in events:
+        data = mc.get_object(s3.bucket, name).read()
+        manifest = json.loads(mc.get_object(s3.bucket, name + FILE_MANIFEST_SUFFIX).read())
+        entry = manifest["files"][0]
+        assert entry["size"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+        target = local / name.removeprefix(prefix)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    assert mc.stat_object(s3.bucket, "runs/val/samples/step-00000004/grid.png")
+
+    acc = EventAccumulator(str(local), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    losses = acc.Scalars("train/loss")
+    assert [e.step for e in losses] == [1, 2, 3, 4]
+    assert [e.value for e in losses] == pytest.approx(outcome.loop.losses, rel=1e-6)
+    assert [(e.step, e.value) for e in acc.Scalars("validation/loss")] == [
+        (v.step, pytest.approx(v.loss, rel=1e-6)) for v in seen
+    ]
+    assert [e.step for e in acc.Images("samples")] == [4]
