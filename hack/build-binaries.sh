@@ -99,8 +99,11 @@ kueue_manifests
 prom_minor=${PROMETHEUS_VERSION#v0.} && prom_minor=${prom_minor%%.*}  # v0.316.0 is 3.16.0
 prom_version="$((prom_minor / 100)).$((prom_minor % 100)).${PROMETHEUS_VERSION##*.}"
 prom_flags="-X github.com/prometheus/common/version.Version=$prom_version"
+# Only the Kubernetes service discovery the tests use is compiled in (the module's own build tags):
+# the cloud providers' SDKs are most of a full build's compile time.
+prom_go_install() { GOFLAGS="$GOFLAGS -tags=remove_all_sd,enable_kubernetes_sd" go_install "$@"; }
 for cmd in prometheus promtool; do
-  build_go "$cmd" "prometheus-$PROMETHEUS_VERSION" go_install \
+  build_go "$cmd" "prometheus-$PROMETHEUS_VERSION-k8s-sd" prom_go_install \
     "github.com/prometheus/prometheus/cmd/$cmd@$PROMETHEUS_VERSION" "$prom_flags"
 done
 prometheus_operator_crds() {
@@ -123,6 +126,28 @@ prometheus_operator_crds() {
   ln -sfn "$vdir/crds" "$out/prometheus-operator-crds"
 }
 prometheus_operator_crds
+
+# Argo CD's Application CRD (only the CRD: the API server then validates an Application as a cluster
+# with Argo CD would), from its module's source in the Go module cache.
+argocd_crds() {
+  local vdir="$cache/argocd-$ARGOCD_VERSION" dir src
+  for dir in "${DIFFTRAIN_TEST_ASSETS:-}" "${KUBEBUILDER_ASSETS:-}"; do
+    if [ -n "$dir" ] && [ -d "$dir/argocd-crds" ]; then
+      ln -sfn "$dir/argocd-crds" "$out/argocd-crds"
+      return 0
+    fi
+  done
+  if [ ! -f "$vdir/crds/application-crd.yaml" ]; then
+    src="$(cd "$cache" && GOFLAGS=-mod=mod go mod download -json \
+      "github.com/argoproj/argo-cd/v3@$ARGOCD_VERSION" \
+      | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+    [ -f "$src/manifests/crds/application-crd.yaml" ] || { log "no Argo CD source"; exit 1; }
+    mkdir -p "$vdir/crds.tmp" && cp "$src/manifests/crds/application-crd.yaml" "$vdir/crds.tmp/"
+    chmod -R u+w "$vdir/crds.tmp" && rm -rf "$vdir/crds" && mv "$vdir/crds.tmp" "$vdir/crds"
+  fi
+  ln -sfn "$vdir/crds" "$out/argocd-crds"
+}
+argocd_crds
 
 # Debian's packages: etcd, and the real test node's runtime, network and image tools (installed
 # when missing and we are root; tests/infra/node.py names what is missing otherwise).

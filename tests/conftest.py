@@ -46,8 +46,9 @@ def kube_api(control_plane):
 def crds_installed(control_plane) -> None:
     """The generated CRDs, applied and established."""
     control_plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    for name in ("diffusiontrainingjobs.difftrain.dev", "modelmerges.difftrain.dev"):
-        control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{name}")
+    control_plane.wait_established(
+        "diffusiontrainingjobs.difftrain.dev", "modelmerges.difftrain.dev"
+    )
 
 
 @pytest.fixture

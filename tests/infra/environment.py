@@ -13,6 +13,7 @@ import shutil
 import ssl
 import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ BINARIES = (
     "promtool",
 )
 # folders the build script links beside the binaries
-ASSET_DIRS = ("kueue-manifests", "prometheus-operator-crds")
+ASSET_DIRS = ("kueue-manifests", "prometheus-operator-crds", "argocd-crds")
 
 
 def binary_dir() -> Path:
@@ -229,6 +230,23 @@ class ControlPlane:
                 f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}"
             )
         return result
+
+    def wait_established(self, *crds: str, timeout: float = 180) -> None:
+        """Wait until every named CRD is Established.
+
+        Not ``kubectl wait``: right after a create a CRD has no ``status.conditions`` yet, and
+        kubectl 1.30's wait then fails ("accessor error") instead of waiting.
+        """
+        query = '{.status.conditions[?(@.type=="Established")].status}'
+        deadline = time.monotonic() + timeout
+        for crd in crds:
+            while True:
+                got = self.kubectl("get", "crd", crd, "-o", f"jsonpath={query}", check=False)
+                if got.stdout.strip() == "True":
+                    break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"CRD {crd} not Established after {timeout:.0f} s")
+                time.sleep(0.5)
 
     def kubectl_ok(self, *args: str) -> bool:
         return self.kubectl(*args, check=False).returncode == 0

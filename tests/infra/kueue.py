@@ -124,9 +124,7 @@ class Kueue:
             "apply", "--server-side", "--force-conflicts", "-f", str(self.manifests / "crds")
         )
         names = [yaml.safe_load(p.read_text(encoding="utf-8"))["metadata"]["name"] for p in crds]
-        self.control_plane.kubectl(
-            "wait", "--for=condition=Established", "--timeout=60s", *(f"crd/{n}" for n in names)
-        )
+        self.control_plane.wait_established(*names)
 
     def _write_config(self) -> Path:
         pki = self.control_plane.pki

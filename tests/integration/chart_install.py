@@ -72,8 +72,7 @@ def one(docs: list[Doc], kind: str, name: str | None = None) -> Doc:
 def install_peering_crds(control_plane: Any) -> None:
     for crd in sorted((CHART / "crds").glob("kopf.dev_*.yaml")):
         control_plane.kubectl("apply", "--server-side", "-f", str(crd))
-    for name in ("kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"):
-        control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{name}")
+    control_plane.wait_established("kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev")
 
 
 @dataclass

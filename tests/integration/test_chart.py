@@ -302,12 +302,7 @@ def monitoring_crds(control_plane) -> None:
         control_plane.kubectl(
             "apply", "--server-side", "-f", str(crds / f"monitoring.coreos.com_{kind}.yaml")
         )
-        control_plane.kubectl(
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            f"crd/{kind}.monitoring.coreos.com",
-        )
+        control_plane.wait_established(f"{kind}.monitoring.coreos.com")
     control_plane.kubectl("create", "namespace", RELEASE_NS, check=False)
 
 

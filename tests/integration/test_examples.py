@@ -58,9 +58,7 @@ def test_the_kustomization_renders_the_teams_jobs_and_is_accepted(control_plane,
 
 def test_the_argo_cd_application_over_the_kustomization_is_accepted(control_plane, examples_dir):
     control_plane.kubectl("apply", "--server-side", "-f", str(application_crd()))
-    control_plane.kubectl(
-        "wait", "--for=condition=Established", "crd/applications.argoproj.io", "--timeout=60s"
-    )
+    control_plane.wait_established("applications.argoproj.io")
     control_plane.kubectl_ok("create", "namespace", "argocd")
     app_file = examples_dir / "gitops" / "argocd-application.yaml"
     (app,) = _dry_run(control_plane, "-f", str(app_file))
