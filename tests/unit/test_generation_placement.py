@@ -49,8 +49,8 @@ def _spy_on_accelerator(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     made: list[Any] = []
     real = run._accelerator
 
-    def spy(spec: Any) -> Any:
-        made.append(real(spec))
+    def spy(spec: Any, *args: Any, **kwargs: Any) -> Any:
+        made.append(real(spec, *args, **kwargs))
         return made[-1]
 
     monkeypatch.setattr(run, "_accelerator", spy)
