@@ -185,6 +185,7 @@ def test_dashboard_renders_and_queries_metrics_the_operator_exports(control_plan
     from difftrain.train.metrics import TrainingMetrics
 
     trainer = TrainingMetrics("job", "ns", 0)
+    trainer.record_validation(0.5)  # its series appears at the first evaluation
     trainer_exported = {
         sample.name for family in trainer.registry.collect() for sample in family.samples
     }
