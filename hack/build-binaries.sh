@@ -106,48 +106,40 @@ for cmd in prometheus promtool; do
   build_go "$cmd" "prometheus-$PROMETHEUS_VERSION-k8s-sd" prom_go_install \
     "github.com/prometheus/prometheus/cmd/$cmd@$PROMETHEUS_VERSION" "$prom_flags"
 done
-prometheus_operator_crds() {
-  local vdir="$cache/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION" dir src
+# module_crds LINK VDIR MODULE@VERSION PATH MARKER: CRD manifests from a module's source in the Go
+# module cache (PATH: a folder or one file in it), copied once into VDIR/crds and linked as LINK
+# beside the binaries (a ready folder's LINK is used as it is).
+module_crds() {
+  local link=$1 vdir=$2 module=$3 path=$4 marker=$5 dir src
   for dir in "${DIFFTRAIN_TEST_ASSETS:-}" "${KUBEBUILDER_ASSETS:-}"; do
-    if [ -n "$dir" ] && [ -d "$dir/prometheus-operator-crds" ]; then
-      ln -sfn "$dir/prometheus-operator-crds" "$out/prometheus-operator-crds"
+    if [ -n "$dir" ] && [ -d "$dir/$link" ]; then
+      ln -sfn "$dir/$link" "$out/$link"
       return 0
     fi
   done
-  if [ ! -f "$vdir/crds/monitoring.coreos.com_podmonitors.yaml" ]; then
-    src="$(cd "$cache" && go mod download -json \
-      "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" \
+  if [ ! -f "$vdir/crds/$marker" ]; then
+    src="$(cd "$cache" && GOFLAGS=-mod=mod go mod download -json "$module" \
       | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
-    [ -d "$src/example/prometheus-operator-crd" ] || { log "no Prometheus Operator source"; exit 1; }
+    [ -e "$src/$path" ] || { log "no $path in the source of $module"; exit 1; }
     mkdir -p "$vdir" && rm -rf "$vdir/crds.tmp"
-    cp -r "$src/example/prometheus-operator-crd" "$vdir/crds.tmp" && chmod -R u+w "$vdir/crds.tmp"
-    rm -rf "$vdir/crds" && mv "$vdir/crds.tmp" "$vdir/crds"
-  fi
-  ln -sfn "$vdir/crds" "$out/prometheus-operator-crds"
-}
-prometheus_operator_crds
-
-# Argo CD's Application CRD (only the CRD: the API server then validates an Application as a cluster
-# with Argo CD would), from its module's source in the Go module cache.
-argocd_crds() {
-  local vdir="$cache/argocd-$ARGOCD_VERSION" dir src
-  for dir in "${DIFFTRAIN_TEST_ASSETS:-}" "${KUBEBUILDER_ASSETS:-}"; do
-    if [ -n "$dir" ] && [ -d "$dir/argocd-crds" ]; then
-      ln -sfn "$dir/argocd-crds" "$out/argocd-crds"
-      return 0
+    if [ -d "$src/$path" ]; then
+      cp -r "$src/$path" "$vdir/crds.tmp"
+    else
+      mkdir "$vdir/crds.tmp" && cp "$src/$path" "$vdir/crds.tmp/"
     fi
-  done
-  if [ ! -f "$vdir/crds/application-crd.yaml" ]; then
-    src="$(cd "$cache" && GOFLAGS=-mod=mod go mod download -json \
-      "github.com/argoproj/argo-cd/v3@$ARGOCD_VERSION" \
-      | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
-    [ -f "$src/manifests/crds/application-crd.yaml" ] || { log "no Argo CD source"; exit 1; }
-    mkdir -p "$vdir/crds.tmp" && cp "$src/manifests/crds/application-crd.yaml" "$vdir/crds.tmp/"
     chmod -R u+w "$vdir/crds.tmp" && rm -rf "$vdir/crds" && mv "$vdir/crds.tmp" "$vdir/crds"
   fi
-  ln -sfn "$vdir/crds" "$out/argocd-crds"
+  ln -sfn "$vdir/crds" "$out/$link"
 }
-argocd_crds
+module_crds prometheus-operator-crds "$cache/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION" \
+  "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" \
+  example/prometheus-operator-crd monitoring.coreos.com_podmonitors.yaml
+
+# Argo CD's Application CRD (only the CRD: the API server then validates an Application as a cluster
+# with Argo CD would).
+module_crds argocd-crds "$cache/argocd-$ARGOCD_VERSION" \
+  "github.com/argoproj/argo-cd/v3@$ARGOCD_VERSION" \
+  manifests/crds/application-crd.yaml application-crd.yaml
 
 # Debian's packages: etcd, and the real test node's runtime, network and image tools (installed
 # when missing and we are root; tests/infra/node.py names what is missing otherwise).

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections import Counter
 from pathlib import Path
-from typing import IO
 
 import pytest
 import torch
@@ -26,6 +24,7 @@ from difftrain.train.shared_data import (
     clean_dataset,
 )
 from tests.latent_fixtures import make_pairs, shape_png, spy_on_encoders
+from tests.store_reads import CountsReads
 
 
 @pytest.fixture(scope="module")
@@ -43,28 +42,8 @@ def store_for(s3) -> S3Store:
     )
 
 
-class CountingS3Store(S3Store):
-    """The real S3 store, counting the GETs of each object (whole, ranged or streamed) on its
-    read path."""
-
-    def __init__(self, config: StoreConfig) -> None:
-        super().__init__(config)
-        self.gets: Counter[str] = Counter()
-
-    def get_bytes(self, uri: str) -> bytes:
-        self.gets[uri] += 1
-        return super().get_bytes(uri)
-
-    def read_range(self, uri: str, offset: int, length: int) -> bytes:
-        self.gets[uri] += 1
-        return super().read_range(uri, offset, length)
-
-    def open_stream(self, uri: str, offset: int = 0) -> IO[bytes]:
-        self.gets[uri] += 1
-        return super().open_stream(uri, offset)
-
-    def dataset_gets(self) -> dict[str, int]:
-        return {u: n for u, n in self.gets.items() if f"/{CACHE_FOLDER}/" not in u}
+class CountingS3Store(CountsReads, S3Store):
+    """The real S3 store, counting the GETs of each object on its read path."""
 
 
 def put(s3, name: str, data: bytes) -> None:
@@ -105,13 +84,13 @@ def test_adding_one_image_downloads_and_encodes_one(components, s3, tmp_path, mo
         put(s3, f"ds/img{i}.txt", captions[i].encode())
     first, cold = prepare(s3, components, tmp_path, "run1")
     assert first.encoded == 6 and not first.hit
-    assert len(cold.dataset_gets()) == 12
+    assert len(cold.dataset_reads()) == 12
     assert spies.vae_encode.items == 12  # each image and its mirror image
     calls = spies.calls
 
     again, warm = prepare(s3, components, tmp_path, "run2")
     assert again.hit and again.encoded == 0 and spies.calls == calls
-    assert warm.dataset_gets() == {}, "a cache hit downloads no object of the dataset"
+    assert warm.dataset_reads() == {}, "a cache hit downloads no object of the dataset"
 
     data, caption = shape_png(6)
     put(s3, "ds/img6.png", data)
@@ -120,9 +99,9 @@ def test_adding_one_image_downloads_and_encodes_one(components, s3, tmp_path, mo
     grown, store = prepare(s3, components, tmp_path, "run3")
     assert grown.encoded == 1 and not grown.hit
     assert spies.vae_encode.items - vae == 2 and spies.text_forward.items - text == 1
-    images = {u: n for u, n in store.dataset_gets().items() if u.endswith(".png")}
+    images = {u: n for u, n in store.dataset_reads().items() if u.endswith(".png")}
     assert images == {s3.uri("ds/img6.png"): 2}  # cleaning, then encoding: that image only
-    assert store.dataset_gets() == {**images, s3.uri("ds/img6.txt"): 1}
+    assert store.dataset_reads() == {**images, s3.uri("ds/img6.txt"): 1}
     # training reads bitwise the same tensors for the samples that did not change
     assert [s.key for s in grown.samples] == [f"img{i}" for i in range(7)]
     for a, b in zip(first.samples, grown.samples[:6], strict=True):
@@ -137,7 +116,7 @@ def test_adding_one_image_downloads_and_encodes_one(components, s3, tmp_path, mo
     recaptioned, store = prepare(s3, components, tmp_path, "run4")
     assert recaptioned.encoded == 0 and not recaptioned.hit
     assert spies.vae_encode.items == vae and spies.text_forward.items - text == 1
-    assert store.dataset_gets() == {s3.uri("ds/img2.txt"): 1}
+    assert store.dataset_reads() == {s3.uri("ds/img2.txt"): 1}
     assert recaptioned.samples[2].caption == "a rewritten caption for picture 2"
     assert torch.equal(recaptioned.samples[2].latent_params, first.samples[2].latent_params)
 
@@ -191,4 +170,4 @@ def test_dataset_cache_command_on_minio(s3, tmp_path, monkeypatch, capsys):
         ImageTransform(pre), store, Path(tmp_path / "local"),
     )  # fmt: skip
     assert cached.hit and cached.key == first["key"]
-    assert store.dataset_gets() == {}
+    assert store.dataset_reads() == {}

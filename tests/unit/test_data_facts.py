@@ -7,9 +7,7 @@ import gc
 import io
 import os
 import tracemalloc
-from collections import Counter
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 from PIL import Image
@@ -20,29 +18,11 @@ from difftrain.data.facts import FACTS_FOLDER
 from difftrain.storage import LocalStore
 from difftrain.train.shared_data import clean_dataset
 from tests.datasets import clean_pairs, jpeg, write_folder_dataset, write_webdataset
+from tests.store_reads import CountsReads
 
 
-class CountingStore(LocalStore):
-    """The local store, counting the reads of each object (whole, ranged or streamed)."""
-
-    def __init__(self) -> None:
-        self.reads: Counter[str] = Counter()
-
-    def get_bytes(self, uri: str) -> bytes:
-        self.reads[uri] += 1
-        return super().get_bytes(uri)
-
-    def read_range(self, uri: str, offset: int, length: int) -> bytes:
-        self.reads[uri] += 1
-        return super().read_range(uri, offset, length)
-
-    def open_stream(self, uri: str, offset: int = 0) -> IO[bytes]:
-        self.reads[uri] += 1
-        return super().open_stream(uri, offset)
-
-    def dataset_reads(self) -> dict[str, int]:
-        """Reads of the dataset's own objects (not of the cache beside it)."""
-        return {u: n for u, n in self.reads.items() if f"/{CACHE_FOLDER}/" not in u}
+class CountingStore(CountsReads, LocalStore):
+    """The local store, counting the reads of each object."""
 
 
 def clean(uri: str, store: LocalStore, **cleaning):

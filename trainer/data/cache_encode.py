@@ -146,15 +146,20 @@ def encode_latent_params(vae: Any, pixels: torch.Tensor, device: torch.device) -
     return params
 
 
-def encode_text(components: Components, captions: list[str], device: torch.device) -> torch.Tensor:
-    """The text encoder's last hidden state (B, tokens, D), padded to the tokenizer's context."""
-    tokenizer = components.tokenizer
-    ids = tokenizer(
+def token_ids(tokenizer: Any, captions: list[str]) -> torch.Tensor:
+    """The captions' token ids (B, tokens), padded or truncated to the tokenizer's context."""
+    ids: torch.Tensor = tokenizer(
         captions,
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids
+    return ids
+
+
+def encode_text(components: Components, captions: list[str], device: torch.device) -> torch.Tensor:
+    """The text encoder's last hidden state (B, tokens, D), padded to the tokenizer's context."""
+    ids = token_ids(components.tokenizer, captions)
     hidden: torch.Tensor = components.text_encoder(ids.to(device))[0]
     return hidden

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from difftrain.api import DiffusionTrainingJobSpec
+from difftrain.data.cache_encode import token_ids
 from difftrain.models.placement import frozen_dtype
 from difftrain.storage import Store
 from difftrain.train import objective
@@ -282,15 +283,7 @@ class Trainer:
     # ---- one step --------------------------------------------------------------------------
 
     def _encode_text(self, captions: list[str]) -> torch.Tensor:
-        tok = self.inp.components.tokenizer
-        ids = tok(
-            captions,
-            padding="max_length",
-            max_length=tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        ids = objective.to_device(ids, self.device)
+        ids = objective.to_device(token_ids(self.inp.components.tokenizer, captions), self.device)
         encoder = self.wrapped.get("text_encoder", self.inp.modules.text_encoder)
         ctx = contextlib.nullcontext() if "text_encoder" in self.wrapped else torch.no_grad()
         with ctx:

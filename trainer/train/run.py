@@ -167,13 +167,16 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
 
     cache_root = join(spec.dataset.uri, CACHE_FOLDER)
 
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text).input_ids)
+
     def clean() -> CleaningResult:
         # with the latent cache, objects seen before are judged by their kept facts, not read
         return clean_dataset(
             spec.dataset,
             data_store,
             facts_root=cache_root if pre.cache_latents else None,
-            count_tokens=lambda text: len(tokenizer(text).input_ids),
+            count_tokens=count_tokens,
             max_tokens=tokenizer.model_max_length,
         )
 
@@ -213,7 +216,7 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
         found = clean_dataset(
             spec.dataset.model_copy(update={"uri": uri, "limit": None}),
             open_store(uri, options.store_config),
-            count_tokens=lambda text: len(tokenizer(text).input_ids),
+            count_tokens=count_tokens,
             max_tokens=tokenizer.model_max_length,
         )
         return [dataclasses.replace(p, caption=policy.fixed(p.caption)) for p in found.pairs]

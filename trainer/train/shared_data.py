@@ -258,12 +258,24 @@ def _encode_share(
     return int(count)
 
 
+def _broadcast_bytes(acc: Any, payload: bytes) -> bytes:
+    """The main process's ``payload`` on every process (its length first, then the bytes)."""
+    import torch.distributed as dist
+
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=acc.device)
+    dist.broadcast(size, src=0)
+    buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=acc.device)
+    if acc.is_main_process:
+        buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    dist.broadcast(buffer, src=0)
+    return bytes(buffer.cpu().numpy().tobytes())
+
+
 def _main_decides(acc: Any, decide: Callable[[], dict[str, Any]], what: str) -> dict[str, Any]:
     """``decide()`` on the main process, its JSON answer handed to every process (no pickle).
     An error there raises on every process (there with its own error)."""
     if acc.num_processes == 1:
         return decide()
-    import torch.distributed as dist
 
     payload = b""
     error: Exception | None = None
@@ -273,15 +285,10 @@ def _main_decides(acc: Any, decide: Callable[[], dict[str, Any]], what: str) -> 
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the others are told
             error = exc
             payload = json.dumps({"__error__": f"{type(exc).__name__}: {exc}"}).encode()
-    size = torch.tensor([len(payload)], dtype=torch.int64, device=acc.device)
-    dist.broadcast(size, src=0)
-    buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=acc.device)
-    if acc.is_main_process:
-        buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
-    dist.broadcast(buffer, src=0)
+    received = _broadcast_bytes(acc, payload)
     if error is not None:
         raise error
-    doc: dict[str, Any] = json.loads(buffer.cpu().numpy().tobytes())
+    doc: dict[str, Any] = json.loads(received)
     if "__error__" in doc:
         from difftrain.data.cache import CacheError
 
@@ -324,7 +331,6 @@ def clean_on_main(acc: Any, clean: Callable[[], CleaningResult]) -> CleaningResu
     Sent as JSON over the process group (no pickle). An error on the main process reaches the
     others as a TrainingConfigError with its message, so no process waits forever.
     """
-    import torch.distributed as dist
 
     from difftrain.data.cleaning import CleaningResult
     from difftrain.data.pairs import CleanPair
@@ -348,17 +354,12 @@ def clean_on_main(acc: Any, clean: Callable[[], CleaningResult]) -> CleaningResu
             error = exc
             doc = {"error": f"{type(exc).__name__}: {exc}"}
         payload = json.dumps(doc).encode()
-    size = torch.tensor([len(payload)], dtype=torch.int64, device=acc.device)
-    dist.broadcast(size, src=0)
-    buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=acc.device)
-    if acc.is_main_process:
-        buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
-    dist.broadcast(buffer, src=0)
+    received = _broadcast_bytes(acc, payload)
     if error is not None:
         raise error
     if result is not None:
         return result
-    doc = json.loads(buffer.cpu().numpy().tobytes())
+    doc = json.loads(received)
     if "error" in doc:
         raise TrainingConfigError(f"the main process could not read the dataset: {doc['error']}")
     pairs = [

@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from difftrain.api import ValidationSpec, ValidationStatus
+from difftrain.data.cache_encode import token_ids
 from difftrain.train import objective
 from difftrain.train.batches import BatchBuilder, Example
 from difftrain.train.methods import TrainedModules, TrainingConfigError, predict
@@ -94,14 +95,7 @@ class ModelForEval:
         return scaled
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
-        tok = self.components.tokenizer
-        ids = tok(
-            captions,
-            padding="max_length",
-            max_length=tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        ids = token_ids(self.components.tokenizer, captions)
         out: torch.Tensor = self.text_encoder(ids.to(self.device))[0]
         return out
 
