@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from kubernetes import client
+
 from difftrain import api
 
 PLURALS = {"DiffusionTrainingJob": "diffusiontrainingjobs", "ModelMerge": "modelmerges"}
@@ -77,3 +79,24 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "c
             return last
         time.sleep(0.3)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last})")
+
+
+def wait_for_event(
+    kube_api, namespace: str, reason: str, type: str | None = None, timeout: float = 60.0
+) -> Any:
+    """Wait for an Event with ``reason`` (and ``type``) in ``namespace``: Kopf posts its events
+    from a queue of its own, after the handler's status patch, so a test that has seen the status
+    may not see the event yet."""
+    core = client.CoreV1Api(kube_api)
+    return wait_for(
+        lambda: next(
+            (
+                e
+                for e in core.list_namespaced_event(namespace).items
+                if e.reason == reason and (type is None or e.type == type)
+            ),
+            None,
+        ),
+        timeout=timeout,
+        what=f"an Event {reason}" + (f" of type {type}" if type else ""),
+    )

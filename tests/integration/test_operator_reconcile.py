@@ -16,7 +16,13 @@ from kubernetes import client
 
 from difftrain import api
 from tests.infra.processes import free_port, start_operator
-from tests.integration.resources import create, model_merge, training_job, wait_for
+from tests.integration.resources import (
+    create,
+    model_merge,
+    training_job,
+    wait_for,
+    wait_for_event,
+)
 
 pytestmark = pytest.mark.usefixtures("crds_installed")
 
@@ -122,8 +128,8 @@ def test_training_job_lifecycle(kube_api, namespace, operator):
     assert conditions["Succeeded"] == "True"
     assert conditions["Running"] == "False"
     assert final["step"] == 5  # the trainer's fields are kept
-    events = core.list_namespaced_event(namespace).items
-    assert {"Preparing", "Running", "Succeeded"} <= {e.reason for e in events}
+    for reason in ("Preparing", "Running", "Succeeded"):
+        wait_for_event(kube_api, namespace, reason)
 
     scraped = urllib.request.urlopen(operator.metrics_url, timeout=5).read().decode()
     samples = {
@@ -156,8 +162,7 @@ def test_missing_secret_gives_a_waiting_condition_and_an_event(kube_api, namespa
     assert ready["status"] == "False"
     assert ready["reason"] == "SecretMissing"
     assert "does-not-exist" in ready["message"]
-    events = client.CoreV1Api(kube_api).list_namespaced_event(namespace).items
-    assert any(e.reason == "SecretMissing" for e in events)
+    wait_for_event(kube_api, namespace, "SecretMissing")
     assert not client.BatchV1Api(kube_api).list_namespaced_job(namespace).items
 
 
@@ -449,8 +454,7 @@ def test_a_gpu_count_no_node_offers_gives_a_condition_and_an_event(kube_api, nam
         assert cond["status"] == "False"
         assert cond["reason"] == "InsufficientGPUs"
         assert "16 nvidia.com/gpu" in cond["message"]
-        events = core.list_namespaced_event(namespace).items
-        assert any(e.reason == "InsufficientGPUs" for e in events)
+        wait_for_event(kube_api, namespace, "InsufficientGPUs")
         # the Job is still created: an autoscaler needs its pending pods to add a node
         wait_for(
             lambda: client.BatchV1Api(kube_api).list_namespaced_job(namespace).items, what="the Job"
@@ -475,10 +479,7 @@ def test_a_configuration_error_fails_the_job_at_once(kube_api, namespace, operat
     batch_job = client.BatchV1Api(kube_api).read_namespaced_job(job.metadata.name, namespace)
     assert batch_job.spec.backoff_limit == 3
     assert len(core.list_namespaced_pod(namespace).items) == 1
-    assert any(
-        e.reason == "Failed" and e.type == "Warning"
-        for e in core.list_namespaced_event(namespace).items
-    )
+    wait_for_event(kube_api, namespace, "Failed", type="Warning")
 
 
 def test_deleting_the_resource_removes_its_children(kube_api, namespace, operator):
@@ -566,10 +567,7 @@ def test_a_namesake_waits_for_the_deleted_resources_children(kube_api, namespace
     )
     assert ready["reason"] == "PreviousChildrenTerminating"
     assert "still belongs to an earlier resource" in ready["message"]  # its Job or ConfigMap
-    assert any(
-        e.reason == "PreviousChildrenTerminating"
-        for e in core.list_namespaced_event(namespace).items
-    )
+    wait_for_event(kube_api, namespace, "PreviousChildrenTerminating")
     assert not [
         j
         for j in batch.list_namespaced_job(namespace).items
