@@ -361,6 +361,9 @@ class StepClock:
     def validation(self, status: Any) -> None:
         self._now("validation")
 
+    def clip_score(self, status: Any) -> None:
+        self._now("clip_score")
+
     def finished(self, outputs: list[Any]) -> None:
         self.outputs = [o.uri for o in outputs]
         self._now("finished")

@@ -76,3 +76,49 @@ def run_cli(
         cwd=REPO,
         check=False,
     )
+
+
+def write_tiny_clip_model(path: Path, *, seed: int = 0, image_size: int = 32) -> Path:
+    """A tiny random CLIPModel with its processor (the tiny tokenizer that knows the shapes
+    captions' words, and a CLIP image processor), written with save_pretrained (made once)."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    from difftrain.models.tiny import MAX_LENGTH, write_tiny_tokenizer
+
+    if (path / "model.safetensors").exists():
+        return path
+    write_tiny_tokenizer(path)
+    tokenizer = CLIPTokenizer.from_pretrained(path)
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    config = CLIPConfig(
+        text_config={
+            **tower,
+            "num_attention_heads": 4,
+            "max_position_embeddings": MAX_LENGTH,
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            **tower,
+            "num_attention_heads": 4,
+            "image_size": image_size,
+            "patch_size": image_size // 4,
+        },
+        projection_dim=16,
+    )
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    finally:
+        torch.random.set_rng_state(state)
+    model.save_pretrained(path, safe_serialization=True)
+    # CLIP's resize, centre crop and normalisation (its mean and std), at the tiny tower's size
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor.save_pretrained(path)
+    return path

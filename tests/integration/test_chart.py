@@ -186,6 +186,7 @@ def test_dashboard_renders_and_queries_metrics_the_operator_exports(control_plan
 
     trainer = TrainingMetrics("job", "ns", 0)
     trainer.record_validation(0.5)  # its series appears at the first evaluation
+    trainer.record_clip_score(25.0)  # and this one at the first scored samples
     trainer_exported = {
         sample.name for family in trainer.registry.collect() for sample in family.samples
     }

@@ -47,7 +47,7 @@ from tests.infra.prometheus import (
     static_scrape_config,
 )
 from tests.integration.resources import create, training_job, wait_for
-from tests.training import prepare_local_inputs, tiny_job, write_job
+from tests.training import prepare_local_inputs, tiny_job, write_job, write_tiny_clip_model
 
 pytestmark = pytest.mark.usefixtures("crds_installed")
 
@@ -314,6 +314,7 @@ def stack(control_plane, kube_api, tmp_path_factory) -> Iterator[MonitoredStack]
         runs = [TrainingRun(name, ns, pods[name, ns], free_port()) for name, ns in names[:3]]
 
         inputs = prepare_local_inputs(work / "inputs", images=16)
+        clip = write_tiny_clip_model(work / "clip")
         for run in runs:
             job = tiny_job(
                 inputs,
@@ -328,6 +329,13 @@ def stack(control_plane, kube_api, tmp_path_factory) -> Iterator[MonitoredStack]
                 checkpointing={"everySteps": 3, "keepLast": 1},
                 # the validation loss panel: a quarter of the images held out, evaluated often
                 validation={"fraction": 0.25, "everySteps": 2, "maxImages": 2},
+                # the CLIP score panel: samples scored every few steps
+                sampling={
+                    "everySteps": 4,
+                    "numInferenceSteps": 1,
+                    "prompts": ["a red circle"],
+                    "clipModelUri": str(clip),
+                },
             )
             processes.append(start_training(job, work, run))
 

@@ -1,5 +1,6 @@
-"""The validation loss in the resource's status (the real API server's schema) and TensorBoard's
-event files committed to the real MinIO beside the samples."""
+"""The validation loss and the samples' CLIP score in the resource's status (the real API
+server's schema), the CLIP model fetched from the real MinIO, and TensorBoard's event files
+committed there beside the samples."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from difftrain.storage import FILE_MANIFEST_SUFFIX, Credentials, StoreConfig
 from difftrain.train.report import ConsoleReporter, Reporters, StatusReporter
 from difftrain.train.run import RunOptions, run_training
 from tests.integration.resources import create
-from tests.training import prepare_local_inputs, tiny_job
+from tests.training import prepare_local_inputs, tiny_job, write_tiny_clip_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("crds_installed")]
 PLURAL = "diffusiontrainingjobs"
@@ -27,8 +28,14 @@ def test_validation_in_status_and_tensorboard_files_in_minio(
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     inputs = prepare_local_inputs(tmp_path / "inputs", images=16)
+    clip = write_tiny_clip_model(tmp_path / "clip")
+    (clip / "pytorch_model.bin").write_bytes(b"a pickle beside the safetensors: never fetched")
     mc = s3.client()
-    for folder, prefix in ((inputs / "base-model", "models/tiny"), (inputs / "dataset", "data")):
+    for folder, prefix in (
+        (inputs / "base-model", "models/tiny"),
+        (inputs / "dataset", "data"),
+        (clip, "models/clip"),
+    ):
         for path in sorted(folder.rglob("*")):
             if path.is_file():
                 mc.fput_object(s3.bucket, f"{prefix}/{path.relative_to(folder)}", str(path))
@@ -37,7 +44,12 @@ def test_validation_in_status_and_tensorboard_files_in_minio(
         tmp_path / "unused",
         hyperparameters={"batchSize": 2, "maxSteps": 4, "warmupSteps": 1, "mixedPrecision": "no"},
         checkpointing={"everySteps": 2, "keepLast": 1},
-        sampling={"everySteps": 0, "numInferenceSteps": 1, "prompts": ["a red circle"]},
+        sampling={
+            "everySteps": 2,
+            "numInferenceSteps": 1,
+            "prompts": ["a red circle", "a blue square"],
+            "clipModelUri": s3.uri("models/clip"),
+        },
         validation={"fraction": 0.25, "everySteps": 2, "timesteps": [300, 700], "maxImages": 2},
     )
     spec = job["spec"]
@@ -50,10 +62,14 @@ def test_validation_in_status_and_tensorboard_files_in_minio(
     resource = api.parse_resource(job)
     assert isinstance(resource, api.DiffusionTrainingJob)
     seen: list[api.ValidationStatus] = []
+    scored: list[api.ClipScoreStatus] = []
 
     class Seen(ConsoleReporter):
         def validation(self, status: api.ValidationStatus) -> None:
             seen.append(status)
+
+        def clip_score(self, status: api.ClipScoreStatus) -> None:
+            scored.append(status)
 
     options = RunOptions(
         work_dir=tmp_path / "work",
@@ -81,6 +97,17 @@ def test_validation_in_status_and_tensorboard_files_in_minio(
         "images": 2,
         "weights": "trained",
     }
+    # and the newest samples' CLIP score, from the model fetched out of MinIO (no pickle)
+    assert [(c.step, c.images) for c in scored] == [(2, 2), (4, 2)]
+    assert status["clipScore"] == {
+        "score": pytest.approx(scored[-1].score),
+        "step": 4,
+        "images": 2,
+        "weights": "trained",
+    }
+    fetched = {p.name for p in (tmp_path / "work" / "clip-model").iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= fetched
+    assert "pytorch_model.bin" not in fetched
 
     # every event file is committed with its manifest (size and sha256 of what was uploaded)
     prefix = "runs/val/tracking/tensorboard/difftrain/"
@@ -106,4 +133,7 @@ def test_validation_in_status_and_tensorboard_files_in_minio(
     assert [(e.step, e.value) for e in acc.Scalars("validation/loss")] == [
         (v.step, pytest.approx(v.loss, rel=1e-6)) for v in seen
     ]
-    assert [e.step for e in acc.Images("samples")] == [4]
+    assert [(e.step, e.value) for e in acc.Scalars("samples/clip_score")] == [
+        (c.step, pytest.approx(c.score, rel=1e-6)) for c in scored
+    ]
+    assert [e.step for e in acc.Images("samples")] == [2, 4]

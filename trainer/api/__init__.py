@@ -57,6 +57,7 @@ from difftrain.api.data import (
 )
 from difftrain.api.evaluation import (
     DEFAULT_VALIDATION_TIMESTEPS,
+    ClipScoreStatus,
     MLflowSpec,
     TrackerName,
     TrackingSpec,
@@ -171,6 +172,7 @@ __all__ = [
     "CaptionSpec",
     "CheckpointingSpec",
     "CleaningSpec",
+    "ClipScoreStatus",
     "Component",
     "Condition",
     "ConditioningType",

@@ -199,3 +199,18 @@ class ValidationStatus(APIModel):
     weights: Literal["ema", "trained"] = Field(
         description="Which weights were evaluated: the EMA weights or the trained ones."
     )
+
+
+class ClipScoreStatus(APIModel):
+    """The newest CLIP score of the sample images (with spec.sampling.clipModelUri)."""
+
+    score: float = Field(
+        ge=0.0,
+        description="Mean over the sample images of 100 x the cosine similarity of the image's "
+        "and its prompt's CLIP embeddings, clamped at 0.",
+    )
+    step: int = Field(ge=0, description="The optimizer step of the samples.")
+    images: int = Field(ge=0, description="Sample images scored.")
+    weights: Literal["ema", "trained"] = Field(
+        description="Which weights made the samples: the EMA weights or the trained ones."
+    )

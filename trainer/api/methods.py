@@ -254,6 +254,15 @@ class SamplingSpec(APIModel):
         default=7.5, ge=0.0, le=100.0, description="Classifier-free guidance scale."
     )
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Seed of the first sample.")
+    clip_model_uri: Uri | None = Field(
+        default=None,
+        description="A CLIP model to score the samples with: a transformers CLIPModel folder "
+        "(config.json, safetensors weights, tokenizer and preprocessor_config.json, as "
+        "save_pretrained writes them) in the object store or a local folder. Each time samples "
+        "are made, their CLIP score (100 x the cosine similarity of each image's and its "
+        "prompt's embeddings, at least 0, averaged over the images) is reported in "
+        "status.clipScore, the difftrain_clip_score metric and the trackers. Unset: no score.",
+    )
 
 
 # Seconds a stopped trainer pod has for its last checkpoint (terminationGracePeriodSeconds), by

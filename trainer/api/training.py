@@ -21,7 +21,12 @@ from difftrain.api.base import (
 )
 from difftrain.api.cluster import ResourcesSpec
 from difftrain.api.data import DatasetSpec, PreprocessingSpec
-from difftrain.api.evaluation import TrackingSpec, ValidationSpec, ValidationStatus
+from difftrain.api.evaluation import (
+    ClipScoreStatus,
+    TrackingSpec,
+    ValidationSpec,
+    ValidationStatus,
+)
 from difftrain.api.methods import (
     DEFAULT_GRACE_PERIOD_SECONDS,
     DEFAULT_LEARNING_RATE,
@@ -401,6 +406,10 @@ class DiffusionTrainingJobStatus(APIModel):
     loss: float | None = Field(default=None, description="Smoothed training loss.")
     validation: ValidationStatus | None = Field(
         default=None, description="The newest validation loss (with spec.validation)."
+    )
+    clip_score: ClipScoreStatus | None = Field(
+        default=None,
+        description="The newest CLIP score of the sample images (with spec.sampling.clipModelUri).",
     )
     images_per_second: float | None = Field(
         default=None, ge=0, description="Training throughput, all workers."

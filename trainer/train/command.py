@@ -172,6 +172,8 @@ def _run(args: argparse.Namespace, job: Any, work_dir: Path, env: dict[str, str]
             print(f"  {out.format:12} {out.uri}  sha256={out.sha256}")
         if outcome.loop.samples:
             print(f"  samples      {outcome.loop.samples[0]}")
+        if (clip := outcome.loop.clip_score) is not None:
+            print(f"  clip score   {clip.score:.2f} (step {clip.step}, {clip.images} samples)")
         if outcome.loop.latest_checkpoint:
             print(f"  checkpoint   {outcome.loop.latest_checkpoint}")
     return 0

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from difftrain.api import DiffusionTrainingJobSpec
+from difftrain.api import ClipScoreStatus, DiffusionTrainingJobSpec
 from difftrain.data.cache_encode import token_ids
 from difftrain.models.placement import frozen_dtype
 from difftrain.storage import Store
@@ -31,6 +31,7 @@ from difftrain.train.checkpoint import (
     CheckpointWriter,
     TrainingState,
 )
+from difftrain.train.clip_score import ClipScorer, clip_score_status
 from difftrain.train.compiling import Compiled, configure_cuda_math
 from difftrain.train.ema import EMA
 from difftrain.train.methods import (
@@ -78,6 +79,7 @@ class LoopResult:
     latest_checkpoint: str | None
     samples: list[str] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    clip_score: ClipScoreStatus | None = None  # of the newest samples (main process)
     step_seconds: float = 0.0  # time in optimizer steps (data wait included; samples and
     # checkpoints not), for throughput figures
 
@@ -102,6 +104,7 @@ class LoopInputs:
     stop_requested: threading.Event = field(default_factory=threading.Event)
     validator: Validator | None = None
     tracker: ExperimentTracker | None = None
+    clip_scorer: ClipScorer | None = None  # main process only
 
 
 def make_optimizer(spec: DiffusionTrainingJobSpec, params: list[torch.nn.Parameter]) -> Any:
@@ -361,8 +364,10 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------
 
-    def _sample(self, step: int) -> list[str]:
+    def _sample(self, step: int) -> tuple[list[str], ClipScoreStatus | None]:
+        """The samples' URIs (main process) and their CLIP score (with a CLIP model)."""
         uris: list[str] = []
+        clip: ClipScoreStatus | None = None
         if self.acc.is_main_process:
             comps = self.inp.components
             mods = self.inp.modules
@@ -392,6 +397,10 @@ class Trainer:
                         self.spec.controlnet.conditioning_scale if self.spec.controlnet else 1.0
                     ),
                 )
+            scores = None
+            if self.inp.clip_scorer is not None:
+                scores = self.inp.clip_scorer.scores(images, self.inp.sample_prompts)
+                clip = clip_score_status(scores, step, ema=self.ema is not None)
             uris = write_samples(
                 self.inp.output_store,
                 self.inp.output_uri,
@@ -399,12 +408,26 @@ class Trainer:
                 images,
                 self.inp.sample_prompts,
                 self.inp.work_dir,
+                clip_scores=scores,
             )
             self.inp.reporter.samples(uris)
             if self.inp.tracker is not None:
                 self.inp.tracker.log_samples(step, image_grid(images))
+            if clip is not None:
+                self._publish_clip_score(clip)
         self.acc.wait_for_everyone()
-        return uris
+        return uris, clip
+
+    def _publish_clip_score(self, status: ClipScoreStatus) -> None:
+        """The samples' CLIP score to the log, the metric, the status and the trackers."""
+        logger.info(
+            "clip score step=%d score=%.4f images=%d", status.step, status.score, status.images
+        )
+        if self.inp.metrics is not None:
+            self.inp.metrics.record_clip_score(status.score)
+        self.inp.reporter.clip_score(status)
+        if self.inp.tracker is not None:
+            self.inp.tracker.log_clip_score(status)
 
     @contextlib.contextmanager
     def _evaluating(self) -> Iterator[None]:
@@ -548,7 +571,9 @@ class Trainer:
                 if inp.validator is not None and inp.validator.due(step, total):
                     self._validate(inp.validator, step)
                 if should_sample(step, total, self.spec.sampling.every_steps):
-                    result.samples = self._sample(step)
+                    result.samples, clip = self._sample(step)
+                    if clip is not None:
+                        result.clip_score = clip
                 if step % self.spec.checkpointing.every_steps == 0 or step == total:
                     result.latest_checkpoint = self.save_checkpoint()
                     if inp.tracker is not None:

@@ -69,6 +69,13 @@ class TrainingMetrics:
             LABELS,
             registry=r,
         )
+        # Touched at the first score only: a job without sampling.clipModelUri shows no series.
+        self.clip_score = Gauge(
+            "difftrain_clip_score",
+            "CLIP score of the newest sample images against their prompts (100 x cosine, mean)",
+            LABELS,
+            registry=r,
+        )
         self.checkpoint_duration = Histogram(
             "difftrain_checkpoint_duration_seconds",
             "Time to write and commit one checkpoint",
@@ -129,6 +136,10 @@ class TrainingMetrics:
     def record_validation(self, loss: float) -> None:
         """Set the newest validation loss."""
         self.validation_loss.labels(**self._labels).set(loss)
+
+    def record_clip_score(self, score: float) -> None:
+        """Set the newest sample images' CLIP score."""
+        self.clip_score.labels(**self._labels).set(score)
 
     def record_checkpoint(self, seconds: float) -> None:
         """Observe one checkpoint's duration."""

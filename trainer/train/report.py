@@ -8,7 +8,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from difftrain.api import GROUP, VERSION, DatasetReport, ExportedFile, ValidationStatus
+from difftrain.api import (
+    GROUP,
+    VERSION,
+    ClipScoreStatus,
+    DatasetReport,
+    ExportedFile,
+    ValidationStatus,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +62,7 @@ class Reporter(Protocol):
     def checkpoint(self, uri: str) -> None: ...
     def samples(self, uris: list[str]) -> None: ...
     def validation(self, status: ValidationStatus) -> None: ...
+    def clip_score(self, status: ClipScoreStatus) -> None: ...
     def finished(self, outputs: list[ExportedFile]) -> None: ...
     def close(self) -> None: ...
 
@@ -109,6 +117,11 @@ class ConsoleReporter:
             text = f"step {status.step}: validation loss {status.loss:.4f}"
             self.bar.write(text, file=sys.stderr)
 
+    def clip_score(self, status: ClipScoreStatus) -> None:
+        if self.bar is not None:
+            text = f"step {status.step}: CLIP score {status.score:.2f} ({status.images} samples)"
+            self.bar.write(text, file=sys.stderr)
+
     def finished(self, outputs: list[ExportedFile]) -> None:
         for out in outputs:
             logger.info("exported format=%s uri=%s sha256=%s", out.format, out.uri, out.sha256)
@@ -123,8 +136,8 @@ class StatusReporter:
     """Patches the DiffusionTrainingJob's status (its pod's ServiceAccount may do exactly that).
 
     Step updates are throttled to one patch per ``interval`` seconds; checkpoints, samples, the
-    dataset report and the outputs are written at once. A failed patch is logged and retried with
-    the next update: reporting never stops training.
+    validation loss, the CLIP score, the dataset report and the outputs are written at once. A
+    failed patch is logged and retried with the next update: reporting never stops training.
     """
 
     def __init__(
@@ -192,6 +205,9 @@ class StatusReporter:
     def validation(self, status: ValidationStatus) -> None:
         self._patch({"validation": status.to_wire()}, now=True)
 
+    def clip_score(self, status: ClipScoreStatus) -> None:
+        self._patch({"clipScore": status.to_wire()}, now=True)
+
     def finished(self, outputs: list[ExportedFile]) -> None:
         self._patch({"outputs": [o.to_wire() for o in outputs]}, now=True)
 
@@ -229,6 +245,10 @@ class Reporters:
     def validation(self, status: ValidationStatus) -> None:
         for r in self.reporters:
             r.validation(status)
+
+    def clip_score(self, status: ClipScoreStatus) -> None:
+        for r in self.reporters:
+            r.clip_score(status)
 
     def finished(self, outputs: list[ExportedFile]) -> None:
         for r in self.reporters:

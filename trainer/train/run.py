@@ -158,6 +158,17 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
             open_store(base_uri, options.store_config) if base_uri else None,
             work_dir=options.work_dir / "model",
         )
+    # The CLIP model of the samples' score: on the process that samples, refused before the data.
+    clip_scorer = None
+    if spec.sampling.clip_model_uri is not None and acc.is_main_process:
+        from difftrain.train.clip_score import load_clip_scorer
+
+        clip_scorer = load_clip_scorer(
+            spec.sampling.clip_model_uri,
+            options.store_config,
+            work_dir=options.work_dir / "clip-model",
+            device=acc.device,
+        )
 
     # Data: listed and cleaned (deterministic, so every process gets the same pairs). With the
     # latent cache and several processes, only the main process reads and cleans the images; the
@@ -378,6 +389,7 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
         stop_requested=options.stop_requested,
         validator=validator,
         tracker=tracker,
+        clip_scorer=clip_scorer,
     )
     trainer = Trainer(inputs, acc)
     resumed = trainer.resume()

@@ -134,8 +134,13 @@ def write_samples(
     images: list[Image.Image],
     prompts: list[str],
     work_dir: Path,
+    clip_scores: list[float] | None = None,
 ) -> list[str]:
-    """Commit the images and their grid under ``<output>/samples/step-N/``; return their URIs."""
+    """Commit the images and their grid under ``<output>/samples/step-N/``; return their URIs.
+
+    The manifest's metadata holds the step, the prompts and, when scored, each image's CLIP
+    score (``clipScores``, in the images' order).
+    """
     folder = work_dir / f"samples-{step:08d}"
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
@@ -147,7 +152,10 @@ def write_samples(
     image_grid(images).save(grid)
     files["grid.png"] = grid
     prefix = join(output_uri, "samples", f"step-{step:08d}")
-    commit(store, prefix, files, metadata={"step": step, "prompts": prompts})
+    metadata: dict[str, Any] = {"step": step, "prompts": prompts}
+    if clip_scores is not None:
+        metadata["clipScores"] = clip_scores
+    commit(store, prefix, files, metadata=metadata)
     for path in files.values():
         path.unlink()
     folder.rmdir()

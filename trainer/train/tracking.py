@@ -1,10 +1,10 @@
 """Experiment trackers through Accelerate: TensorBoard by default, MLflow and W&B when asked for.
 
 What is logged: each step's training loss and the learning rate (at the loop's host reads, so
-no extra device sync), the validation loss and the sample grids. TensorBoard's event files are
-committed to ``<output.uri>/tracking/tensorboard/`` file by file (each with its own manifest), at
-every checkpoint and at the end, so a run that resumes in a new pod adds its own event files
-beside the earlier ones. Only the main process logs.
+no extra device sync), the validation loss, the sample grids and their CLIP score.
+TensorBoard's event files are committed to ``<output.uri>/tracking/tensorboard/`` file by file
+(each with its own manifest), at every checkpoint and at the end, so a run that resumes in a new
+pod adds its own event files beside the earlier ones. Only the main process logs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from difftrain.api import DiffusionTrainingJobSpec, TrackingSpec, ValidationStatus
+from difftrain.api import (
+    ClipScoreStatus,
+    DiffusionTrainingJobSpec,
+    TrackingSpec,
+    ValidationStatus,
+)
 from difftrain.storage import Store, commit_file, join, sha256_file
 from difftrain.train.methods import TrainingConfigError
 
@@ -129,6 +134,10 @@ class ExperimentTracker:
     def log_validation(self, status: ValidationStatus) -> None:
         if self.main:
             self.acc.log({"validation/loss": status.loss}, step=status.step)
+
+    def log_clip_score(self, status: ClipScoreStatus) -> None:
+        if self.main:
+            self.acc.log({"samples/clip_score": status.score}, step=status.step)
 
     def log_samples(self, step: int, grid: Any) -> None:
         """The sample grid (a PIL image) of ``step``."""
