@@ -41,11 +41,12 @@ crds: install
 	$(BIN)/difftrain crds --out crds
 	$(BIN)/difftrain crds --out charts/difftrain/crds
 
-# Everything: install, prepare the real test infrastructure, lint, type-check, run the suite.
+# Everything: install, prepare the real test infrastructure, lint, type-check, run the suite
+# (tests/e2e in a pytest process of its own beside the rest: hack/test.sh).
 test: install
 	@bindir=$$(bash hack/build-binaries.sh) && \
 	$(MAKE) --no-print-directory lint typecheck && \
-	DIFFTRAIN_TESTENV_BIN=$$bindir $(BIN)/pytest $(PYTEST_ARGS)
+	DIFFTRAIN_TESTENV_BIN=$$bindir PYTEST=$(BIN)/pytest bash hack/test.sh $(PYTEST_ARGS)
 
 unit: install
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)

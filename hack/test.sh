@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The suite as `make test` runs it: two pytest processes at once. tests/e2e (the real node: most of
+# its time is spent waiting for pods to start, for the Job controller's back-off and for restarted
+# ranks to meet) runs beside tests/unit and tests/integration, its output kept in
+# build/e2e-pytest.log and printed when both are done. Both use the real control planes and
+# MinIO servers of their own (free ports, their own folders), so neither sees the other's.
+# Arguments go to both pytest runs; with a test path among them, one plain pytest run instead.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+pytest=${PYTEST:-.venv/bin/pytest}
+
+for arg in "$@"; do
+    if [[ $arg != -* && -e ${arg%%::*} ]]; then
+        exec "$pytest" "$@"
+    fi
+done
+
+mkdir -p build
+log=build/e2e-pytest.log
+"$pytest" "$@" tests/e2e >"$log" 2>&1 &
+e2e=$!
+# a Ctrl-C or a CI stop ends both runs
+trap 'kill "$e2e" 2>/dev/null' EXIT INT TERM
+
+"$pytest" "$@" tests/unit tests/integration
+rest=$?
+wait "$e2e"
+e2e_rc=$?
+trap - EXIT INT TERM
+
+echo
+echo "======================= tests/e2e (ran beside the above) ======================="
+cat "$log"
+echo "tests/unit + tests/integration: exit $rest; tests/e2e: exit $e2e_rc"
+if ((rest != 0)); then exit "$rest"; fi
+exit "$e2e_rc"
