@@ -8,13 +8,20 @@ from the test infrastructure's pinned binary. Then, in the same run, on the same
   to RGB, resize the short side to the resolution, center crop, random flip, ``np.array`` ->
   tensor, normalise. No cleaning at all. (PERFORMANCE.md's anchor: about 50 images/s per core.)
 - ``difftrain``: the pipeline a training job runs, from MinIO: list, parallel GETs, cleaning
-  (sha256, full decode at reduced scale, pHash, every drop check), then for each kept pair a
-  decode reduced on load to the target and the transform (antialiased resize of the crop box,
-  random flip, [-1, 1] tensor) in threads.
+  (sha256, full decode at reduced scale, pHash, every drop check) with each image copied into the
+  job's work folder as it is read (:mod:`difftrain.data.copies`), then for each kept pair its
+  local copy read, a decode reduced on load to the target and the transform (antialiased resize
+  of the crop box, random flip, [-1, 1] tensor) in threads.
 - ``difftrain_local``: the same pipeline from the local folder (to separate the store's share).
+- ``difftrain_rerun`` and ``difftrain_local_rerun``: the same, run again with the cleaning facts
+  kept by an earlier run (what a job with the latent cache does on data it has cleaned before,
+  e.g. at another resolution): every check still runs, on the kept facts, and no image or caption
+  is read for cleaning; the images are then read, decoded and transformed as above.
 
-Each mode runs ``--repeat`` times, interleaved; the best time is reported. The process is
-pinned to ``--cores`` CPUs (MinIO is not, as a store on another host would not be).
+Each mode runs ``--repeat`` times, interleaved; the best time is reported, and each round's
+images/s and ratio to that round's naive loop. The process is pinned to ``--cores`` CPUs (MinIO is
+not, as a store on another host would not be). MinIO is taken from ``$DIFFTRAIN_TESTENV_BIN`` when
+it is there (no other test binary is needed), else the test infrastructure builds its binaries.
 
     python benchmarks/data_bench.py                 # 400 images, 2 cores
     python benchmarks/data_bench.py --count 60      # smoke test
@@ -29,10 +36,13 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
+    from difftrain.api import DatasetSpec
+    from difftrain.data import ImageTransform
     from difftrain.storage import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,23 +106,41 @@ def naive(folder: Path, resolution: int) -> Run:
     return Run(count, time.perf_counter() - start, 0.0, time.process_time() - cpu)
 
 
-def pipeline(uri: str, store: Store, resolution: int, workers: int) -> Run:
-    """Sources + cleaning + transforms."""
+def pipeline(
+    uri: str, store: Store, resolution: int, workers: int, facts_root: str | None = None
+) -> Run:
+    """Sources + cleaning + transforms; with ``facts_root``, cleaning uses (and keeps) the
+    cleaning facts there, as a job with the latent cache does."""
     from difftrain.api import DatasetSpec, PreprocessingSpec
-    from difftrain.data import ImageTransform, load_dataset
-    from difftrain.data.image_bytes import read_image
-    from difftrain.data.parallel import ordered_map
+    from difftrain.data import ImageTransform
+    from difftrain.data.copies import with_copies
 
     spec = DatasetSpec.model_validate({"uri": uri})
     transform = ImageTransform(
         PreprocessingSpec.model_validate({"resolution": resolution, "flipProbability": 0.5})
     )
+    with tempfile.TemporaryDirectory(prefix="difftrain-bench-job-") as job_dir:
+        # a job's work folder: a store's images are copied there as cleaning reads them
+        return _timed(spec, with_copies(store, Path(job_dir)), transform, workers, facts_root)
+
+
+def _timed(
+    spec: DatasetSpec,
+    store: Store,
+    transform: ImageTransform,
+    workers: int,
+    facts_root: str | None,
+) -> Run:
+    from difftrain.data.image_bytes import read_image
+    from difftrain.data.parallel import ordered_map
+    from difftrain.train.shared_data import clean_dataset
+
     start, cpu = time.perf_counter(), time.process_time()
-    result = load_dataset(spec, store, workers=workers, read_workers=8)
+    result = clean_dataset(spec, store, facts_root=facts_root, workers=workers)
     cleaned = time.perf_counter()
 
     def prepare(index: int) -> float:
-        pair = result.pairs[index]  # kept pairs hold no bytes: read again, as training does
+        pair = result.pairs[index]  # no bytes kept: read again (a local copy), as training does
         image = transform.decode(read_image(store, pair), pair.name)
         tensor = transform(image, rng=random.Random(index))
         return float(tensor[0, 0, 0])
@@ -122,6 +150,17 @@ def pipeline(uri: str, store: Store, resolution: int, workers: int) -> Run:
     end = time.perf_counter()
     assert result.report.kept == result.report.total, result.report
     return Run(len(result.pairs), end - start, cleaned - start, time.process_time() - cpu)
+
+
+def minio_dir() -> Path:
+    """The folder with the pinned MinIO binary: ``$DIFFTRAIN_TESTENV_BIN`` when it holds one (the
+    rest of the test binaries are not needed here), else the test infrastructure's build."""
+    from tests.infra.environment import binary_dir
+
+    ready = os.environ.get("DIFFTRAIN_TESTENV_BIN")
+    if ready and (Path(ready) / "minio").exists():
+        return Path(ready)
+    return binary_dir()
 
 
 def main() -> None:
@@ -143,7 +182,7 @@ def main() -> None:
 
     from difftrain.storage import Credentials, LocalStore, S3Store, StoreConfig
     from tests.datasets import S3Location, put_files
-    from tests.infra.environment import MinioServer, binary_dir
+    from tests.infra.environment import MinioServer
 
     torch.set_num_threads(1)  # the parallelism is ours (threads); no nested intra-op threads
     width, height = (int(v) for v in args.size.split("x"))
@@ -157,7 +196,7 @@ def main() -> None:
     )
 
     shutil.rmtree(work / "minio", ignore_errors=True)
-    minio = MinioServer(binary_dir(), work / "minio")
+    minio = MinioServer(minio_dir(), work / "minio")
     minio.start()
     try:
         mc = Minio(minio.endpoint, minio.access_key, minio.secret_key, secure=False)
@@ -171,19 +210,26 @@ def main() -> None:
                 secure=False,
             )
         )
-        runs: dict[str, list[Run]] = {
-            "naive": [],
-            "difftrain": [],
-            "difftrain_local": [],
+        local = LocalStore()
+        s3_facts, local_facts = "s3://bench/facts", str(work / "facts")
+        # the earlier run whose cleaning facts the rerun modes use (not timed)
+        pipeline("s3://bench/images", s3, args.resolution, args.workers, s3_facts)
+        pipeline(str(folder), local, args.resolution, args.workers, local_facts)
+        modes: dict[str, Callable[[], Run]] = {
+            "naive": lambda: naive(folder, args.resolution),
+            "difftrain": lambda: pipeline("s3://bench/images", s3, args.resolution, args.workers),
+            "difftrain_local": lambda: pipeline(str(folder), local, args.resolution, args.workers),
+            "difftrain_rerun": lambda: pipeline(
+                "s3://bench/images", s3, args.resolution, args.workers, s3_facts
+            ),
+            "difftrain_local_rerun": lambda: pipeline(
+                str(folder), local, args.resolution, args.workers, local_facts
+            ),
         }
+        runs: dict[str, list[Run]] = {mode: [] for mode in modes}
         for _ in range(args.repeat):
-            runs["naive"].append(naive(folder, args.resolution))
-            runs["difftrain"].append(
-                pipeline("s3://bench/images", s3, args.resolution, args.workers)
-            )
-            runs["difftrain_local"].append(
-                pipeline(str(folder), LocalStore(), args.resolution, args.workers)
-            )
+            for mode, run in modes.items():
+                runs[mode].append(run())
     finally:
         minio.stop()
         if args.work_dir is None:
@@ -196,14 +242,22 @@ def main() -> None:
         f"{args.resolution}; Pillow {PIL.__version__}, torch {torch.__version__}"
     )
     header = ("mode", "images", "seconds", "images/s", "x naive", "clean s", "CPU ms/img")
-    print("{:<16} {:>6} {:>8} {:>9} {:>8} {:>8} {:>11}".format(*header))
+    print("{:<22} {:>6} {:>8} {:>9} {:>8} {:>8} {:>11}".format(*header))
     for mode, run in best.items():
         rate = run.images / run.seconds
         clean_s = f"{run.clean_seconds:8.2f}" if run.clean_seconds else f"{'-':>8}"
         print(
-            f"{mode:<16} {run.images:6d} {run.seconds:8.2f} {rate:9.1f} {rate / base:8.2f} "
+            f"{mode:<22} {run.images:6d} {run.seconds:8.2f} {rate:9.1f} {rate / base:8.2f} "
             f"{clean_s} {run.cpu_seconds / run.images * 1000:11.2f}"
         )
+    # each round against that round's naive loop: the load of a shared machine changes by round
+    print("\nper round: images/s (x that round's naive)")
+    for mode, rounds in runs.items():
+        cells = [
+            f"{r.images / r.seconds:7.1f} ({r.images / r.seconds / (n.images / n.seconds):4.2f})"
+            for r, n in zip(rounds, runs["naive"], strict=True)
+        ]
+        print(f"{mode:<22} " + "  ".join(cells))
 
 
 if __name__ == "__main__":

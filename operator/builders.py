@@ -250,6 +250,15 @@ def _resources(
     return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
 
 
+def _scratch_env(settings: OperatorSettings) -> list[Obj]:
+    """The scratch limit in bytes, from the kubelet (the downward API): the trainer keeps its
+    local copies of the dataset's images within a share of it."""
+    if not settings.scratch_limit:
+        return []
+    limit = {"resource": f"limits.{EPHEMERAL_STORAGE}", "divisor": "1"}
+    return [{"name": "DIFFTRAIN_SCRATCH_LIMIT", "valueFrom": {"resourceFieldRef": limit}}]
+
+
 def _scratch_volume(settings: OperatorSettings) -> Obj:
     """The pod's /tmp: node disk, capped at the scratch limit."""
     empty_dir = {"sizeLimit": settings.scratch_limit} if settings.scratch_limit else {}
@@ -399,6 +408,7 @@ def build_training_children(
         },
         *_store_env(spec.storage),
         *_tracking_env(spec.tracking),
+        *_scratch_env(settings),
     ]
     mounts: list[Obj] = []
     volumes: list[Obj] = []

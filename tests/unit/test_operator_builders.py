@@ -156,6 +156,10 @@ def test_workers_meet_at_a_rendezvous_of_their_own_and_have_time_to_checkpoint()
     env = env_of(container(job))
     assert env["DIFFTRAIN_RUN_ID"] == "uid-1"
     assert env["DIFFTRAIN_POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    # the scratch limit in bytes from the kubelet, within a share of which images are copied
+    assert env["DIFFTRAIN_SCRATCH_LIMIT"] == {
+        "resourceFieldRef": {"resource": "limits.ephemeral-storage", "divisor": "1"}
+    }
     # the job's own grace period; the launcher's wait for its processes' checkpoint ends inside it
     assert pod["terminationGracePeriodSeconds"] == 900
     assert 0 < int(env["DIFFTRAIN_STOP_TIMEOUT"]) < 900

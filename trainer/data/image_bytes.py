@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 
+from difftrain.data.copies import ImageCopies
 from difftrain.data.pairs import CleanPair, DatasetError
 from difftrain.data.parallel import ordered_map
 from difftrain.data.webdataset import SHARD_EXTENSIONS, tar_pairs
@@ -25,6 +26,11 @@ def read_image(store: Store, pair: CleanPair) -> bytes:
         return pair.data
     shard, member = _shard_member(pair.name)
     if member is None:
+        if isinstance(store, ImageCopies):  # the copy cleaning's read left, if it is that image
+            copy = store.copy_of(pair.name, pair.sha256)
+            if copy is not None:
+                return copy
+            store = store.store  # and no copy of this read: cleaning's decides what is kept
         data = store.get_bytes(pair.name)
     elif pair.span is not None:  # one ranged read inside an uncompressed shard
         data = store.read_range(shard, *pair.span)
