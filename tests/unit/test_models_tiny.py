@@ -117,3 +117,26 @@ def test_components_in_memory_match_the_folder(tiny_folder: Path) -> None:
         theirs = pipe.unet(sample, 10, context).sample
     torch.testing.assert_close(ours, theirs)
     assert components.text_encoder.config.vocab_size == len(components.tokenizer)
+
+
+def test_the_local_model_options_shape_its_vae_and_unet(tmp_path: Path) -> None:
+    """vae_norm_groups and unet_attention (the local run's model) reach the configs, and the
+    pipeline still makes 64-px images from them."""
+    folder = build_tiny_pipeline_folder(
+        tmp_path / "local", vae_norm_groups=1, unet_attention=(False, True)
+    )
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    assert vae["norm_num_groups"] == 1
+    assert unet["down_block_types"] == ["DownBlock2D", "CrossAttnDownBlock2D"]
+    assert unet["up_block_types"] == ["CrossAttnUpBlock2D", "UpBlock2D"]
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=2, output_type="pil").images[0]
+    assert image.size == (64, 64)
+    default = json.loads(
+        (build_tiny_pipeline_folder(tmp_path / "d") / "unet" / "config.json").read_text()
+    )
+    assert default["down_block_types"] == ["CrossAttnDownBlock2D", "DownBlock2D"]
+    with pytest.raises(ValueError, match="unet_attention: one flag per UNet level"):
+        build_tiny_pipeline_folder(tmp_path / "bad", unet_attention=(True,))

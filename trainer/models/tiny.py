@@ -183,6 +183,8 @@ def build_tiny_pipeline_folder(
     sample_size: int = 32,
     use_linear_projection: bool = False,
     vae_steps: int = 0,
+    vae_norm_groups: int = TINY_VAE_CONFIG["norm_num_groups"],
+    unet_attention: tuple[bool, ...] = (True, False),
     context_length: int = MAX_LENGTH,
 ) -> Path:
     """Write a complete diffusers StableDiffusionPipeline folder with tiny random-initialised parts.
@@ -193,6 +195,13 @@ def build_tiny_pipeline_folder(
     The same seed gives the same weights, so the same files. ``vae_steps`` > 0 pre-trains the
     VAE to reconstruct generated shapes (see tiny_vae.py): slower to build, but its latents keep
     the images' colours, so a diffusion model trained on them can learn from captions.
+    ``vae_norm_groups``: the VAE's GroupNorm groups. The default 8 (two channels a group) lets
+    a normalisation discard most of a flat image's colour, and 200 pre-training steps leave a VAE
+    that turns blue or green into teal; 1 (a LayerNorm over channels and pixels) keeps the
+    colour in the channels' ratios, and the same steps reconstruct every palette colour.
+    ``unet_attention``: which UNet levels (the latent size first, then half of it) have
+    self- and cross-attention blocks (the middle block always has); SD1's layout has them at the
+    latent size, where self-attention over every latent pixel costs most of a CPU step.
     ``context_length`` below CLIP's 77 shortens the text context: the short captions of the
     shapes data then fill most of it, and cross-attention learns to use them sooner.
     """
@@ -207,13 +216,23 @@ def build_tiny_pipeline_folder(
         # Modules initialise from the global generator; seed it per component so the weights of
         # one part do not depend on how many parameters another has.
         torch.manual_seed(seed)
+        if len(unet_attention) != len(TINY_UNET_CONFIG["block_out_channels"]):
+            raise ValueError(f"unet_attention: one flag per UNet level, not {unet_attention!r}")
+        down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in unet_attention]
+        up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(unet_attention)]
         unet = UNet2DConditionModel(
-            **TINY_UNET_CONFIG,
+            **{**TINY_UNET_CONFIG, "down_block_types": down, "up_block_types": up},
             sample_size=sample_size,
             use_linear_projection=use_linear_projection,
         )
         torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**{**TINY_VAE_CONFIG, "sample_size": sample_size * 2})
+        vae = AutoencoderKL(
+            **{
+                **TINY_VAE_CONFIG,
+                "sample_size": sample_size * 2,
+                "norm_num_groups": vae_norm_groups,
+            }
+        )
         if vae_steps > 0:
             from difftrain.models.tiny_vae import pretrain_vae
 
