@@ -115,6 +115,7 @@ def run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
 def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
     from difftrain.data.cache import CACHE_FOLDER
     from difftrain.data.cleaning import write_report
+    from difftrain.data.copies import with_copies
     from difftrain.data.image_bytes import read_image
     from difftrain.data.images import decode_rgb
     from difftrain.data.transforms import ImageTransform
@@ -174,7 +175,8 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
     # latent cache and several processes, only the main process reads and cleans the images; the
     # others get the kept pairs' list from it and read only their share's images (on a miss).
     tokenizer = components.tokenizer
-    data_store = open_store(spec.dataset.uri, options.store_config)
+    # images read by cleaning are copied into the work folder: the job downloads each once
+    data_store = with_copies(open_store(spec.dataset.uri, options.store_config), options.work_dir)
 
     cache_root = join(spec.dataset.uri, CACHE_FOLDER)
 
