@@ -4,7 +4,6 @@ uncached run's every epoch), checked against the sha256 cleaning judged."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from difftrain.data.image_bytes import read_image
 from difftrain.storage import Credentials, S3Store, StoreConfig
 from difftrain.train.run import RunOptions, run_training
 from difftrain.train.shared_data import clean_dataset
+from tests.datasets import S3Location, put_files
 from tests.latent_fixtures import shape_png
 from tests.store_reads import CountsReads
 from tests.training import prepare_local_inputs, tiny_job
@@ -35,12 +35,12 @@ def config_for(s3) -> StoreConfig:
 
 
 def put_dataset(s3, prefix: str, count: int) -> None:
-    mc = s3.client()
+    files: dict[str, bytes] = {}
     for i in range(count):
         data, caption = shape_png(i)
-        mc.put_object(s3.bucket, f"{prefix}/img{i}.png", io.BytesIO(data), len(data))
-        text = f"{caption}, picture {i}".encode()
-        mc.put_object(s3.bucket, f"{prefix}/img{i}.txt", io.BytesIO(text), len(text))
+        files[f"img{i}.png"] = data
+        files[f"img{i}.txt"] = f"{caption}, picture {i}".encode()
+    put_files(S3Location(s3.client(), s3.bucket, prefix), files)
 
 
 def test_cleanings_read_leaves_the_copies_later_reads_use(s3, tmp_path: Path):
@@ -84,10 +84,9 @@ def test_copies_take_a_share_of_the_pods_scratch_limit_and_half_the_free_space(t
 
 def test_an_uncached_run_downloads_each_image_once_over_its_epochs(s3, tmp_path: Path, monkeypatch):
     inputs = prepare_local_inputs(tmp_path / "inputs", images=8)
-    mc = s3.client()
-    for path in sorted((inputs / "dataset").rglob("*")):
-        if path.is_file():
-            mc.fput_object(s3.bucket, f"uncached/{path.relative_to(inputs / 'dataset')}", str(path))
+    folder = inputs / "dataset"
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    put_files(S3Location(s3.client(), s3.bucket, "uncached"), files)
     job = tiny_job(
         inputs,
         tmp_path / "out",
