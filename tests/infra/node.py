@@ -70,6 +70,10 @@ def setup_bridge() -> None:
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
 
 
+# free disk under which an import first drops the earlier imports of its repository
+IMPORT_ROOM_BYTES = 16 << 30
+
+
 @dataclass
 class Containerd:
     """containerd with the CRI plugin, runc, overlayfs and the bridge network."""
@@ -177,17 +181,23 @@ state = "{base / "state"}"
         return ref in self.ctr("images", "ls", "-q").stdout.split()
 
     def import_archive(self, archive: Path, ref: str) -> None:
-        """Import ``ref``, first dropping the earlier imports of its repository (their layers
-        would double the disk this needs; no pod runs them while images are imported)."""
+        """Import ``ref``, then drop the earlier imports of its repository (no pod runs them
+        while images are imported). Kept until then, the layers the new image shares with an
+        earlier one (the base and the dependencies, gigabytes for the trainer) are neither
+        written nor unpacked again; on a disk short of IMPORT_ROOM_BYTES the earlier imports go
+        first, since their own layers might not fit beside the new ones."""
         repository = ref.rsplit(":", 1)[0]
         older = [
             name
             for name in self.ctr("images", "ls", "-q").stdout.split()
             if name.startswith(repository + ":") and name != ref
         ]
+        if older and shutil.disk_usage(self.store_dir).free < IMPORT_ROOM_BYTES:
+            self.ctr("images", "rm", "--sync", *older)
+            older = []
+        self.ctr("images", "import", str(archive), timeout=1800)
         if older:
             self.ctr("images", "rm", "--sync", *older)
-        self.ctr("images", "import", str(archive), timeout=1800)
 
     def stop(self) -> None:
         if self.process is not None and self.process.proc is not None:
