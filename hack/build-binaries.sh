@@ -117,6 +117,11 @@ module_crds() {
       return 0
     fi
   done
+  local lock=
+  if [ ! -f "$vdir/crds/$marker" ]; then
+    # as for the binaries: test runs started side by side copy the folder once
+    exec {lock}>"$cache/.lock-$link" && flock "$lock"
+  fi
   if [ ! -f "$vdir/crds/$marker" ]; then
     src="$(cd "$cache" && GOFLAGS=-mod=mod go mod download -json "$module" \
       | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
@@ -129,6 +134,7 @@ module_crds() {
     fi
     chmod -R u+w "$vdir/crds.tmp" && rm -rf "$vdir/crds" && mv "$vdir/crds.tmp" "$vdir/crds"
   fi
+  if [ -n "$lock" ]; then exec {lock}>&-; fi
   ln -sfn "$vdir/crds" "$out/$link"
 }
 module_crds prometheus-operator-crds "$cache/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION" \
