@@ -503,9 +503,10 @@ def precompute_row(ctx: dict[str, Any]) -> dict[str, Any]:
         components = load_base_model(spec.base_model, None, work_dir=work / "model")
         loaded = time.perf_counter()
         tokenizer = components.tokenizer
-        store = open_store(spec.dataset.uri, None)
+        dataset = spec.dataset_list[0]  # the benchmark's job has one dataset
+        store = open_store(dataset.uri, None)
         cleaned = load_dataset(
-            spec.dataset,
+            dataset,
             store,
             count_tokens=lambda text: len(tokenizer(text).input_ids),
             max_tokens=tokenizer.model_max_length,

@@ -7,11 +7,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from difftrain.train.report import ConsoleReporter
 from difftrain.train.synthetic import default_local_job, write_shapes_dataset
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -122,3 +126,41 @@ def write_tiny_clip_model(path: Path, *, seed: int = 0, image_size: int = 32) ->
     )
     processor.save_pretrained(path)
     return path
+
+
+class TextEncoderCalls(ConsoleReporter):
+    """A reporter that records the token ids the text encoder gets (a forward pre-hook on every
+    CLIP text model, while in its ``with`` block): before training starts (the latent cache's
+    encoding) and in each step."""
+
+    def __init__(self) -> None:
+        super().__init__(bar=False)
+        self.before: list[list[int]] = []
+        self.by_step: dict[int, list[list[int]]] = {}
+        self._current = self.before
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def __enter__(self) -> TextEncoderCalls:
+        import torch
+
+        self._handle = torch.nn.modules.module.register_module_forward_pre_hook(self._record)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._handle is not None
+        self._handle.remove()
+
+    def _record(self, module: torch.nn.Module, args: tuple) -> None:
+        import torch
+
+        if type(module).__name__ == "CLIPTextModel" and args and args[0].dtype == torch.long:
+            self._current.extend(args[0].tolist())
+
+    def started(self, total_steps: int, resumed_from: str | None) -> None:
+        super().started(total_steps, resumed_from)
+        self._current = []
+
+    def progress(self, progress) -> None:
+        super().progress(progress)
+        self.by_step[progress.step] = self._current
+        self._current = []

@@ -316,12 +316,19 @@ def _add_dataset_cache_parser(commands: Any) -> None:
         "dataset (URI/.difftrain-cache/KEY), which jobs with the same data, preprocessing and "
         "model reuse. Prints the key, hit or miss, the sample count and the size.",
     )
-    cache.add_argument("uri", metavar="URI", help="s3://bucket/prefix or a local folder")
+    cache.add_argument("uri", metavar="URI", nargs="?", help="s3://bucket/prefix or a local folder")
+    cache.add_argument(
+        "--job",
+        metavar="JOB_YAML",
+        help="instead of URI: a DiffusionTrainingJob file; each of its datasets (dataset, or "
+        "every entry of datasets) is cached with the job's preprocessing, seed and base model "
+        "(the flags for the dataset and preprocessing are then not read)",
+    )
     cache.add_argument(
         "--model",
-        required=True,
         metavar="MODEL_URI",
-        help="base model: diffusers folder or .safetensors file (path or s3://)",
+        help="base model: diffusers folder or .safetensors file (path or s3://); needed with "
+        "URI, with --job the job's baseModel.uri by default",
     )
     cache.add_argument("--resolution", type=int, help="training resolution (default 512)")
     cache.add_argument("--crop", choices=["center", "random"], help="default center")

@@ -167,6 +167,7 @@ def _immutable_while_running(fields: list[str]) -> list[dict[str, str]]:
 TRAINING_IMMUTABLE_FIELDS = [
     "baseModel",
     "dataset",
+    "datasets",
     "preprocessing",
     "method",
     "lora",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from typing import Any
 
 import pytest
 import yaml
@@ -46,6 +47,14 @@ def test_server_applies_the_defaults_of_the_api(kube_api, namespace):
     assert isinstance(model, api.DiffusionTrainingJobSpec)
     assert model.learning_rate == 1e-6
     assert model.grace_period_seconds == 600
+
+
+def several(name: str, datasets: Any, **spec: Any) -> dict[str, Any]:
+    """A training job with spec.datasets (and no spec.dataset); a None section is left out."""
+    body = training_job(name, datasets=datasets, **spec)
+    del body["spec"]["dataset"]
+    body["spec"] = {k: v for k, v in body["spec"].items() if v is not None}
+    return body
 
 
 @pytest.mark.parametrize(
@@ -119,6 +128,44 @@ def test_server_applies_the_defaults_of_the_api(kube_api, namespace):
             training_job("typo", dataset={"uri": "/d", "formt": "jsonl"}),
             "spec.dataset.formt",
             "unknown field",
+        ),
+        (
+            training_job("both-sets", datasets=[{"uri": "/d"}]),
+            "spec",
+            "set exactly one of dataset (one dataset) and datasets (several, each with a weight)",
+        ),
+        (
+            several("no-sets", None),
+            "spec",
+            "set exactly one of dataset (one dataset) and datasets (several, each with a weight)",
+        ),
+        (several("w0", [{"uri": "/d", "weight": 0}]), "spec.datasets[0].weight", "greater than 0"),
+        (several("many", [{"uri": "/d"}] * 17), "spec.datasets", "must have at most 16 items"),
+        (
+            several("keep2", [{"uri": "/d"}, {"uri": "/e", "captions": {"keepTokens": 2}}]),
+            "spec.datasets[1].captions.keepTokens",
+            "has no effect without shuffleTags or tagDropout",
+        ),
+        (
+            several(
+                "s3-set",
+                [{"uri": "/d"}, {"uri": "s3://datasets/cats"}],
+                baseModel={"uri": "/m"},
+                output={"uri": "/o"},
+                storage=None,
+            ),
+            "spec.storage",
+            "storage (endpoint and secretRef) is needed when a uri is s3://",
+        ),
+        (
+            several(
+                "cn-sets",
+                [{"uri": "/d"}, {"uri": "/e"}],
+                method="controlnet",
+                controlnet={"conditioningUri": "/c"},
+            ),
+            "spec.datasets",
+            "datasets (several) does not work with method: controlnet",
         ),
         (model_merge("diff", method="add_difference"), "spec.base", "need a base model"),
         (model_merge("one", models=[{"uri": "/a"}]), "spec.models", "should have at least 2 items"),

@@ -87,6 +87,11 @@ def repair_training_spec(spec: dict[str, Any]) -> dict[str, Any]:
         spec["lora"] = {}
     elif spec.get("method") == "controlnet":
         spec["method"] = "full"
+    if "dataset" in spec:  # exactly one of dataset and datasets; datasets not with controlnet
+        spec.pop("datasets", None)
+    elif "datasets" not in spec or spec.get("method") == "controlnet":
+        spec.pop("datasets", None)
+        spec["dataset"] = {"uri": "/data/pets"}
     base = spec.get("baseModel", {})
     if "uri" in base and "hub" in base:
         del base["hub"]

@@ -10,21 +10,15 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from difftrain import api
-from difftrain.storage import Credentials, StoreConfig
 from difftrain.train.report import ConsoleReporter, Reporters, StatusReporter
 from difftrain.train.run import RunOptions, run_training
 from difftrain_operator.builders import OperatorSettings, build_training_children
 from tests.integration.resources import create
+from tests.minio_jobs import on_minio, store_config, upload_folder
 from tests.training import prepare_local_inputs, tiny_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("crds_installed")]
 PLURAL = "diffusiontrainingjobs"
-
-
-def _upload_folder(mc, bucket: str, folder: Path, prefix: str) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            mc.fput_object(bucket, f"{prefix}/{path.relative_to(folder).as_posix()}", str(path))
 
 
 def _as_service_account(kube_api, namespace: str, name: str) -> client.ApiClient:
@@ -42,8 +36,8 @@ def test_trainer_reads_minio_and_patches_only_its_own_status(
 ):
     inputs = prepare_local_inputs(tmp_path / "inputs", images=16)
     mc = s3.client()
-    _upload_folder(mc, s3.bucket, inputs / "base-model", "models/tiny")
-    _upload_folder(mc, s3.bucket, inputs / "dataset", "data/shapes")
+    upload_folder(s3, inputs / "base-model", "models/tiny")
+    upload_folder(s3, inputs / "dataset", "data/shapes")
     job = tiny_job(
         inputs,
         tmp_path / "unused",
@@ -56,15 +50,8 @@ def test_trainer_reads_minio_and_patches_only_its_own_status(
         checkpointing={"everySteps": 2, "keepLast": 1},
         sampling={"everySteps": 0, "numInferenceSteps": 2, "prompts": ["a red circle"]},
     )
-    spec = job["spec"]
-    spec["baseModel"] = {"uri": s3.uri("models/tiny")}
+    spec = on_minio(job, s3, model="models/tiny", output="runs/shapes", secret="store-keys")["spec"]
     spec["dataset"]["uri"] = s3.uri("data/shapes")
-    spec["output"] = {"uri": s3.uri("runs/shapes")}
-    spec["storage"] = {
-        "endpoint": s3.endpoint,
-        "secure": False,
-        "secretRef": {"name": "store-keys"},
-    }
     job["metadata"] = {"name": "shapes"}
     other = {**job, "metadata": {"name": "neighbour"}}
     stored = create(kube_api, namespace, job)
@@ -91,11 +78,7 @@ def test_trainer_reads_minio_and_patches_only_its_own_status(
     )
     options = RunOptions(
         work_dir=tmp_path / "work",
-        store_config=StoreConfig(
-            endpoint=s3.endpoint,
-            credentials=Credentials(s3.access_key, s3.secret_key),
-            secure=False,
-        ),
+        store_config=store_config(s3),
         job_name="shapes",
         namespace=namespace,
         reporter=reporter,

@@ -12,10 +12,11 @@ import pytest
 from kubernetes import client
 
 from difftrain import api
-from difftrain.storage import FILE_MANIFEST_SUFFIX, Credentials, StoreConfig
+from difftrain.storage import FILE_MANIFEST_SUFFIX
 from difftrain.train.report import ConsoleReporter, Reporters, StatusReporter
 from difftrain.train.run import RunOptions, run_training
 from tests.integration.resources import create
+from tests.minio_jobs import on_minio, store_config, upload_folder
 from tests.training import prepare_local_inputs, tiny_job, write_tiny_clip_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("crds_installed")]
@@ -36,9 +37,7 @@ def test_validation_in_status_and_tensorboard_files_in_minio(
         (inputs / "dataset", "data"),
         (clip, "models/clip"),
     ):
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                mc.fput_object(s3.bucket, f"{prefix}/{path.relative_to(folder)}", str(path))
+        upload_folder(s3, folder, prefix)
     job = tiny_job(
         inputs,
         tmp_path / "unused",
@@ -52,11 +51,8 @@ def test_validation_in_status_and_tensorboard_files_in_minio(
         },
         validation={"fraction": 0.25, "everySteps": 2, "timesteps": [300, 700], "maxImages": 2},
     )
-    spec = job["spec"]
-    spec["baseModel"] = {"uri": s3.uri("models/tiny")}
+    spec = on_minio(job, s3, model="models/tiny", output="runs/val")["spec"]
     spec["dataset"]["uri"] = s3.uri("data")
-    spec["output"] = {"uri": s3.uri("runs/val")}
-    spec["storage"] = {"endpoint": s3.endpoint, "secure": False, "secretRef": {"name": "keys"}}
     job["metadata"] = {"name": "val"}
     create(kube_api, namespace, job)
     resource = api.parse_resource(job)
@@ -73,11 +69,7 @@ def test_validation_in_status_and_tensorboard_files_in_minio(
 
     options = RunOptions(
         work_dir=tmp_path / "work",
-        store_config=StoreConfig(
-            endpoint=s3.endpoint,
-            credentials=Credentials(s3.access_key, s3.secret_key),
-            secure=False,
-        ),
+        store_config=store_config(s3),
         job_name="val",
         namespace=namespace,
         reporter=Reporters(

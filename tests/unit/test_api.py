@@ -149,6 +149,84 @@ def test_invalid_training_specs_are_refused_naming_the_field(spec, field, words)
     assert words in message
 
 
+def datasets_job(datasets: Any, **spec: Any) -> dict[str, Any]:
+    """minimal_job with spec.datasets instead of spec.dataset."""
+    job = minimal_job(datasets=datasets, **spec)
+    del job["dataset"]
+    return job
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "words"),
+    [
+        (
+            minimal_job(datasets=[{"uri": "/data/cats"}]),
+            "spec",
+            "set exactly one of dataset (one dataset) and datasets (several, each with a weight)",
+        ),
+        (
+            datasets_job(None),
+            "spec",
+            "set exactly one of dataset (one dataset) and datasets (several, each with a weight)",
+        ),
+        (datasets_job([]), "spec.datasets", "at least 1 item"),
+        (datasets_job([{"uri": "/d"}] * 17), "spec.datasets", "at most 16 items"),
+        (datasets_job([{"uri": "/d", "weight": 0}]), "spec.datasets[0].weight", "greater than 0"),
+        (datasets_job([{"uri": "/d"}, {"weight": 2}]), "spec.datasets[1].uri", "missing"),
+        (
+            datasets_job([{"uri": "/d"}, {"uri": "s3://data/cats"}]),
+            "storage",
+            "needed when a uri is s3://",
+        ),
+        (
+            datasets_job(
+                [{"uri": "/d"}, {"uri": "/e"}],
+                method="controlnet",
+                controlnet={"conditioningUri": "/c"},
+            ),
+            "spec",
+            "datasets (several) does not work with method: controlnet",
+        ),
+        (
+            datasets_job([{"uri": "/d", "captions": {"keepTokens": 1}}]),
+            "spec.datasets[0].captions",
+            "keepTokens has no effect",
+        ),
+    ],
+)
+def test_datasets_rules_name_the_fields(spec, field, words):
+    message = refused("DiffusionTrainingJob", spec)
+    assert field in message
+    assert words in message
+
+
+def test_several_datasets_keep_their_own_options_and_weights():
+    spec = api.parse_spec(
+        "DiffusionTrainingJob",
+        datasets_job(
+            [
+                {"uri": "/data/cats", "weight": 3, "repeats": 2, "captions": {"shuffleTags": True}},
+                {"uri": "/data/dogs", "cleaning": {"minResolution": 64}},
+            ]
+        ),
+    )
+    assert isinstance(spec, api.DiffusionTrainingJobSpec)
+    assert spec.dataset is None
+    first, second = spec.dataset_list
+    assert isinstance(first, api.WeightedDatasetSpec)
+    assert (first.uri, first.weight, first.repeats, first.captions.shuffle_tags) == (
+        "/data/cats",
+        3.0,
+        2,
+        True,
+    )
+    assert isinstance(second, api.WeightedDatasetSpec)
+    assert (second.weight, second.cleaning.min_resolution) == (1.0, 64)
+    one = api.parse_spec("DiffusionTrainingJob", minimal_job())
+    assert isinstance(one, api.DiffusionTrainingJobSpec)
+    assert [d.uri for d in one.dataset_list] == ["/data/pets"] and one.datasets is None
+
+
 def merge_spec(**spec: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "models": [{"uri": "/m/a.safetensors"}, {"uri": "/m/b.safetensors"}],

@@ -118,3 +118,64 @@ def test_bad_preprocessing_is_refused_by_field(dataset_dir, model_dir, capsys):
     err = capsys.readouterr().err
     assert code == 3
     assert "flipProbability" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--model", "/m"], "give a dataset URI or --job JOB.yaml, not both"),
+        (["/data", "--job", "job.yaml"], "give a dataset URI or --job JOB.yaml, not both"),
+        (["/data"], "--model is needed with a dataset URI"),
+        (["--job", "job.yaml", "--cache-root", "/c"], "--cache-root is for one URI"),
+    ],
+)
+def test_a_uri_or_a_job_is_needed(args, words, capsys):
+    assert main(["dataset", "cache", *args]) == 3
+    assert words in capsys.readouterr().err
+
+
+def test_a_job_file_that_is_no_job_is_refused_naming_the_field(tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "apiVersion: difftrain.dev/v1alpha1\nkind: DiffusionTrainingJob\n"
+        "spec: {baseModel: {uri: /m}, output: {uri: /o}}\n"
+    )
+    assert main(["dataset", "cache", "--job", str(job)]) == 3
+    assert "set exactly one of dataset (one dataset) and datasets" in capsys.readouterr().err
+
+
+def test_a_jobs_datasets_are_each_cached_beside_themselves(
+    dataset_dir, model_dir, tmp_path, capsys
+):
+    """--job: every entry of spec.datasets with the job's preprocessing and model; again, a hit."""
+    other = tmp_path / "other"
+    other.mkdir()
+    data, caption = shape_png(7)
+    (other / "x.png").write_bytes(data)
+    (other / "x.txt").write_text(caption, encoding="utf-8")
+    cleaning = {"minResolution": 32, "nearDuplicateDistance": 0}
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        json.dumps(
+            {
+                "apiVersion": "difftrain.dev/v1alpha1",
+                "kind": "DiffusionTrainingJob",
+                "spec": {
+                    "baseModel": {"uri": str(model_dir)},
+                    "datasets": [
+                        {"uri": str(dataset_dir), "cleaning": cleaning, "weight": 2},
+                        {"uri": str(other), "cleaning": cleaning},
+                    ],
+                    "preprocessing": {"resolution": 64},
+                    "output": {"uri": str(tmp_path / "out")},
+                },
+            }
+        )
+    )
+    for hit in (False, True):
+        assert main(["dataset", "cache", "--job", str(job), "--json"]) == 0
+        outcomes = json.loads(capsys.readouterr().out)["datasets"]
+        assert [(o["uri"], o["samples"], o["hit"]) for o in outcomes] == [
+            (f"{dataset_dir}/.difftrain-cache", 4, hit),
+            (f"{other}/.difftrain-cache", 1, hit),
+        ]

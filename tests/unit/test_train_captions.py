@@ -8,14 +8,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import CLIPTokenizer
 
 from difftrain import api
 from difftrain.train.report import ConsoleReporter
 from difftrain.train.run import RunOptions, run_training
 from difftrain.train.synthetic import write_shapes_dataset
-from tests.training import prepare_local_inputs, tiny_job
+from tests.training import TextEncoderCalls, prepare_local_inputs, tiny_job
 
 # Two captions per image, four tags each; every caption's tags are its own multiset.
 CAPTIONS = [
@@ -34,40 +33,6 @@ def _dataset(folder: Path) -> Path:
     for i, lines in enumerate(CAPTIONS):
         (folder / f"{i:05d}.txt").write_text("\n".join(lines) + "\n")
     return folder
-
-
-class TextEncoderCalls(ConsoleReporter):
-    """A reporter that records the token ids the text encoder gets (a forward pre-hook on every
-    CLIP text model, while in its ``with`` block): before training starts (the latent cache's
-    encoding) and in each step."""
-
-    def __init__(self) -> None:
-        super().__init__(bar=False)
-        self.before: list[list[int]] = []
-        self.by_step: dict[int, list[list[int]]] = {}
-        self._current = self.before
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
-
-    def __enter__(self) -> TextEncoderCalls:
-        self._handle = torch.nn.modules.module.register_module_forward_pre_hook(self._record)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._handle is not None
-        self._handle.remove()
-
-    def _record(self, module: torch.nn.Module, args: tuple) -> None:
-        if type(module).__name__ == "CLIPTextModel" and args and args[0].dtype == torch.long:
-            self._current.extend(args[0].tolist())
-
-    def started(self, total_steps: int, resumed_from: str | None) -> None:
-        super().started(total_steps, resumed_from)
-        self._current = []
-
-    def progress(self, progress) -> None:
-        super().progress(progress)
-        self.by_step[progress.step] = self._current
-        self._current = []
 
 
 def _run(job: dict, work: Path, reporter: ConsoleReporter | None = None):

@@ -15,7 +15,7 @@ from difftrain.storage import FILE_MANIFEST_SUFFIX
 from difftrain.train.methods import TrainingConfigError
 from difftrain.train.report import ConsoleReporter
 from difftrain.train.run import RunOptions, run_training
-from difftrain.train.validation import held_out_share, split_held_out
+from difftrain.train.validation import held_out_share, hold_out_each, split_held_out
 from tests.training import prepare_local_inputs, tiny_job
 
 
@@ -67,6 +67,22 @@ def test_the_split_is_by_key_and_does_not_move_when_images_are_added():
     _, held_more = split_held_out(more, 0.1, key=lambda k: k)
     assert set(held) == {k for k in held_more if k.startswith("img")}
     assert all(held_out_share(k) < 0.1 for k in held)
+
+
+def test_several_datasets_hold_out_the_fraction_of_each_as_if_alone():
+    """validation.fraction of each dataset: the same keys as that dataset alone would hold out
+    (two datasets may share keys); one left with nothing to train on is refused."""
+    spec = api.ValidationSpec(fraction=0.2)
+    cats = [f"{i:05d}" for i in range(60)]
+    dogs = [f"{i:05d}" for i in range(40)] + [f"extra{i}" for i in range(20)]
+    kept, held = hold_out_each(spec, [cats, dogs], key=lambda k: k)
+    alone = [split_held_out(keys, 0.2, key=lambda k: k) for keys in (cats, dogs)]
+    assert kept == [alone[0][0], alone[1][0]]
+    assert held == alone[0][1] + alone[1][1]
+    assert hold_out_each(api.ValidationSpec(), [cats, dogs], key=lambda k: k) == ([cats, dogs], [])
+    lone = next(k for k in cats if held_out_share(k) < 0.2)
+    with pytest.raises(TrainingConfigError, match="holds out all 1 kept images"):
+        hold_out_each(spec, [cats, [lone]], key=lambda k: k)
 
 
 def test_bad_validation_settings_are_refused_naming_the_field(inputs: Path, tmp_path: Path):

@@ -54,6 +54,7 @@ from difftrain.api.data import (
     DatasetFormat,
     DatasetSpec,
     PreprocessingSpec,
+    WeightedDatasetSpec,
 )
 from difftrain.api.evaluation import (
     DEFAULT_VALIDATION_TIMESTEPS,
@@ -100,6 +101,7 @@ from difftrain.api.methods import (
 from difftrain.api.training import (
     DEFAULT_FORMATS,
     BaseModelSpec,
+    DatasetPartReport,
     DatasetReport,
     DiffusionTrainingJob,
     DiffusionTrainingJobSpec,
@@ -179,6 +181,7 @@ __all__ = [
     "ConfigMapKeyRef",
     "ControlNetSpec",
     "DatasetFormat",
+    "DatasetPartReport",
     "DatasetReport",
     "DatasetSpec",
     "DiffusionTrainingJob",
@@ -226,6 +229,7 @@ __all__ = [
     "ValidationSpec",
     "ValidationStatus",
     "WandbSpec",
+    "WeightedDatasetSpec",
     "cel",
     "format_validation_error",
     "parse_resource",

@@ -141,7 +141,26 @@ class DatasetSpec(APIModel):
         ge=1,
         le=10000,
         description="How many times each image is seen per epoch (each time with its own "
-        "caption draw, flip and latent sample), as kohya's folder repeats.",
+        "caption draw, flip and latent sample), as kohya's folder repeats. In spec.datasets it "
+        "counts towards the epoch's length (images times repeats, summed over the datasets), "
+        "while the dataset's share of the epoch is set by its weight.",
+    )
+
+
+MAX_DATASETS = 16
+
+
+class WeightedDatasetSpec(DatasetSpec):
+    """One of several datasets of a job (spec.datasets): a dataset block and its sampling weight."""
+
+    weight: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1000000.0,
+        description="This dataset's share of each epoch: weight / (sum of the weights) of the "
+        "epoch's examples, the epoch being as long as the datasets' images times their repeats "
+        "summed. A dataset smaller than its share is cycled (reshuffled each pass), a larger one "
+        "gives a different part of itself each epoch.",
     )
 
 

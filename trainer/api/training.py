@@ -20,7 +20,7 @@ from difftrain.api.base import (
     section,
 )
 from difftrain.api.cluster import ResourcesSpec
-from difftrain.api.data import DatasetSpec, PreprocessingSpec
+from difftrain.api.data import MAX_DATASETS, DatasetSpec, PreprocessingSpec, WeightedDatasetSpec
 from difftrain.api.evaluation import (
     ClipScoreStatus,
     TrackingSpec,
@@ -188,7 +188,19 @@ class DiffusionTrainingJobSpec(APIModel):
             ".output.formats",
         ),
         cel(
-            "has(self.storage) || !(self.dataset.uri.startsWith('s3://') || "
+            "has(self.dataset) != has(self.datasets)",
+            "set exactly one of dataset (one dataset) and datasets (several, each with a weight)",
+        ),
+        cel(
+            "!has(self.datasets) || self.method != 'controlnet'",
+            "datasets (several) does not work with method: controlnet, whose conditioning "
+            "images are named by one dataset's keys; use dataset",
+            ".datasets",
+        ),
+        cel(
+            "has(self.storage) || !("
+            "(has(self.dataset) && self.dataset.uri.startsWith('s3://')) || "
+            "(has(self.datasets) && self.datasets.exists(d, d.uri.startsWith('s3://'))) || "
             "self.output.uri.startsWith('s3://') || "
             "(has(self.baseModel.uri) && self.baseModel.uri.startsWith('s3://')))",
             "storage (endpoint and secretRef) is needed when a uri is s3://",
@@ -197,7 +209,22 @@ class DiffusionTrainingJobSpec(APIModel):
     )
 
     base_model: BaseModelSpec = Field(description="The pre-trained model to fine-tune.")
-    dataset: DatasetSpec = Field(description="The training data.")
+    dataset: DatasetSpec | None = Field(
+        default=None, description="The training data (or datasets, for several)."
+    )
+    datasets: list[WeightedDatasetSpec] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_DATASETS,
+        description="Several datasets instead of dataset, each read, cleaned (duplicates only "
+        "within itself) and cached on its own, and sampled by its weight: each epoch takes "
+        "weight / (sum of the weights) of its examples from a dataset, the epoch's length being "
+        "the sum over the datasets of images times repeats; a dataset smaller than its share is "
+        "cycled, each pass reshuffled, a larger one gives a different part of itself each epoch "
+        "(all of it before any image repeats). Draws follow hyperparameters.seed and the epoch, "
+        "so a resumed run sees the same. validation.fraction holds out that share of each "
+        "dataset; validation.uri is cleaned with the first dataset's options.",
+    )
     preprocessing: PreprocessingSpec = section(PreprocessingSpec, "Image preprocessing.")
     method: Method = Field(
         default="full",
@@ -265,12 +292,29 @@ class DiffusionTrainingJobSpec(APIModel):
             and any(f.startswith("lora") for f in self.output.formats)
         ):
             raise ValueError("output.formats lora_peft and lora_kohya need method: lora")
-        uris = [self.dataset.uri, self.output.uri, self.base_model.uri or ""]
+        if (self.dataset is None) == (self.datasets is None):
+            raise ValueError(
+                "set exactly one of dataset (one dataset) and datasets (several, each with a "
+                "weight)"
+            )
+        if self.datasets is not None and self.method == "controlnet":
+            raise ValueError(
+                "datasets (several) does not work with method: controlnet, whose conditioning "
+                "images are named by one dataset's keys; use dataset"
+            )
+        uris = [d.uri for d in self.dataset_list] + [self.output.uri, self.base_model.uri or ""]
         if self.storage is None and any(u.startswith("s3://") for u in uris):
             raise ValueError("storage (endpoint and secretRef) is needed when a uri is s3://")
         return self
 
     # Resolved values: what the trainer runs with when a field was left unset.
+
+    @property
+    def dataset_list(self) -> list[DatasetSpec]:
+        """The job's datasets: dataset alone, or each of datasets (with its weight)."""
+        if self.datasets is not None:
+            return list(self.datasets)
+        return [self.dataset] if self.dataset is not None else []
 
     @property
     def learning_rate(self) -> float:
@@ -311,6 +355,24 @@ class DiffusionTrainingJobSpec(APIModel):
         return self.model_copy(update=update)
 
 
+class DatasetPartReport(APIModel):
+    """One of spec.datasets in the cleaning report: what it kept and dropped, and its share."""
+
+    uri: Annotated[str, Field(max_length=1024)] = Field(description="The dataset's uri.")
+    weight: float = Field(default=1.0, gt=0, description="Its weight (spec.datasets[].weight).")
+    total: int = Field(default=0, ge=0, description="Everything found in it (as total above).")
+    kept: int = Field(default=0, ge=0, description="Its pairs kept for training.")
+    dropped: dict[str, int] = Field(
+        default_factory=dict, description="What it did not keep, by reason (as dropped above)."
+    )
+    examples_per_epoch: int = Field(
+        default=0, ge=0, description="Examples it gives each epoch (its weight's share)."
+    )
+    share: float = Field(
+        default=0.0, ge=0, le=1, description="examplesPerEpoch over the epoch's examples."
+    )
+
+
 class DatasetReport(APIModel):
     """What the cleaning kept and dropped."""
 
@@ -340,7 +402,14 @@ class DatasetReport(APIModel):
     examples: dict[str, Annotated[list[ShortText], Field(max_length=5)]] = Field(
         default_factory=dict,
         description="The first few keys (at most 5) dropped for each reason and kept with each "
-        "note, so they can be found and fixed.",
+        "note, so they can be found and fixed; with spec.datasets each key is prefixed by its "
+        "dataset's position in the list and a colon ('1:cats/003').",
+    )
+    datasets: list[DatasetPartReport] = Field(
+        default_factory=list,
+        max_length=MAX_DATASETS,
+        description="With spec.datasets: each dataset's part, in the list's order; the totals "
+        "above are their sums.",
     )
 
 

@@ -3,19 +3,27 @@
 The cache goes where a training job looks for it (``<dataset uri>/.difftrain-cache``), each sample
 under the address the job computes from the same image, caption, preprocessing settings and
 model, so the job's first run skips the encoders; run again after adding images, it encodes only
-those. The argument parser lives in :mod:`difftrain.cli` (this module
-imports torch, which the operator's image does not have).
+those. With ``--job`` it reads a DiffusionTrainingJob and caches each of its datasets (``dataset``
+or every entry of ``datasets``) with the job's preprocessing, seed and base model. The argument
+parser lives in :mod:`difftrain.cli` (this module imports torch, which the operator's image does
+not have).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from difftrain.api import EXIT_CONFIG_ERROR
 
@@ -87,15 +95,82 @@ def build_dataset_cache(args: argparse.Namespace, bars: bool = True) -> CacheOut
     reuses the kept facts of objects seen before, and a per-sample cache in which only new or
     changed samples are encoded.
     """
+    from difftrain.data.command import _dataset_spec
+
+    spec = _dataset_spec(args)
+    pre = _preprocessing(args)
+    with _model(args, args.model) as components:
+        return _cache_dataset(args, spec, pre, args.seed, components, args.cache_root, bars)
+
+
+def build_job_caches(args: argparse.Namespace, bars: bool = True) -> list[CacheOutcome]:
+    """``--job``: each dataset of the job (``dataset``, or each of ``datasets``) into the cache
+    beside it, with the job's preprocessing, seed and base model, as its run looks them up."""
+    from difftrain.api import DiffusionTrainingJob, SpecError, parse_resource
+
+    try:
+        doc = yaml.safe_load(Path(args.job).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise SpecError("job", [f"--job {args.job}: {exc}"]) from None
+    job = parse_resource(doc)
+    if not isinstance(job, DiffusionTrainingJob):
+        raise SpecError("job", [f"--job {args.job}: a DiffusionTrainingJob, not {job.kind}"])
+    spec = job.spec
+    model = args.model or spec.base_model.uri
+    if model is None:
+        raise SpecError(
+            "job", ["baseModel is a hub id: give the model's folder or file with --model"]
+        )
+    if spec.storage is not None and not args.endpoint:  # the job's store, keys from the env
+        args.endpoint = spec.storage.endpoint
+        args.insecure = not spec.storage.secure
+        args.region = spec.storage.region
+    pre = spec.preprocessing.model_copy(update={"cache_latents": True})
+    seed = spec.hyperparameters.seed
+    template = spec.dreambooth.instance_prompt if spec.dreambooth is not None else None
+    with _model(args, model) as components:
+        return [
+            _cache_dataset(args, dataset, pre, seed, components, None, bars, template)
+            for dataset in spec.dataset_list
+        ]
+
+
+@contextlib.contextmanager
+def _model(args: argparse.Namespace, uri: str) -> Iterator[Any]:
+    from difftrain.api import BaseModelSpec
+    from difftrain.data.command import open_store_from_args
+    from difftrain.models import load_base_model
+    from difftrain.storage import scratch_dir
+
+    work = scratch_dir("difftrain-dataset-cache-")
+    try:
+        yield load_base_model(
+            BaseModelSpec(uri=uri), open_store_from_args(uri, args), work_dir=work / "model"
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _cache_dataset(
+    args: argparse.Namespace,
+    spec: Any,
+    pre: Any,
+    seed: int,
+    components: Any,
+    cache_root: str | None,
+    bars: bool,
+    template: str | None = None,
+) -> CacheOutcome:
+    """One dataset cleaned and its samples found or encoded beside it (or in ``cache_root``),
+    each caption in DreamBooth's ``template`` as the job's run encodes it."""
     from tqdm import tqdm
 
-    from difftrain.api import BaseModelSpec
     from difftrain.data.buckets import make_buckets, nearest_bucket
     from difftrain.data.cache import CACHE_FOLDER
+    from difftrain.data.captions import CaptionPolicy
     from difftrain.data.cleaning import write_report
-    from difftrain.data.command import _dataset_spec, open_store_from_args
+    from difftrain.data.command import open_store_from_args
     from difftrain.data.transforms import ImageTransform
-    from difftrain.models import load_base_model
     from difftrain.models.placement import frozen_dtype
     from difftrain.storage import join, scratch_dir
     from difftrain.train.shared_data import (
@@ -106,19 +181,12 @@ def build_dataset_cache(args: argparse.Namespace, bars: bool = True) -> CacheOut
     )
 
     started = time.monotonic()
-    spec = _dataset_spec(args)
-    pre = _preprocessing(args)
     device, dtype = _device_and_dtype(args.device, args.dtype)
     work = scratch_dir("difftrain-dataset-cache-")
     try:
-        components = load_base_model(
-            BaseModelSpec(uri=args.model),
-            open_store_from_args(args.model, args),
-            work_dir=work / "model",
-        )
         tokenizer = components.tokenizer
         store = open_store_from_args(spec.uri, args)
-        root = args.cache_root or join(spec.uri, CACHE_FOLDER)
+        root = cache_root or join(spec.uri, CACHE_FOLDER)
         cache_store = open_store_from_args(root, args)
         with tqdm(desc="clean", unit="pair", file=sys.stderr, disable=not bars or None) as bar:
             cleaned = clean_dataset(
@@ -131,7 +199,8 @@ def build_dataset_cache(args: argparse.Namespace, bars: bool = True) -> CacheOut
                 progress=lambda n: bar.update(n - bar.n),
                 workers=args.workers,
             )
-        pairs = list(cleaned.pairs)
+        policy = CaptionPolicy.from_spec(spec.captions, template=template)
+        pairs = [dataclasses.replace(p, caption=policy.fixed(p.caption)) for p in cleaned.pairs]
         sizes = [(pre.resolution, pre.resolution)] * len(pairs)
         if pre.buckets.enabled:
             buckets = make_buckets(pre.buckets, pre.resolution)
@@ -139,7 +208,7 @@ def build_dataset_cache(args: argparse.Namespace, bars: bool = True) -> CacheOut
         with tqdm(desc="encode", unit="image", file=sys.stderr, disable=not bars or None) as bar:
             settings = CacheSettings(
                 pre=pre,
-                seed=args.seed,
+                seed=seed,
                 root=root,
                 dtype=dtype,
                 # Boomerang's networks in full precision (as this command always ran them)
@@ -187,7 +256,16 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from difftrain.storage import StorageError
 
     try:
-        outcome = build_dataset_cache(args)
+        if (args.job is None) == (args.uri is None):
+            raise SpecError("dataset cache", ["give a dataset URI or --job JOB.yaml, not both"])
+        if args.job is not None and args.cache_root:
+            raise SpecError(
+                "dataset cache",
+                ["--cache-root is for one URI: a job's caches are beside each dataset"],
+            )
+        if args.job is None and not args.model:
+            raise SpecError("dataset cache", ["--model is needed with a dataset URI"])
+        outcomes = build_job_caches(args) if args.job else [build_dataset_cache(args)]
     except SpecError as exc:
         print(f"dataset cache: {'; '.join(exc.errors)}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -198,17 +276,25 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(f"dataset cache: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR if exc.permanent else 1
     if args.json:
-        print(json.dumps(outcome.to_wire(), indent=1))
+        if args.job:
+            print(json.dumps({"datasets": [o.to_wire() for o in outcomes]}, indent=1))
+        else:
+            print(json.dumps(outcomes[0].to_wire(), indent=1))
         return 0
-    print(f"cache   {outcome.uri}")
-    print(f"key     {outcome.key}")
-    result = "hit (reused, nothing encoded)" if outcome.hit else f"encoded {outcome.encoded} new"
-    print(f"result  {result}")
-    extra = f" ({outcome.augmented} Boomerang variants)" if outcome.augmented else ""
-    print(f"samples {outcome.samples}{extra}")
-    print(f"size    {_human(outcome.size_bytes)} ({outcome.size_bytes} bytes)")
-    print(f"report  {outcome.report_uri}")
-    print(f"time    {outcome.seconds:.1f} s")
+    for number, outcome in enumerate(outcomes):
+        if number:
+            print()
+        print(f"cache   {outcome.uri}")
+        print(f"key     {outcome.key}")
+        result = (
+            "hit (reused, nothing encoded)" if outcome.hit else f"encoded {outcome.encoded} new"
+        )
+        print(f"result  {result}")
+        extra = f" ({outcome.augmented} Boomerang variants)" if outcome.augmented else ""
+        print(f"samples {outcome.samples}{extra}")
+        print(f"size    {_human(outcome.size_bytes)} ({outcome.size_bytes} bytes)")
+        print(f"report  {outcome.report_uri}")
+        print(f"time    {outcome.seconds:.1f} s")
     return 0
 
 

@@ -94,6 +94,17 @@ class ConsoleReporter:
         for reason, keys in report.examples.items():  # where to look, for each reason and note
             count = report.dropped.get(reason, report.notes.get(reason, 0))
             logger.info("dataset %s=%d e.g. %s", reason, count, ", ".join(keys))
+        for number, part in enumerate(report.datasets):  # spec.datasets: each one's part
+            logger.info(
+                "datasets[%d] %s weight=%g total=%d kept=%d examples_per_epoch=%d (%.1f%%)",
+                number,
+                part.uri,
+                part.weight,
+                part.total,
+                part.kept,
+                part.examples_per_epoch,
+                100 * part.share,
+            )
 
     def progress(self, progress: Progress) -> None:
         if self.bar is not None:

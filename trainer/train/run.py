@@ -23,19 +23,25 @@ import torch
 
 from difftrain.api import (
     DatasetReport,
+    DatasetSpec,
     DiffusionTrainingJob,
     DiffusionTrainingJobSpec,
     ExportedFile,
 )
 from difftrain.data.captions import CaptionPolicy
-from difftrain.storage import StoreConfig, join, open_store
+from difftrain.storage import Store, StoreConfig, is_s3, join, open_store
 from difftrain.train.batches import BatchBuilder, Example
 from difftrain.train.loop import LoopInputs, LoopResult, Trainer
 from difftrain.train.methods import TrainingConfigError, attach
 from difftrain.train.metrics import TrainingMetrics
 from difftrain.train.report import Reporter
 from difftrain.train.tracking import ExperimentTracker, accelerator_options
-from difftrain.train.validation import build_validator, held_out_examples, hold_out
+from difftrain.train.validation import (
+    build_validator,
+    held_out_examples,
+    hold_out,
+    hold_out_each,
+)
 
 if TYPE_CHECKING:
     from difftrain.data.cleaning import CleaningResult
@@ -115,19 +121,12 @@ def run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
 def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
     from difftrain.data.cache import CACHE_FOLDER
     from difftrain.data.cleaning import write_report
-    from difftrain.data.copies import with_copies
-    from difftrain.data.image_bytes import read_image
     from difftrain.data.images import decode_rgb
     from difftrain.data.transforms import ImageTransform
     from difftrain.models import load_base_model
     from difftrain.models.placement import frozen_dtype
     from difftrain.train.dreambooth import check_prior_settings
-    from difftrain.train.shared_data import (
-        CacheSettings,
-        cached_dataset,
-        clean_dataset,
-        clean_on_main,
-    )
+    from difftrain.train.shared_data import clean_dataset, clean_on_main
 
     spec = job.spec.resolved()
     check_prior_settings(spec)
@@ -174,139 +173,157 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
     # Data: listed and cleaned (deterministic, so every process gets the same pairs). With the
     # latent cache and several processes, only the main process reads and cleans the images; the
     # others get the kept pairs' list from it and read only their share's images (on a miss).
+    # With spec.datasets each dataset is cleaned, held out from and cached on its own (beside
+    # itself), then the epoch draws from each by its weight (difftrain.data.mixture).
     tokenizer = components.tokenizer
-    # images read by cleaning are copied into the work folder: the job downloads each once
-    data_store = with_copies(open_store(spec.dataset.uri, options.store_config), options.work_dir)
-
-    cache_root = join(spec.dataset.uri, CACHE_FOLDER)
+    stores = _Stores(options.store_config, options.work_dir)
+    multi = spec.datasets is not None
+    template = spec.dreambooth.instance_prompt if spec.dreambooth is not None else None
 
     def count_tokens(text: str) -> int:
         return len(tokenizer(text).input_ids)
 
-    def clean() -> CleaningResult:
-        # with the latent cache, objects seen before are judged by their kept facts, not read
-        return clean_dataset(
-            spec.dataset,
-            data_store,
-            facts_root=cache_root if pre.cache_latents else None,
-            count_tokens=count_tokens,
-            max_tokens=tokenizer.model_max_length,
-        )
-
     shared = pre.cache_latents and acc.num_processes > 1
-    cleaned = clean_on_main(acc, clean) if shared else clean()
-    report = cleaned.report
-    pairs = list(cleaned.pairs)
-    if not pairs:
-        raise TrainingConfigError(
-            f"dataset.uri {spec.dataset.uri}: cleaning kept no image–text pair "
-            f"(dropped: {report.dropped}); relax dataset.cleaning or add data"
+    parts: list[_Part] = []
+    for number, dataset in enumerate(spec.dataset_list):
+        name = f"datasets[{number}]" if multi else "dataset"
+        part_store = stores.get(dataset.uri)
+        part_root = join(dataset.uri, CACHE_FOLDER)
+
+        def clean(ds: Any = dataset, store: Any = part_store, root: str = part_root) -> Any:
+            # with the latent cache, objects seen before are judged by their kept facts, not read
+            return clean_dataset(
+                ds,
+                store,
+                facts_root=root if pre.cache_latents else None,
+                count_tokens=count_tokens,
+                max_tokens=tokenizer.model_max_length,
+            )
+
+        cleaned_part = clean_on_main(acc, clean) if shared else clean()
+        if not cleaned_part.pairs:
+            raise TrainingConfigError(
+                f"{name}.uri {dataset.uri}: cleaning kept no image–text pair "
+                f"(dropped: {cleaned_part.report.dropped}); relax {name}.cleaning or add data"
+            )
+        # Caption tools: each example draws its text per epoch from its image's own captions; a
+        # fixed one (nothing varies) is the first caption in DreamBooth's template, which is
+        # what the cache encodes.
+        part_policy = CaptionPolicy.from_spec(dataset.captions, template=template)
+        parts.append(
+            _Part(
+                spec=dataset,
+                name=name,
+                store=part_store,
+                cache_root=part_root,
+                cleaned=cleaned_part,
+                policy=part_policy,
+                own_captions={p.key: p.captions for p in cleaned_part.pairs},
+                pairs=[
+                    dataclasses.replace(p, caption=part_policy.fixed(p.caption))
+                    for p in cleaned_part.pairs
+                ],
+            )
         )
-    # Caption tools: each example draws its text per epoch from its image's own captions; a
-    # fixed one (nothing varies) is the first caption in DreamBooth's template, which is what
-    # the cache encodes.
-    policy = CaptionPolicy.from_spec(
-        spec.dataset.captions,
-        template=spec.dreambooth.instance_prompt if spec.dreambooth is not None else None,
-    )
-    own_captions = {p.key: p.captions for p in pairs}
-    pairs = [dataclasses.replace(p, caption=policy.fixed(p.caption)) for p in pairs]
+    first = parts[0]
     conditioning: dict[str, bytes] = {}
-    if spec.controlnet is not None:
+    if spec.controlnet is not None:  # one dataset (the API refuses datasets with controlnet)
         conditioning = _conditioning_images(spec, options)
-        missing = [p.key for p in pairs if p.key not in conditioning]
+        missing = [p.key for p in first.pairs if p.key not in conditioning]
         if missing:
-            report.dropped["missing_conditioning"] = len(missing)
-            report.kept -= len(missing)
-            pairs = [p for p in pairs if p.key in conditioning]
-            if not pairs:
+            first.cleaned.report.dropped["missing_conditioning"] = len(missing)
+            first.cleaned.report.kept -= len(missing)
+            first.pairs = [p for p in first.pairs if p.key in conditioning]
+            if not first.pairs:
                 raise TrainingConfigError(
                     f"controlnet.conditioningUri: no conditioning image matches a training image "
                     f"key (e.g. {missing[0]!r}); name each after its image"
                 )
 
     def clean_validation(uri: str) -> list[Any]:
+        # a separate validation set is read and cleaned with the (first) dataset's options
         found = clean_dataset(
-            spec.dataset.model_copy(update={"uri": uri, "limit": None}),
-            open_store(uri, options.store_config),
+            first.spec.model_copy(update={"uri": uri, "limit": None}),
+            stores.get(uri),
             count_tokens=count_tokens,
             max_tokens=tokenizer.model_max_length,
         )
-        return [dataclasses.replace(p, caption=policy.fixed(p.caption)) for p in found.pairs]
+        return [dataclasses.replace(p, caption=first.policy.fixed(p.caption)) for p in found.pairs]
 
-    # validation: held out by key hash before anything is cached or trained (or a separate set)
-    pairs, held_out = hold_out(spec.validation, pairs, clean_validation, key=lambda p: p.key)
-    transform = ImageTransform(pre)
-    sizes = _sizes(spec, pairs)
-    cache_hit: bool | None = None
-    examples: list[Example]
-    generation = {"device": acc.device, "dtype": frozen_dtype(acc.device, hp.mixed_precision)}
-    if pre.cache_latents:
-        settings = CacheSettings(
-            pre=pre,
-            seed=hp.seed,
-            root=cache_root,
-            dtype=torch.float32 if acc.device.type == "cpu" else torch.float16,
-            generation_dtype=generation["dtype"],
-            # no text embeddings when every caption varies: the loop encodes what it draws
-            texts=any(not policy.varies(c) for c in own_captions.values()),
+    # validation: held out by key hash before anything is cached or trained (or a separate set);
+    # with several datasets, validation.fraction of each
+    held_out: list[Any]
+    if multi and spec.validation.uri is None:
+        kept_pairs, held_out = hold_out_each(
+            spec.validation, [p.pairs for p in parts], key=lambda p: p.key
         )
-        cached = cached_dataset(
-            acc,
-            settings,
-            pairs,
-            sizes,
-            components,
-            transform,
-            data_store,
-            options.work_dir / "latent-cache",
-        )
-        samples, cache_hit, write_key = cached.samples, cached.hit, cached.key
-        report.augmented = max(0, len(samples) - len(pairs))
-        sizes = _sizes_of_cached(spec, samples, sizes, components.vae)
-        examples = [
-            Example(
-                key=s.key,
-                caption=s.caption,
-                size=sizes[i],
-                cached=s,
-                conditioning=conditioning.get(source_key(s.key)),
-                captions=own_captions[source_key(s.key)],
-                policy=policy,
-            )
-            for i, s in enumerate(samples)
-        ]
+        for part, kept_pairs_of in zip(parts, kept_pairs, strict=True):
+            part.pairs = kept_pairs_of
     else:
-        write_key = "uncached"
-        if pre.boomerang.enabled:
-            sources = len(pairs)
-            pairs, sizes = _with_boomerang(
-                spec, pairs, sizes, components, transform, generation, data_store
+        first.pairs, held_out = hold_out(
+            spec.validation, first.pairs, clean_validation, key=lambda p: p.key
+        )
+    transform = ImageTransform(pre)
+    generation = {"device": acc.device, "dtype": frozen_dtype(acc.device, hp.mixed_precision)}
+    for part in parts:
+        _part_examples(
+            part, spec, acc, components, transform, generation, conditioning, options.work_dir
+        )
+    cache_hits = [p.cache_hit for p in parts]
+    cache_hit: bool | None = None if not pre.cache_latents else all(h is True for h in cache_hits)
+    mix = None
+    if multi:
+        from difftrain.data.mixture import DatasetMix, MixPart
+
+        try:
+            mix = DatasetMix(
+                [
+                    MixPart(
+                        sizes=[e.size for e in p.examples],
+                        weight=getattr(p.spec, "weight", 1.0),
+                        repeats=p.spec.repeats,
+                        name=f"{p.name} ({p.spec.uri})",
+                    )
+                    for p in parts
+                ],
+                seed=hp.seed,
             )
-            report.augmented = len(pairs) - sources
-        examples = [
-            Example(
-                key=p.key,
-                caption=p.caption,
-                size=sizes[i],
-                data=p.data or None,  # a dataset's pairs hold none: read per batch
-                source=p,
-                conditioning=conditioning.get(source_key(p.key)),
-                captions=own_captions[source_key(p.key)],
-                policy=policy,
-            )
-            for i, p in enumerate(pairs)
-        ]
+        except ValueError as exc:
+            raise TrainingConfigError(str(exc)) from None
+        cleaned = _mixed_report(parts, mix)
+    else:
+        cleaned = first.cleaned
+    report = cleaned.report
     if acc.is_main_process:
         write_report(output_store, join(spec.output.uri, "dataset"), cleaned)
         reporter.dataset(report)
-        logger.info(
-            "dataset ready examples=%d cache=%s key=%s", len(examples), cache_hit, write_key
-        )
+        for part in parts:
+            logger.info(
+                "dataset ready %s examples=%d cache=%s key=%s",
+                part.name,
+                len(part.examples),
+                part.cache_hit,
+                part.key,
+            )
 
-    # dataset.repeats: each image that many times per epoch, each copy its own index (and so
-    # its own caption, flip and latent draws)
-    examples = examples * spec.dataset.repeats
+    examples: list[Example]
+    if mix is not None:
+        # each dataset's examples as many times as it may be drawn in an epoch: each copy its
+        # own index (and so its own caption, flip and latent draws)
+        examples = mix.expand([p.examples for p in parts])
+        if acc.is_main_process:
+            logger.info(
+                "datasets mixed: epoch of %d examples, %s",
+                mix.epoch_length,
+                ", ".join(
+                    f"{p.name}={q} ({s:.1%})"
+                    for p, q, s in zip(parts, mix.quotas, mix.shares(), strict=True)
+                ),
+            )
+    else:
+        # dataset.repeats: each image that many times per epoch, each copy its own index (and
+        # so its own caption, flip and latent draws)
+        examples = first.examples * first.spec.repeats
     prior_count = 0
     if spec.dreambooth is not None and spec.dreambooth.prior_preservation:
         from difftrain.train.dreambooth import class_examples
@@ -316,9 +333,10 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
         prior_count = len(prior)
         examples = examples + prior
 
-    sampler = _sampler(spec, examples, prior_count, acc)
-    steps_per_epoch = max(1, len(sampler) // hp.gradient_accumulation_steps)
-    total_steps = hp.max_steps or (hp.epochs or 1) * steps_per_epoch
+    sampler = _sampler(spec, examples, prior_count, acc, mix)
+    total_steps = hp.max_steps or _epoch_steps(
+        sampler, hp.epochs or 1, hp.gradient_accumulation_steps
+    )
 
     modules = attach(spec, components)
     builder = BatchBuilder(
@@ -330,7 +348,7 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
         caption_dropout=spec.regularization.caption_dropout,
         scaling_factor=float(components.vae.config.scaling_factor),
         shift_factor=getattr(components.vae.config, "shift_factor", None),
-        read=partial(read_image, data_store),
+        read=stores.read,
     )
     if spec.regularization.caption_dropout > 0 and pre.cache_latents:
         from difftrain.data.cache import encode_text
@@ -356,10 +374,7 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
             components,
             transform=transform,
             decode=decode_rgb,
-            read=partial(
-                read_image,
-                open_store(spec.validation.uri or spec.dataset.uri, options.store_config),
-            ),
+            read=stores.read,
             batch_size=hp.batch_size,
             rank=acc.process_index,
             world=acc.num_processes,
@@ -412,6 +427,185 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
         tracker.finish()
     acc.end_training()
     return RunOutcome(result.interrupted, result, outputs, report, cache_hit)
+
+
+class _Stores:
+    """One store for s3:// URIs and one for local paths, shared by every dataset of a run.
+
+    The object store is read through local copies in the work folder (one folder for every
+    dataset, each copy named by its image URI's hash), so the job downloads each image once.
+    """
+
+    def __init__(self, config: StoreConfig | None, work_dir: Path) -> None:
+        self.config = config
+        self.work_dir = work_dir
+        self._open: dict[bool, Store] = {}
+
+    def get(self, uri: str) -> Store:
+        from difftrain.data.copies import with_copies
+
+        s3 = is_s3(uri)
+        if s3 not in self._open:
+            # images read by cleaning are copied into the work folder: read once per job
+            self._open[s3] = with_copies(open_store(uri, self.config), self.work_dir)
+        return self._open[s3]
+
+    def read(self, pair: Any) -> bytes:
+        """A pair's image bytes from the store its name is in (verified by its sha256)."""
+        from difftrain.data.image_bytes import read_image
+
+        return read_image(self.get(pair.name), pair)
+
+
+@dataclass
+class _Part:
+    """One dataset of the run on its way to examples: cleaned, held out from, then cached."""
+
+    spec: DatasetSpec
+    name: str  # "dataset" or "datasets[i]", as messages name it
+    store: Store
+    cache_root: str
+    cleaned: CleaningResult
+    policy: CaptionPolicy
+    own_captions: dict[str, tuple[str, ...]]
+    pairs: list[Any]  # kept, then without the held-out ones
+    examples: list[Example] = field(default_factory=list)
+    cache_hit: bool | None = None
+    key: str = "uncached"
+
+
+def _part_examples(
+    part: _Part,
+    spec: DiffusionTrainingJobSpec,
+    acc: Any,
+    components: Any,
+    transform: Any,
+    generation: dict[str, Any],
+    conditioning: dict[str, bytes],
+    work_dir: Path,
+) -> None:
+    """The part's examples: from the latent cache beside its dataset, or read per batch."""
+    from difftrain.train.shared_data import CacheSettings, cached_dataset
+
+    pre = spec.preprocessing
+    report = part.cleaned.report
+    pairs = part.pairs
+    sizes = _sizes(spec, pairs)
+    if pre.cache_latents:
+        settings = CacheSettings(
+            pre=pre,
+            seed=spec.hyperparameters.seed,
+            root=part.cache_root,
+            dtype=torch.float32 if acc.device.type == "cpu" else torch.float16,
+            generation_dtype=generation["dtype"],
+            # no text embeddings when every caption varies: the loop encodes what it draws
+            texts=any(not part.policy.varies(c) for c in part.own_captions.values()),
+        )
+        cached = cached_dataset(
+            acc,
+            settings,
+            pairs,
+            sizes,
+            components,
+            transform,
+            part.store,
+            work_dir / "latent-cache",
+        )
+        samples = cached.samples
+        part.cache_hit, part.key = cached.hit, cached.key
+        report.augmented = max(0, len(samples) - len(pairs))
+        sizes = _sizes_of_cached(spec, samples, sizes, components.vae)
+        part.examples = [
+            Example(
+                key=s.key,
+                caption=s.caption,
+                size=sizes[i],
+                cached=s,
+                conditioning=conditioning.get(source_key(s.key)),
+                captions=part.own_captions[source_key(s.key)],
+                policy=part.policy,
+            )
+            for i, s in enumerate(samples)
+        ]
+        return
+    if pre.boomerang.enabled:
+        sources = len(pairs)
+        pairs, sizes = _with_boomerang(
+            spec, pairs, sizes, components, transform, generation, part.store
+        )
+        report.augmented = len(pairs) - sources
+    part.examples = [
+        Example(
+            key=p.key,
+            caption=p.caption,
+            size=sizes[i],
+            data=p.data or None,  # a dataset's pairs hold none: read per batch
+            source=p,
+            conditioning=conditioning.get(source_key(p.key)),
+            captions=part.own_captions[source_key(p.key)],
+            policy=part.policy,
+        )
+        for i, p in enumerate(pairs)
+    ]
+
+
+def _mixed_report(parts: list[_Part], mix: Any) -> CleaningResult:
+    """The cleaning of several datasets as one: totals summed, each dataset's part, and the
+    example keys prefixed by the dataset's position in spec.datasets."""
+    from difftrain.api import DatasetPartReport
+    from difftrain.data.cleaning import MAX_EXAMPLES, MAX_KEY_LENGTH, REASONS, CleaningResult
+
+    total = DatasetReport()
+    examples: dict[str, list[str]] = {}
+    pairs: list[Any] = []
+    for number, (part, quota, share) in enumerate(
+        zip(parts, mix.quotas, mix.shares(), strict=True)
+    ):
+        report = part.cleaned.report
+        total.total += report.total
+        total.kept += report.kept
+        total.truncated_captions += report.truncated_captions
+        total.augmented += report.augmented
+        for reason, count in report.dropped.items():
+            total.dropped[reason] = total.dropped.get(reason, 0) + count
+        for note, count in report.notes.items():
+            total.notes[note] = total.notes.get(note, 0) + count
+        for reason, keys in part.cleaned.examples.items():
+            shown = examples.setdefault(reason, [])
+            room = MAX_EXAMPLES - len(shown)
+            shown.extend(f"{number}:{k}"[:MAX_KEY_LENGTH] for k in keys[: max(0, room)])
+        total.datasets.append(
+            DatasetPartReport(
+                uri=part.spec.uri,
+                weight=getattr(part.spec, "weight", 1.0),
+                total=report.total,
+                kept=report.kept,
+                dropped=dict(report.dropped),
+                examples_per_epoch=quota,
+                share=round(share, 6),
+            )
+        )
+        pairs.extend(part.cleaned.pairs)
+    total.dropped = {r: total.dropped[r] for r in sorted(total.dropped, key=_reason_order(REASONS))}
+    total.examples = examples
+    counted = all(p.cleaned.tokens_counted for p in parts)
+    return CleaningResult(pairs, total, examples, tokens_counted=counted)
+
+
+def _reason_order(reasons: dict[str, str]) -> Any:
+    order = list(reasons)
+    return lambda r: order.index(r) if r in order else len(order)
+
+
+def _epoch_steps(sampler: Any, epochs: int, accumulation: int) -> int:
+    """Optimizer steps in ``epochs`` epochs (a mix of datasets with buckets may have a few
+    batches more or fewer in some epochs: each is counted)."""
+    from difftrain.data.mixture import MixedBatchSampler
+
+    inner = getattr(sampler, "inner", sampler)
+    if not isinstance(inner, MixedBatchSampler):
+        return epochs * max(1, len(sampler) // accumulation)
+    return sum(max(1, inner.batches_in(e) // accumulation) for e in range(epochs))
 
 
 def source_key(key: str) -> str:
@@ -485,9 +679,14 @@ def _prompts_from(examples: list[Example], spec: DiffusionTrainingJobSpec) -> li
 
 
 def _sampler(
-    spec: DiffusionTrainingJobSpec, examples: list[Example], prior_count: int, acc: Any
+    spec: DiffusionTrainingJobSpec,
+    examples: list[Example],
+    prior_count: int,
+    acc: Any,
+    mix: Any = None,
 ) -> Any:
     from difftrain.data.buckets import BucketBatchSampler
+    from difftrain.data.mixture import MixedBatchSampler
     from difftrain.train.dreambooth import PriorPairedSampler
 
     hp = spec.hyperparameters
@@ -495,13 +694,24 @@ def _sampler(
     sizes = [e.size for e in instance]
 
     # Every image once an epoch: a bucket's last, smaller batch is trained too (see the sampler).
-    sampler = BucketBatchSampler(
-        sizes,
-        hp.batch_size,
-        seed=hp.seed,
-        num_replicas=acc.num_processes,
-        rank=acc.process_index,
-    )
+    # With several datasets, the examples each epoch draws by the weights, batched the same way.
+    sampler: BucketBatchSampler | MixedBatchSampler
+    if mix is not None:
+        sampler = MixedBatchSampler(
+            mix,
+            hp.batch_size,
+            seed=hp.seed,
+            num_replicas=acc.num_processes,
+            rank=acc.process_index,
+        )
+    else:
+        sampler = BucketBatchSampler(
+            sizes,
+            hp.batch_size,
+            seed=hp.seed,
+            num_replicas=acc.num_processes,
+            rank=acc.process_index,
+        )
     if acc.is_main_process and spec.preprocessing.buckets.enabled:
         counts = sampler.bucket_counts()
         logger.info(

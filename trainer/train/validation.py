@@ -311,3 +311,24 @@ def held_out_examples(
             "controlnet.conditioningUri; add them there"
         )
     return with_cond
+
+
+def hold_out_each(
+    spec: ValidationSpec, parts: Sequence[list[P]], key: Callable[[P], str]
+) -> tuple[list[list[P]], list[P]]:
+    """validation.fraction of each dataset of several (by key hash, as if it were alone): the
+    pairs each trains on, and every held-out pair. A dataset left with nothing to train on, or
+    a split that holds out nothing at all, is a configuration error."""
+    if spec.fraction <= 0:
+        return [list(p) for p in parts], []
+    kept: list[list[P]] = []
+    held: list[P] = []
+    for pairs in parts:
+        train, out = split_held_out(pairs, spec.fraction, key)
+        if not train:
+            check_split(spec, len(pairs), len(out))
+        kept.append(train)
+        held.extend(out)
+    check_split(spec, sum(len(p) for p in parts), len(held))
+    logger.info("validation split held_out=%d training=%d", len(held), sum(map(len, kept)))
+    return kept, held
