@@ -11,11 +11,12 @@ import pytest
 from difftrain.api import DatasetSpec
 from difftrain.data.copies import SCRATCH_ENV, ImageCopies, copies_limit, with_copies
 from difftrain.data.image_bytes import read_image
-from difftrain.storage import Credentials, S3Store, StoreConfig
+from difftrain.storage import S3Store
 from difftrain.train.run import RunOptions, run_training
 from difftrain.train.shared_data import clean_dataset
 from tests.datasets import S3Location, put_files
 from tests.latent_fixtures import shape_png
+from tests.minio_jobs import store_config
 from tests.store_reads import CountsReads
 from tests.training import prepare_local_inputs, tiny_job
 
@@ -24,14 +25,6 @@ pytestmark = pytest.mark.integration
 
 class CountingS3Store(CountsReads, S3Store):
     """The real S3 store, counting the reads of each object."""
-
-
-def config_for(s3) -> StoreConfig:
-    return StoreConfig(
-        endpoint=s3.endpoint,
-        credentials=Credentials(s3.access_key, s3.secret_key),
-        secure=False,
-    )
 
 
 def put_dataset(s3, prefix: str, count: int) -> None:
@@ -45,7 +38,7 @@ def put_dataset(s3, prefix: str, count: int) -> None:
 
 def test_cleanings_read_leaves_the_copies_later_reads_use(s3, tmp_path: Path):
     put_dataset(s3, "copies", 4)
-    counting = CountingS3Store(config_for(s3))
+    counting = CountingS3Store(store_config(s3))
     store = with_copies(counting, tmp_path / "work")
     assert isinstance(store, ImageCopies)
     spec = DatasetSpec(uri=s3.uri("copies"), cleaning={"minResolution": 32})
@@ -82,11 +75,23 @@ def test_copies_take_a_share_of_the_pods_scratch_limit_and_half_the_free_space(t
     assert copies_limit(tmp_path, {SCRATCH_ENV: "0"}) == free_half  # no limit given
 
 
-def test_an_uncached_run_downloads_each_image_once_over_its_epochs(s3, tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("several", [False, True], ids=["dataset", "datasets"])
+def test_an_uncached_run_downloads_each_image_once_over_its_epochs(
+    s3, tmp_path: Path, monkeypatch, several: bool
+):
+    """8 images, 24 drawn over three epochs, each downloaded once; with spec.datasets the 8 are
+    two datasets of 4 (weights 1:1), every dataset's store read through the copies."""
     inputs = prepare_local_inputs(tmp_path / "inputs", images=8)
     folder = inputs / "dataset"
     files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-    put_files(S3Location(s3.client(), s3.bucket, "uncached"), files)
+    if several:
+        halves = {"a": sorted(files)[:8], "b": sorted(files)[8:]}  # 4 images + captions each
+        for name, rels in halves.items():
+            put_files(
+                S3Location(s3.client(), s3.bucket, f"uncached/{name}"), {r: files[r] for r in rels}
+            )
+    else:
+        put_files(S3Location(s3.client(), s3.bucket, "uncached"), files)
     job = tiny_job(
         inputs,
         tmp_path / "out",
@@ -95,6 +100,9 @@ def test_an_uncached_run_downloads_each_image_once_over_its_epochs(s3, tmp_path:
         checkpointing={"everySteps": 100, "keepLast": 1},
     )
     job["spec"]["dataset"]["uri"] = s3.uri("uncached")
+    if several:
+        one = job["spec"].pop("dataset")
+        job["spec"]["datasets"] = [{**one, "uri": s3.uri(f"uncached/{n}")} for n in ("a", "b")]
     job["spec"]["storage"] = {"endpoint": s3.endpoint, "secure": False, "secretRef": {"name": "k"}}
     stores: list[CountingS3Store] = []
 
@@ -113,7 +121,7 @@ def test_an_uncached_run_downloads_each_image_once_over_its_epochs(s3, tmp_path:
     resource = api.parse_resource(job)
     assert isinstance(resource, api.DiffusionTrainingJob)
     outcome = run_training(
-        resource, RunOptions(work_dir=tmp_path / "work", store_config=config_for(s3))
+        resource, RunOptions(work_dir=tmp_path / "work", store_config=store_config(s3))
     )
     assert outcome.loop.state.step == 6  # 24 images drawn from 8: three epochs
     images = {uri: n for store in stores for uri, n in store.reads.items() if uri.endswith(".png")}
