@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,11 +25,37 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+# ports handed out: from this one up to the kernel's ephemeral range or Kubernetes' NodePort range
+LOWEST_PORT = 10000
+NODE_PORTS_FROM = 30000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now, not handed out before by this
+    process, below the kernel's ephemeral range and the node's NodePorts: a port the kernel
+    picks (``bind`` to 0) may be taken as the local port of an outgoing connection before the
+    server binds it (etcd once found its port so taken while the other test process connected)."""
+    high = max(LOWEST_PORT + 1000, min(NODE_PORTS_FROM, _ephemeral_low()))
+    rng = random.SystemRandom()
+    while True:
+        port = rng.randrange(LOWEST_PORT, high)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
 
 
