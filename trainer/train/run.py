@@ -695,23 +695,12 @@ def _sampler(
 
     # Every image once an epoch: a bucket's last, smaller batch is trained too (see the sampler).
     # With several datasets, the examples each epoch draws by the weights, batched the same way.
-    sampler: BucketBatchSampler | MixedBatchSampler
-    if mix is not None:
-        sampler = MixedBatchSampler(
-            mix,
-            hp.batch_size,
-            seed=hp.seed,
-            num_replicas=acc.num_processes,
-            rank=acc.process_index,
-        )
-    else:
-        sampler = BucketBatchSampler(
-            sizes,
-            hp.batch_size,
-            seed=hp.seed,
-            num_replicas=acc.num_processes,
-            rank=acc.process_index,
-        )
+    place = {"seed": hp.seed, "num_replicas": acc.num_processes, "rank": acc.process_index}
+    sampler: BucketBatchSampler | MixedBatchSampler = (
+        MixedBatchSampler(mix, hp.batch_size, **place)
+        if mix is not None
+        else BucketBatchSampler(sizes, hp.batch_size, **place)
+    )
     if acc.is_main_process and spec.preprocessing.buckets.enabled:
         counts = sampler.bucket_counts()
         logger.info(
