@@ -10,17 +10,22 @@ the loop encodes its captions itself.
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from difftrain.data.captions import CaptionPolicy
+from difftrain.data.transforms import ImageTransform
 from difftrain.train.objective import step_generator
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -59,9 +64,9 @@ class Batch:
 
     captions: list[str]
     latents: torch.Tensor | None = None  # scaled latents (cached mode)
-    pixels: torch.Tensor | None = None  # images in [-1, 1] (raw mode)
+    pixels: torch.Tensor | None = None  # uint8 images (raw mode): to_model_range gives [-1, 1]
     text_embeddings: torch.Tensor | None = None  # cached text-encoder outputs
-    conditioning: torch.Tensor | None = None  # ControlNet conditioning in [0, 1]
+    conditioning: torch.Tensor | None = None  # uint8 ControlNet conditioning: to_unit_range
     prior: list[bool] = field(default_factory=list)  # per example: a DreamBooth class image
 
     _TENSORS = ("latents", "pixels", "text_embeddings", "conditioning")
@@ -103,21 +108,35 @@ def data_position(
         batch_in_epoch = 0
 
 
+def image_workers() -> int:
+    """Threads that read, decode and transform a batch's images: the CPUs this process may use
+    (Pillow and PyTorch release the GIL while they decode and resize), at most 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
 class BatchBuilder:
-    """Turns example indices into a Batch."""
+    """Turns example indices into a Batch.
+
+    A raw example's image is read, decoded and transformed on ``workers`` threads, each with its
+    own generator (seeded by seed, epoch and index), so a batch is the same whatever the number
+    of threads. Images stay uint8 (``Batch.pixels``, ``Batch.conditioning``); the training step
+    and validation normalise them on the device (``to_model_range``, ``to_unit_range`` of
+    :mod:`difftrain.data.transforms`).
+    """
 
     def __init__(
         self,
         examples: Sequence[Example],
         *,
         seed: int,
-        transform: Callable[..., torch.Tensor] | None,
+        transform: ImageTransform | None,
         decode: Callable[[bytes, str], Any] | None,
         flip_probability: float,
         caption_dropout: float,
         scaling_factor: float,
         shift_factor: float | None = None,
         read: Callable[[Any], bytes] | None = None,
+        workers: int = 1,
     ) -> None:
         self.examples = examples
         self.seed = seed
@@ -128,15 +147,17 @@ class BatchBuilder:
         self.scaling_factor = scaling_factor
         self.shift_factor = shift_factor
         self.read = read  # a source pair -> its image bytes, read when a batch needs them
+        self.workers = workers
+        self._pool: ThreadPoolExecutor | None = None
         # The text encoder's output for an empty caption (caption dropout with cached text).
         self.empty_embedding: torch.Tensor | None = None
 
     def __call__(self, epoch: int, index: int, indices: list[int]) -> Batch:
         captions: list[str] = []
         latents: list[torch.Tensor] = []
-        pixels: list[torch.Tensor] = []
+        images: list[tuple[Example, random.Random, bool]] = []
+        conditioned: list[Example] = []
         embeddings: list[torch.Tensor] = []
-        conditioning: list[torch.Tensor] = []
         prior: list[bool] = []
         # cached text embeddings only when every caption of the batch is the cached one
         cached_text = not any(self.examples[i].varies for i in indices)
@@ -160,29 +181,49 @@ class BatchBuilder:
                     else:
                         embeddings.append(ex.cached.text_embeddings.float())
             else:
-                assert self.transform is not None and self.decode is not None
-                data = ex.data
-                if not data:
-                    assert self.read is not None and ex.source is not None, ex.key
-                    data = self.read(ex.source)
-                image = self.decode(data, ex.key)
-                pixels.append(self.transform(image, size=ex.size, rng=rng, flip=flip))
+                images.append((ex, rng, flip))  # the rest of rng is the transform's
             if ex.conditioning is not None:
-                assert self.transform is not None and self.decode is not None
-                cond_image = self.decode(ex.conditioning, ex.key + " (conditioning)")
-                # same size, unflipped, center crop: matches the cached latent's framing
-                cond = self.transform(cond_image, size=ex.size, rng=random.Random(0), flip=False)
-                conditioning.append((cond + 1.0) / 2.0)
+                conditioned.append(ex)
         batch = Batch(captions=captions, prior=prior)
         if latents:
             batch.latents = torch.stack(latents)
-        if pixels:
-            batch.pixels = torch.stack(pixels)
+        if images:
+            batch.pixels = torch.stack(self._map(self._pixels, images))
         if embeddings and len(embeddings) == len(indices):
             batch.text_embeddings = torch.stack(embeddings)
-        if conditioning:
-            batch.conditioning = torch.stack(conditioning)
+        if conditioned:
+            batch.conditioning = torch.stack(self._map(self._conditioning, conditioned))
         return batch
+
+    def _pixels(self, item: tuple[Example, random.Random, bool]) -> torch.Tensor:
+        ex, rng, flip = item
+        assert self.transform is not None and self.decode is not None
+        data = ex.data
+        if not data:
+            assert self.read is not None and ex.source is not None, ex.key
+            data = self.read(ex.source)
+        image = self.decode(data, ex.key)
+        return self.transform.pixels(image, size=ex.size, rng=rng, flip=flip)
+
+    def _conditioning(self, ex: Example) -> torch.Tensor:
+        assert self.transform is not None and self.decode is not None
+        assert ex.conditioning is not None
+        cond_image = self.decode(ex.conditioning, ex.key + " (conditioning)")
+        # same size, unflipped, center crop: matches the cached latent's framing
+        return self.transform.pixels(cond_image, size=ex.size, rng=random.Random(0), flip=False)
+
+    def _map(self, fn: Callable[[T], torch.Tensor], items: list[T]) -> list[torch.Tensor]:
+        if self.workers <= 1 or len(items) <= 1:
+            return [fn(item) for item in items]
+        if self._pool is None:  # made at the first batch, reused by every later one
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="difftrain-batch")
+        return list(self._pool.map(fn, items))
+
+    def close(self) -> None:
+        """Stop the image threads (a later batch starts them again)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def _sample_latent(self, params: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         mean, logvar = params.float().chunk(2, dim=0)

@@ -15,6 +15,7 @@ import torch
 
 from difftrain.api import ClipScoreStatus, DiffusionTrainingJobSpec
 from difftrain.data.cache_encode import token_ids
+from difftrain.data.transforms import to_model_range, to_unit_range
 from difftrain.models.placement import frozen_dtype
 from difftrain.storage import Store
 from difftrain.train import objective
@@ -299,7 +300,7 @@ class Trainer:
         assert batch.pixels is not None
         vae = self.inp.components.vae
         with torch.no_grad():
-            pixels = batch.pixels.to(next(vae.parameters()).dtype)
+            pixels = to_model_range(batch.pixels, next(vae.parameters()).dtype)
             dist = vae.encode(pixels).latent_dist
             noise = torch.randn(dist.mean.shape, generator=generator, device=generator.device).to(
                 dist.mean
@@ -347,7 +348,7 @@ class Trainer:
                 noisy,
                 timesteps,
                 text,
-                batch.conditioning,
+                None if batch.conditioning is None else to_unit_range(batch.conditioning),
                 unet=self._denoiser("unet"),
                 controlnet=self._denoiser("controlnet"),
             )

@@ -30,7 +30,7 @@ from difftrain.api import (
 )
 from difftrain.data.captions import CaptionPolicy
 from difftrain.storage import Store, StoreConfig, is_s3, join, open_store
-from difftrain.train.batches import BatchBuilder, Example
+from difftrain.train.batches import BatchBuilder, Example, image_workers
 from difftrain.train.loop import LoopInputs, LoopResult, Trainer
 from difftrain.train.methods import TrainingConfigError, attach
 from difftrain.train.metrics import TrainingMetrics
@@ -349,6 +349,7 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
         scaling_factor=float(components.vae.config.scaling_factor),
         shift_factor=getattr(components.vae.config, "shift_factor", None),
         read=stores.read,
+        workers=image_workers(),
     )
     if spec.regularization.caption_dropout > 0 and pre.cache_latents:
         from difftrain.data.cache import encode_text

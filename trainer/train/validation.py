@@ -19,8 +19,9 @@ import torch
 
 from difftrain.api import ValidationSpec, ValidationStatus
 from difftrain.data.cache_encode import token_ids
+from difftrain.data.transforms import ImageTransform, to_model_range, to_unit_range
 from difftrain.train import objective
-from difftrain.train.batches import BatchBuilder, Example
+from difftrain.train.batches import BatchBuilder, Example, image_workers
 from difftrain.train.methods import TrainedModules, TrainingConfigError, predict
 
 logger = logging.getLogger(__name__)
@@ -165,8 +166,10 @@ class Validator:
                 latents = batch.latents.to(device)
             else:
                 assert batch.pixels is not None
-                latents = model.encode_images(batch.pixels)
-            cond = batch.conditioning.to(device) if batch.conditioning is not None else None
+                latents = model.encode_images(to_model_range(batch.pixels.to(device)))
+            cond = None
+            if batch.conditioning is not None:
+                cond = to_unit_range(batch.conditioning.to(device))
             keys = [self.examples[i].key for i in indices]
             prepared.append(_Prepared(keys, batch.captions, latents.float(), cond))
         return prepared
@@ -216,7 +219,7 @@ def build_validator(
     examples: list[Example],
     components: Any,
     *,
-    transform: Callable[..., torch.Tensor],
+    transform: ImageTransform,
     decode: Callable[[bytes, str], Any],
     read: Callable[[Any], bytes],
     batch_size: int,
@@ -247,6 +250,7 @@ def build_validator(
         scaling_factor=float(vae.config.scaling_factor),
         shift_factor=getattr(vae.config, "shift_factor", None),
         read=read,
+        workers=image_workers(),
     )
     return Validator(
         spec=spec,
