@@ -9,9 +9,12 @@ from the test infrastructure's pinned binary. Then, in the same run, on the same
   tensor, normalise. No cleaning at all. (PERFORMANCE.md's anchor: about 50 images/s per core.)
 - ``difftrain``: the pipeline a training job runs, from MinIO: list, parallel GETs, cleaning
   (sha256, full decode at reduced scale, pHash, every drop check) with each image copied into the
-  job's work folder as it is read (:mod:`difftrain.data.copies`), then for each kept pair its
-  local copy read, a decode reduced on load to the target and the transform (antialiased resize
-  of the crop box, random flip, [-1, 1] tensor) in threads.
+  job's work folder as it is read (:mod:`difftrain.data.copies`), then one epoch of the training
+  loop's batches, built as ``difftrain run`` builds them (its ``BatchBuilder`` with the run's
+  decode and reads, the bucket sampler, the prefetch thread of a GPU run, unpinned): for each
+  kept pair its local copy read, decoded and transformed (antialiased resize of the crop box,
+  random flip) on the builder's threads, into uint8 batches (the [-1, 1] float pass is the
+  training step's, on the device; the naive loop does it per image on the CPU).
 - ``difftrain_local``: the same pipeline from the local folder (to separate the store's share).
 - ``difftrain_rerun`` and ``difftrain_local_rerun``: the same, run again with the cleaning facts
   kept by an earlier run (what a job with the latent cache does on data it has cleaned before,
@@ -37,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -107,10 +111,15 @@ def naive(folder: Path, resolution: int) -> Run:
 
 
 def pipeline(
-    uri: str, store: Store, resolution: int, workers: int, facts_root: str | None = None
+    uri: str,
+    store: Store,
+    resolution: int,
+    workers: int,
+    batch_size: int,
+    facts_root: str | None = None,
 ) -> Run:
-    """Sources + cleaning + transforms; with ``facts_root``, cleaning uses (and keeps) the
-    cleaning facts there, as a job with the latent cache does."""
+    """Sources + cleaning + one epoch of batches; with ``facts_root``, cleaning uses (and keeps)
+    the cleaning facts there, as a job with the latent cache does."""
     from difftrain.api import DatasetSpec, PreprocessingSpec
     from difftrain.data import ImageTransform
     from difftrain.data.copies import with_copies
@@ -121,7 +130,8 @@ def pipeline(
     )
     with tempfile.TemporaryDirectory(prefix="difftrain-bench-job-") as job_dir:
         # a job's work folder: a store's images are copied there as cleaning reads them
-        return _timed(spec, with_copies(store, Path(job_dir)), transform, workers, facts_root)
+        store = with_copies(store, Path(job_dir))
+        return _timed(spec, store, transform, workers, batch_size, facts_root)
 
 
 def _timed(
@@ -129,27 +139,55 @@ def _timed(
     store: Store,
     transform: ImageTransform,
     workers: int,
+    batch_size: int,
     facts_root: str | None,
 ) -> Run:
+    """What ``difftrain run`` does without the latent cache: clean, then the training loop's
+    batches (its BatchBuilder, sampler and prefetch thread, as on a GPU without pinning)."""
+    from difftrain.data.buckets import BucketBatchSampler
     from difftrain.data.image_bytes import read_image
-    from difftrain.data.parallel import ordered_map
+    from difftrain.data.images import decode_rgb
+    from difftrain.train.batches import (
+        BatchBuilder,
+        Example,
+        Prefetcher,
+        epoch_batches,
+        image_workers,
+    )
     from difftrain.train.shared_data import clean_dataset
 
     start, cpu = time.perf_counter(), time.process_time()
     result = clean_dataset(spec, store, facts_root=facts_root, workers=workers)
     cleaned = time.perf_counter()
-
-    def prepare(index: int) -> float:
-        pair = result.pairs[index]  # no bytes kept: read again (a local copy), as training does
-        image = transform.decode(read_image(store, pair), pair.name)
-        tensor = transform(image, rng=random.Random(index))
-        return float(tensor[0, 0, 0])
-
-    checksum = sum(ordered_map(prepare, range(len(result.pairs)), workers=workers))
-    assert checksum == checksum  # the tensors were made (not NaN)
+    size = (transform.pre.resolution, transform.pre.resolution)
+    # as run.py makes them: no bytes kept, each image read again (a local copy) per batch
+    examples = [Example(key=p.key, caption=p.caption, size=size, source=p) for p in result.pairs]
+    builder = BatchBuilder(
+        examples,
+        seed=0,
+        transform=transform,
+        decode=decode_rgb,
+        flip_probability=transform.pre.flip_probability,
+        caption_dropout=0.0,
+        scaling_factor=0.18215,
+        read=partial(read_image, store),
+        workers=image_workers(),
+    )
+    sampler = BucketBatchSampler([e.size for e in examples], batch_size, seed=0)
+    count = len(sampler)
+    batches = Prefetcher(((0, i, b) for i, b in enumerate(epoch_batches(sampler, 0))), builder)
+    images = 0
+    try:
+        for _ in range(count):
+            _, _, batch = batches.next()
+            assert batch.pixels is not None
+            images += len(batch.pixels)
+    finally:
+        batches.close()
+        builder.close()
     end = time.perf_counter()
-    assert result.report.kept == result.report.total, result.report
-    return Run(len(result.pairs), end - start, cleaned - start, time.process_time() - cpu)
+    assert images == result.report.kept == result.report.total, result.report
+    return Run(images, end - start, cleaned - start, time.process_time() - cpu)
 
 
 def minio_dir() -> Path:
@@ -169,7 +207,8 @@ def main() -> None:
     parser.add_argument("--size", default="768x640", help="source image WIDTHxHEIGHT")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--cores", type=int, default=2, help="CPUs this process may use")
-    parser.add_argument("--workers", type=int, default=2, help="decode/transform threads")
+    parser.add_argument("--workers", type=int, default=2, help="cleaning's decode threads")
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--work-dir", type=Path, default=None)
     args = parser.parse_args()
@@ -181,6 +220,7 @@ def main() -> None:
     from minio import Minio
 
     from difftrain.storage import Credentials, LocalStore, S3Store, StoreConfig
+    from difftrain.train.batches import image_workers
     from tests.datasets import S3Location, put_files
     from tests.infra.environment import MinioServer
 
@@ -213,23 +253,21 @@ def main() -> None:
         local = LocalStore()
         s3_facts, local_facts = "s3://bench/facts", str(work / "facts")
         # the earlier run whose cleaning facts the rerun modes use (not timed)
-        pipeline("s3://bench/images", s3, args.resolution, args.workers, s3_facts)
-        pipeline(str(folder), local, args.resolution, args.workers, local_facts)
+        job = partial(pipeline, resolution=args.resolution, workers=args.workers,
+                      batch_size=args.batch_size)  # fmt: skip
+        job("s3://bench/images", s3, facts_root=s3_facts)
+        job(str(folder), local, facts_root=local_facts)
         modes: dict[str, Callable[[], Run]] = {
             "naive": lambda: naive(folder, args.resolution),
-            "difftrain": lambda: pipeline("s3://bench/images", s3, args.resolution, args.workers),
-            "difftrain_local": lambda: pipeline(str(folder), local, args.resolution, args.workers),
-            "difftrain_rerun": lambda: pipeline(
-                "s3://bench/images", s3, args.resolution, args.workers, s3_facts
-            ),
-            "difftrain_local_rerun": lambda: pipeline(
-                str(folder), local, args.resolution, args.workers, local_facts
-            ),
+            "difftrain": lambda: job("s3://bench/images", s3),
+            "difftrain_local": lambda: job(str(folder), local),
+            "difftrain_rerun": lambda: job("s3://bench/images", s3, facts_root=s3_facts),
+            "difftrain_local_rerun": lambda: job(str(folder), local, facts_root=local_facts),
         }
         runs: dict[str, list[Run]] = {mode: [] for mode in modes}
         for _ in range(args.repeat):
-            for mode, run in modes.items():
-                runs[mode].append(run())
+            for mode, timed in modes.items():
+                runs[mode].append(timed())
     finally:
         minio.stop()
         if args.work_dir is None:
@@ -238,8 +276,10 @@ def main() -> None:
     best = {mode: min(r, key=lambda x: x.seconds) for mode, r in runs.items()}
     base = best["naive"].images / best["naive"].seconds
     print(
-        f"\ncores: {len(cores)} of {os.cpu_count()}; workers: {args.workers}; resolution "
-        f"{args.resolution}; Pillow {PIL.__version__}, torch {torch.__version__}"
+        f"\ncores: {len(cores)} of {os.cpu_count()}; cleaning workers: {args.workers}; batch "
+        f"threads: {image_workers()}; batch size {args.batch_size}; resolution "
+        f"{args.resolution}; Pillow {PIL.__version__}, torch {torch.__version__}; load average "
+        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )
     header = ("mode", "images", "seconds", "images/s", "x naive", "clean s", "CPU ms/img")
     print("{:<22} {:>6} {:>8} {:>9} {:>8} {:>8} {:>11}".format(*header))
