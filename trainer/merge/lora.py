@@ -67,6 +67,13 @@ _TE_LDM_PREFIXES = {
 }
 
 
+_TE_DIFFUSERS_PREFIXES = [
+    # component prefix of a text encoder's keys, kohya prefixes of its modules (SD1/SD2, SDXL)
+    ("text_encoder.", ("lora_te_", "lora_te1_")),
+    ("text_encoder_2.", ("lora_te2_",)),
+]
+
+
 class TargetIndex:
     """Finds the checkpoint weight key that a LoRA module updates."""
 
@@ -96,8 +103,15 @@ class TargetIndex:
                 path = key[: -len(".weight")]
                 stripped = path.removeprefix("unet.")
                 self.flat["lora_unet_" + _flat(stripped)] = key
-                if path.startswith("text_encoder."):
-                    self.flat["lora_te_" + _flat(path[len("text_encoder.") :])] = key
+                for component, kohyas in _TE_DIFFUSERS_PREFIXES:
+                    if path.startswith(component):
+                        inner = path[len(component) :]
+                        # kohya names carry transformers 4's text_model.; transformers 5 saves
+                        # CLIPTextModel without it
+                        full = "text_model." + inner.removeprefix("text_model.")
+                        for kohya in kohyas:
+                            self.flat[kohya + _flat(inner)] = key
+                            self.flat[kohya + _flat(full)] = key
             self.unet = None
             self.attn_up = set()
 

@@ -9,6 +9,9 @@
 - ``export_lora_kohya``: the kohya/A1111 layout (``lora_unet_<module>.lora_down.weight``,
   ``.lora_up.weight``, ``.alpha``).
 
+Both LoRA layouts take the family's text encoders: one module for SD1/SD2, or SDXL's two in
+pipeline order (``text_encoder``, ``text_encoder_2``; kohya's ``lora_te1_``, ``lora_te2_``).
+
 Every file carries the caller's metadata (the recipe, the base model's hash) in its safetensors
 header. Networks with PEFT adapters are exported with the adapters merged into a copy, so a full
 export of a LoRA run is the base model with the LoRA applied.
@@ -20,6 +23,7 @@ import copy
 import json
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -243,20 +247,44 @@ def _adapter_config(modules: list[AdaptedModule]) -> dict[str, Any]:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
 
+# (PEFT component, kohya prefix) of each text encoder, in pipeline order, by how many a family has
+TEXT_ENCODER_LORA_NAMES: dict[int, list[tuple[str, str]]] = {
+    1: [("text_encoder", "lora_te_")],
+    2: [("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")],
+}
+TextEncoders = nn.Module | Sequence[nn.Module | None] | None
+
+
+def _text_parts(text_encoder: TextEncoders) -> list[tuple[str, str, list[AdaptedModule]]]:
+    """(PEFT component, kohya prefix, adapted modules) of each text encoder with adapters."""
+    if text_encoder is None:
+        return []
+    encoders = [text_encoder] if isinstance(text_encoder, nn.Module) else list(text_encoder)
+    names = TEXT_ENCODER_LORA_NAMES.get(len(encoders))
+    if names is None:
+        raise ModelError(f"{len(encoders)} text encoders given; a family has one or two")
+    return [
+        # with text_model. as transformers 4 named it; diffusers strips it for transformers 5
+        (component, kohya, adapted_modules(module, component, prefix="text_model."))
+        for (component, kohya), module in zip(names, encoders, strict=True)
+        if module is not None
+    ]
+
+
 def export_lora_peft(
     unet_with_adapters: nn.Module,
     path: Path,
     *,
-    text_encoder: nn.Module | None = None,
+    text_encoder: TextEncoders = None,
     metadata: dict[str, str],
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write the adapters in the diffusers/PEFT layout that ``load_lora_weights`` reads."""
+    """Write the adapters in the diffusers/PEFT layout that ``load_lora_weights`` reads.
+
+    ``text_encoder``: one module (SD1/SD2) or SDXL's two in order, None where one has no adapters.
+    """
     parts = [("unet", adapted_modules(unet_with_adapters, "the UNet"))]
-    if text_encoder is not None:
-        # with text_model. as transformers 4 named it; diffusers strips it for transformers 5
-        te = adapted_modules(text_encoder, "the text encoder", prefix="text_model.")
-        parts.append(("text_encoder", te))
+    parts += [(component, te) for component, _kohya, te in _text_parts(text_encoder)]
     tensors: dict[str, torch.Tensor] = {}
     adapter_meta: dict[str, Any] = {}
     for component, modules in parts:
@@ -282,20 +310,22 @@ def export_lora_kohya(
     unet_with_adapters: nn.Module,
     path: Path,
     *,
-    text_encoder: nn.Module | None = None,
+    text_encoder: TextEncoders = None,
     alpha: float,
     metadata: dict[str, str],
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write the adapters in the kohya/A1111 layout (SD1/SD2 names: ``lora_unet_``, ``lora_te_``).
+    """Write the adapters in the kohya/A1111 layout: module paths with dots as underscores.
 
-    Every module gets ``.alpha`` = ``alpha``; kohya scales by alpha / rank, so where the adapter
-    was trained with another scaling the up factor is rescaled and the file's effect is exact.
+    Prefixes ``lora_unet_`` and ``lora_te_`` (SDXL: ``lora_te1_``, ``lora_te2_``); ``text_encoder``
+    as for :func:`export_lora_peft`. SDXL UNet modules keep their diffusers paths too, as SD1/SD2
+    files do and diffusers' kohya reader accepts (kohya's own SDXL files name the original
+    ``input_blocks``). Every module gets ``.alpha`` = ``alpha``; kohya scales by alpha / rank, so
+    where the adapter was trained with another scaling the up factor is rescaled and the file's
+    effect is exact.
     """
     parts = [("lora_unet_", adapted_modules(unet_with_adapters, "the UNet"))]
-    if text_encoder is not None:
-        te = adapted_modules(text_encoder, "the text encoder", prefix="text_model.")
-        parts.append(("lora_te_", te))
+    parts += [(kohya, te) for _component, kohya, te in _text_parts(text_encoder)]
     tensors: dict[str, torch.Tensor] = {}
     for prefix, modules in parts:
         for m in modules:
