@@ -1,5 +1,6 @@
 """SDXL LoRA exports (UNet, text_encoder, text_encoder_2) load back in diffusers with the adapted
-model's outputs, and the kohya file's modules are the ones the merge engine resolves."""
+model's outputs; the kohya file names UNet modules by kohya's SDXL (LDM/SGM) block names, which
+the merge engine resolves in the diffusers and the SGM single-file layouts."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from difftrain.api.methods import LoraSpec
 from difftrain.merge.lora import TargetIndex
 from difftrain.merge.lora import modules as lora_modules
 from difftrain.models.exports import export_lora_kohya, export_lora_peft
+from difftrain.models.ldm import unet_name_map
 from difftrain.models.safetensors_meta import read_metadata
+from difftrain.models.sgm import sdxl_to_sgm
 from difftrain.models.tiny_sdxl import TEXT_2_PROJECTION, build_tiny_sdxl_pipeline_folder
 from difftrain.train.methods import TEXT_ENCODER_LORA_TARGETS
 
@@ -196,7 +199,26 @@ def test_sdxl_kohya_file_names_modules_as_kohya_does(exported: dict[str, Path]) 
             f"{name}.lora_up.weight",
             f"{name}.alpha",
         }
-    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q" in names
+    # kohya's SDXL files name the UNet's LDM/SGM modules (SD1/SD2 files: the diffusers ones). The
+    # tiny UNet (two levels, one resnet each, attention on level 1, two transformer blocks per
+    # attention) has its attentions at input_blocks.3.1 (down_blocks.1.attentions.0),
+    # middle_block.1 and output_blocks.0.1 / 1.1 (up_blocks.0.attentions.0 / 1).
+    unet_names = {n for n in names if n.startswith("lora_unet_")}
+    assert unet_names == {
+        f"lora_unet_{block}_transformer_blocks_{i}_{attn}_{proj}"
+        for block in (
+            "input_blocks_3_1",
+            "middle_block_1",
+            "output_blocks_0_1",
+            "output_blocks_1_1",
+        )
+        for i in (0, 1)
+        for attn in ("attn1", "attn2")
+        for proj in ("to_q", "to_k", "to_v", "to_out_0")
+    }
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q" in names
+    assert "lora_unet_middle_block_1_transformer_blocks_1_attn2_to_out_0" in names
+    assert "lora_unet_output_blocks_1_1_transformer_blocks_0_attn2_to_v" in names
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in names
     assert "lora_te2_text_model_encoder_layers_0_self_attn_q_proj" in names
     assert {v.item() for k, v in tensors.items() if k.endswith(".alpha")} == {4.0}
@@ -224,3 +246,48 @@ def test_merge_engine_resolves_every_module_of_the_sdxl_kohya_file(
     component = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
     for name, target in targets.items():
         assert target is not None and target.startswith(component[kohya_prefix(name)] + "."), name
+    assert (
+        targets["lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q"]
+        == "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    )
+    assert (
+        targets["lora_unet_output_blocks_1_1_transformer_blocks_1_attn2_to_out_0"]
+        == "unet.up_blocks.0.attentions.1.transformer_blocks.1.attn2.to_out.0.weight"
+    )
+
+
+def component_states(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The tiny SDXL folder's UNet, VAE and text encoders' state dicts."""
+    return {
+        component: {
+            k: v
+            for f in (folder / component).glob("*.safetensors")
+            for k, v in load_file(f).items()
+        }
+        for component in ("unet", "vae", "text_encoder", "text_encoder_2")
+    }
+
+
+def test_merge_engine_resolves_the_sdxl_kohya_unet_modules_in_the_sgm_single_file(
+    tiny_sdxl: Path, exported: dict[str, Path]
+) -> None:
+    """In the SGM layout every UNet module updates the weight it updates in the diffusers layout."""
+    tensors = load_file(exported["kohya"])
+    found = lora_modules(set(tensors), "lora_kohya")
+    states = component_states(tiny_sdxl)
+    sgm = sdxl_to_sgm(
+        states["unet"], states["vae"], states["text_encoder"], states["text_encoder_2"]
+    )
+    in_sgm = TargetIndex(set(sgm), "ldm", "sdxl")
+    diffusers_keys = {f"{c}.{k}" for c, state in states.items() for k in state}
+    in_diffusers = TargetIndex(diffusers_keys, "diffusers", "sdxl")
+    to_ldm = unet_name_map(states["unet"])
+    unet_modules = [m for name, m in found.items() if name.startswith("lora_unet_")]
+    assert len(unet_modules) == 64
+    for m in unet_modules:
+        target = in_sgm.target(m.name)
+        diffusers_target = in_diffusers.target(m.name)
+        assert target is not None and diffusers_target is not None, m.name
+        assert target == to_ldm[diffusers_target.removeprefix("unet.")], m.name
+        # the factors fit the weight: (out, rank) @ (rank, in)
+        assert tuple(sgm[target].shape) == (tensors[m.up].shape[0], tensors[m.down].shape[1])

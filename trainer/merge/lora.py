@@ -5,7 +5,9 @@ Two layouts are read: kohya/A1111 (``lora_unet_…``/``lora_te…`` with ``.lora
 ``.lora_B.weight``, or the older ``.lora.down.weight``/``.lora.up.weight``). kohya names are module
 paths with dots replaced by underscores; they are matched against the checkpoint's own keys
 flattened the same way, so no name has to be guessed. SD1/SD2 kohya files name the diffusers UNet
-modules; for a checkpoint in the LDM layout their block prefix is translated first.
+modules; for a checkpoint in the LDM layout their block prefix is translated first. SDXL kohya
+files name the LDM/SGM UNet modules (``lora_unet_input_blocks_4_1_…``); for a checkpoint in the
+diffusers layout each UNet weight is also indexed under its LDM name.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from difftrain.convert import unet_layout_from_diffusers
 from difftrain.merge.arch import (
     UNET_LDM,
     UNetLayout,
+    component_of,
     diffusers_unet_module_to_ldm,
     unet_layout,
 )
@@ -112,8 +116,22 @@ class TargetIndex:
                         for kohya in kohyas:
                             self.flat[kohya + _flat(inner)] = key
                             self.flat[kohya + _flat(full)] = key
+            self._index_ldm_unet_names(weights)
             self.unet = None
             self.attn_up = set()
+
+    def _index_ldm_unet_names(self, weights: list[str]) -> None:
+        """Index the diffusers UNet's weights under their LDM names too (SDXL kohya files)."""
+        unet = {
+            k: k.removeprefix("unet.") for k in weights if component_of(k, "diffusers") == "unet"
+        }
+        if not any(k.startswith("down_blocks.0.resnets.") for k in unet.values()):
+            return  # no SD-style UNet among the keys (a text encoder alone)
+        layout, attn_up = unet_layout_from_diffusers(set(unet.values()))
+        for key, stripped in unet.items():
+            ldm = diffusers_unet_module_to_ldm(stripped[: -len(".weight")], layout, attn_up)
+            if ldm is not None:
+                self.flat.setdefault("lora_unet_" + _flat(ldm), key)
 
     def target(self, module: str) -> str | None:
         """The weight key for a LoRA module name (kohya or PEFT), or None."""

@@ -7,7 +7,8 @@
 - ``export_lora_peft``: the diffusers/PEFT LoRA layout (``unet.<module>.lora_A.weight``) with the
   adapter config diffusers reads back (``lora_adapter_metadata``);
 - ``export_lora_kohya``: the kohya/A1111 layout (``lora_unet_<module>.lora_down.weight``,
-  ``.lora_up.weight``, ``.alpha``).
+  ``.lora_up.weight``, ``.alpha``); SDXL UNet modules under their LDM/SGM names, as kohya's
+  sd-scripts writes them (``lora_unet_input_blocks_4_1_…``).
 
 Both LoRA layouts take the family's text encoders: one module for SD1/SD2, or SDXL's two in
 pipeline order (``text_encoder``, ``text_encoder_2``; kohya's ``lora_te1_``, ``lora_te2_``).
@@ -31,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from difftrain.convert import unet_layout_from_diffusers
+from difftrain.merge.arch import diffusers_unet_module_to_ldm
 from difftrain.models.components import Components, file_sha256
 from difftrain.models.errors import ModelError
 from difftrain.models.ldm import (
@@ -306,6 +309,28 @@ def export_lora_peft(
     return path
 
 
+def _unet_keys(unet: nn.Module) -> set[str]:
+    """The UNet's state-dict keys without a PeftModel's ``base_model.model.``."""
+    return {k.removeprefix("base_model.model.") for k in unet.state_dict()}
+
+
+def _is_sdxl_unet(unet: nn.Module) -> bool:
+    """SDXL's UNet is the one with the pooled-text/size embedding (as merge.arch tells it)."""
+    return "add_embedding.linear_1.weight" in _unet_keys(unet)
+
+
+def _with_ldm_names(unet: nn.Module, modules: list[AdaptedModule]) -> list[AdaptedModule]:
+    """The UNet's adapted modules renamed to their LDM module paths (kohya's SDXL names)."""
+    layout, attn_up = unet_layout_from_diffusers(_unet_keys(unet))
+    renamed = []
+    for m in modules:
+        ldm = diffusers_unet_module_to_ldm(m.module, layout, attn_up)
+        if ldm is None:
+            raise ModelError(f"the UNet: module {m.module} has no LDM name for a kohya SDXL file")
+        renamed.append(replace(m, module=ldm))
+    return renamed
+
+
 def export_lora_kohya(
     unet_with_adapters: nn.Module,
     path: Path,
@@ -318,13 +343,16 @@ def export_lora_kohya(
     """Write the adapters in the kohya/A1111 layout: module paths with dots as underscores.
 
     Prefixes ``lora_unet_`` and ``lora_te_`` (SDXL: ``lora_te1_``, ``lora_te2_``); ``text_encoder``
-    as for :func:`export_lora_peft`. SDXL UNet modules keep their diffusers paths too, as SD1/SD2
-    files do and diffusers' kohya reader accepts (kohya's own SDXL files name the original
-    ``input_blocks``). Every module gets ``.alpha`` = ``alpha``; kohya scales by alpha / rank, so
-    where the adapter was trained with another scaling the up factor is rescaled and the file's
-    effect is exact.
+    as for :func:`export_lora_peft`. SD1/SD2 UNet modules are named by their diffusers paths, SDXL
+    UNet modules by their LDM/SGM paths (``input_blocks.4.1.transformer_blocks.0.attn1.to_q``), as
+    kohya's own files for each family name them. Every module gets ``.alpha`` = ``alpha``; kohya
+    scales by alpha / rank, so where the adapter was trained with another scaling the up factor is
+    rescaled and the file's effect is exact.
     """
-    parts = [("lora_unet_", adapted_modules(unet_with_adapters, "the UNet"))]
+    unet_modules = adapted_modules(unet_with_adapters, "the UNet")
+    if _is_sdxl_unet(unet_with_adapters):
+        unet_modules = _with_ldm_names(unet_with_adapters, unet_modules)
+    parts = [("lora_unet_", unet_modules)]
     parts += [(kohya, te) for _component, kohya, te in _text_parts(text_encoder)]
     tensors: dict[str, torch.Tensor] = {}
     for prefix, modules in parts:
