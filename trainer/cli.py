@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -196,7 +197,6 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _cmd_operator(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     import kopf
     from kubernetes import config
@@ -447,8 +447,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# bitsandbytes (the 8-bit optimizers) tries, on import, to fetch a CPU kernel from a model hub and
+# warns when it cannot; the trainer never uses that kernel, so the warning is noise in every log.
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``difftrain`` console script."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     if args.command == "crds" and args.check and args.out is None:
         args.out = Path("crds")
