@@ -140,3 +140,34 @@ def test_the_local_model_options_shape_its_vae_and_unet(tmp_path: Path) -> None:
     assert default["down_block_types"] == ["CrossAttnDownBlock2D", "DownBlock2D"]
     with pytest.raises(ValueError, match="unet_attention: one flag per UNet level"):
         build_tiny_pipeline_folder(tmp_path / "bad", unet_attention=(True,))
+
+
+def test_zero_terminal_snr_makes_the_last_timestep_pure_noise(tmp_path: Path) -> None:
+    """zero_terminal_snr (the local run's model): the schedule's last timestep keeps nothing of
+    the image, for the training schedule the trainer builds and for the samples' scheduler, which
+    starts there; without it SD1's schedule keeps about 7% of the image's amplitude at t=999."""
+    from difftrain.models.loading import training_scheduler
+    from difftrain.train.sampling import build_pipeline
+
+    folder = build_tiny_pipeline_folder(
+        tmp_path / "z", prediction_type="v_prediction", zero_terminal_snr=True
+    )
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert config["rescale_betas_zero_snr"] is True
+    assert config["timestep_spacing"] == "trailing"
+    trained = training_scheduler(config, "v_prediction")
+    assert float(trained.alphas_cumprod[-1]) == 0.0
+    plain = json.loads(
+        (
+            build_tiny_pipeline_folder(tmp_path / "p") / "scheduler" / "scheduler_config.json"
+        ).read_text()
+    )
+    signal = float(training_scheduler(plain, "epsilon").alphas_cumprod[-1]) ** 0.5
+    assert 0.05 < signal < 0.1
+    components = build_tiny_components(prediction_type="v_prediction")
+    components.scheduler_config = config
+    pipe = build_pipeline(components, components.unet)
+    pipe.scheduler.set_timesteps(20)
+    assert int(pipe.scheduler.timesteps[0]) == 999
+    with pytest.raises(ValueError, match="needs prediction_type='v_prediction'"):
+        build_tiny_pipeline_folder(tmp_path / "e", zero_terminal_snr=True)

@@ -186,6 +186,7 @@ def build_tiny_pipeline_folder(
     vae_norm_groups: int = TINY_VAE_CONFIG["norm_num_groups"],
     unet_attention: tuple[bool, ...] = (True, False),
     context_length: int = MAX_LENGTH,
+    zero_terminal_snr: bool = False,
 ) -> Path:
     """Write a complete diffusers StableDiffusionPipeline folder with tiny random-initialised parts.
 
@@ -204,7 +205,14 @@ def build_tiny_pipeline_folder(
     latent size, where self-attention over every latent pixel costs most of a CPU step.
     ``context_length`` below CLIP's 77 shortens the text context: the short captions of the
     shapes data then fill most of it, and cross-attention learns to use them sooner.
+    ``zero_terminal_snr`` rescales the schedule's betas so that its last timestep is pure noise
+    (Lin et al. 2023) and samples from its last timestep (``trailing`` spacing); it needs
+    v-prediction. SD1's schedule leaves some of the image at t=999, so a model trained on it
+    learns to keep the mean colour it is given, and its samples drawn from pure noise keep the
+    noise's: colour noise, whatever the prompt.
     """
+    if zero_terminal_snr and prediction_type != "v_prediction":
+        raise ValueError("zero_terminal_snr needs prediction_type='v_prediction'")
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -248,7 +256,12 @@ def build_tiny_pipeline_folder(
         text_encoder = CLIPTextModel(text_config)
     finally:
         torch.random.set_rng_state(generator_state)
-    scheduler = DDPMScheduler(**TINY_SCHEDULER_CONFIG, prediction_type=prediction_type)
+    zero_snr = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    scheduler = DDPMScheduler(
+        **TINY_SCHEDULER_CONFIG,
+        prediction_type=prediction_type,
+        **(zero_snr if zero_terminal_snr else {}),
+    )
 
     unet.save_pretrained(path / "unet", safe_serialization=True)
     vae.save_pretrained(path / "vae", safe_serialization=True)
