@@ -19,6 +19,11 @@ for arg in "$@"; do
 done
 
 beside=(tests/unit/test_train_distributed.py)
+# torch's OpenMP threads wait for work by spinning, which on a machine this busy (two pytest
+# processes, their servers, training subprocesses) takes the cores from the processes with work:
+# 80 steps of the local job took 87-99 s with two busy processes beside them, 55-60 s with passive
+# waiting (50 s with one thread), and 27 s against 28 s on an idle machine.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
 mkdir -p build
 log=build/e2e-pytest.log
