@@ -14,6 +14,7 @@ from typing import NamedTuple, TypeVar
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from difftrain.data.cache_encode import token_ids
 from difftrain.models.errors import ModelError
 
 SizeHW = tuple[int, int]
@@ -78,17 +79,6 @@ def _load_encoder(folder: Path, name: str, cls: type[_Encoder], dtype: torch.dty
     return model.eval()
 
 
-def _token_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
-    ids: torch.Tensor = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return ids
-
-
 def encode_sdxl_prompts(
     text: SDXLText, prompts: list[str], *, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,10 +90,10 @@ def encode_sdxl_prompts(
     """
     target = torch.device(device) if device is not None else text.text_encoder.device
     out_1 = text.text_encoder(
-        _token_ids(text.tokenizer, prompts).to(text.text_encoder.device), output_hidden_states=True
+        token_ids(text.tokenizer, prompts).to(text.text_encoder.device), output_hidden_states=True
     )
     out_2 = text.text_encoder_2(
-        _token_ids(text.tokenizer_2, prompts).to(text.text_encoder_2.device),
+        token_ids(text.tokenizer_2, prompts).to(text.text_encoder_2.device),
         output_hidden_states=True,
     )
     hidden_1: torch.Tensor = out_1.hidden_states[-2]
