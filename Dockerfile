@@ -46,8 +46,12 @@ COPY trainer trainer
 COPY operator operator
 RUN --mount=type=cache,target=/root/.cache/pip /opt/difftrain/bin/pip wheel --no-deps -w /dist .
 
-FROM base AS operator
+# each image is its runtime (base and dependencies, no code of ours) with the wheel on top; a
+# builder that tags the runtime stage keeps that layer for every later source change
+FROM base AS operator-runtime
 COPY --from=deps-operator /opt/difftrain /opt/difftrain
+
+FROM operator-runtime AS operator
 COPY --from=wheel /dist /tmp/dist
 RUN /opt/difftrain/bin/pip install --no-deps --no-index /tmp/dist/*.whl && rm -rf /tmp/dist
 ENV PATH=/opt/difftrain/bin:$PATH HOME=/tmp
@@ -56,8 +60,10 @@ EXPOSE 8080 8081
 ENTRYPOINT ["difftrain"]
 CMD ["operator"]
 
-FROM base AS trainer
+FROM base AS trainer-runtime
 COPY --from=deps-trainer /opt/difftrain /opt/difftrain
+
+FROM trainer-runtime AS trainer
 COPY --from=wheel /dist /tmp/dist
 RUN /opt/difftrain/bin/pip install --no-deps --no-index /tmp/dist/*.whl && rm -rf /tmp/dist
 # Model hubs and caches write under HOME; /tmp is the pod's writable scratch volume.

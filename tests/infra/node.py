@@ -70,8 +70,9 @@ def setup_bridge() -> None:
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
 
 
-# free disk under which an import first drops the earlier imports of its repository
-IMPORT_ROOM_BYTES = 16 << 30
+# an import writes the archive's layers into the content store and unpacks them into a snapshot
+IMPORT_ROOM_FACTOR = 2
+IMPORT_ROOM_MARGIN_BYTES = 4 << 30
 
 
 @dataclass
@@ -184,15 +185,16 @@ state = "{base / "state"}"
         """Import ``ref``, then drop the earlier imports of its repository (no pod runs them
         while images are imported). Kept until then, the layers the new image shares with an
         earlier one (the base and the dependencies, gigabytes for the trainer) are neither
-        written nor unpacked again; on a disk short of IMPORT_ROOM_BYTES the earlier imports go
-        first, since their own layers might not fit beside the new ones."""
+        written nor unpacked again; on a disk with less room than the new layers need (twice the
+        archive, and a margin) the earlier imports go first."""
         repository = ref.rsplit(":", 1)[0]
         older = [
             name
             for name in self.ctr("images", "ls", "-q").stdout.split()
             if name.startswith(repository + ":") and name != ref
         ]
-        if older and shutil.disk_usage(self.store_dir).free < IMPORT_ROOM_BYTES:
+        need = IMPORT_ROOM_FACTOR * archive.stat().st_size + IMPORT_ROOM_MARGIN_BYTES
+        if older and shutil.disk_usage(self.store_dir).free < need:
             self.ctr("images", "rm", "--sync", *older)
             older = []
         self.ctr("images", "import", str(archive), timeout=1800)
