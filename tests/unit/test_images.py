@@ -31,8 +31,15 @@ def test_both_images_run_as_a_non_root_user():
     # the trainer's dependencies include the train extra, the operator's do not
     assert any("pyproject.toml train" in line for line in stages["deps-trainer"])
     assert not any("pyproject.toml train" in line for line in stages["deps-operator"])
+    # each image is its runtime stage (the dependencies' venv, which tests/infra/images.py
+    # tags and keeps) with our wheel on top
     for target, deps in (("operator", "deps-operator"), ("trainer", "deps-trainer")):
-        assert f"COPY --from={deps} /opt/difftrain /opt/difftrain" in stages[target]
+        assert f"COPY --from={deps} /opt/difftrain /opt/difftrain" in stages[f"{target}-runtime"]
+        assert re.search(rf"^FROM\s+{target}-runtime\s+AS\s+{target}$", _dockerfile(), re.M)
+
+
+def _dockerfile() -> str:
+    return (REPO / "Dockerfile").read_text()
 
 
 def test_the_operator_command_needs_no_torch():
