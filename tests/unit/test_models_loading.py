@@ -120,11 +120,23 @@ def test_folder_with_only_bin_weights_refused_then_allowed(tiny: Path, tmp_path:
     torch.testing.assert_close(outputs(allowed)["unet"], outputs(reference)["unet"])
 
 
-def test_sdxl_folder_refused(tiny: Path, tmp_path: Path) -> None:
-    folder = shutil.copytree(tiny, tmp_path / "xl")
-    shutil.copytree(tiny / "text_encoder", folder / "text_encoder_2")
-    with pytest.raises(ModelError, match=r"SDXL.*SD1\.x and SD2\.x"):
-        load(folder, tmp_path)
+def test_an_sdxl_folder_loads_and_the_refiner_is_refused(tmp_path: Path) -> None:
+    from difftrain.models.tiny_sdxl import build_tiny_sdxl_pipeline_folder
+
+    folder = build_tiny_sdxl_pipeline_folder(tmp_path / "xl")
+    components = load(folder, tmp_path / "w1")
+    assert components.family == "sdxl"
+    assert components.text_encoder_2 is not None and components.tokenizer_2 is not None
+    # the refiner: bigG alone (no text_encoder/), its time ids carry an aesthetic score
+    refiner = shutil.copytree(folder, tmp_path / "refiner")
+    shutil.rmtree(refiner / "text_encoder")
+    shutil.rmtree(refiner / "tokenizer")
+    with pytest.raises(ModelError, match=r"the SDXL refiner .*train an SDXL base model"):
+        load(refiner, tmp_path / "w2")
+    # tokenizer_2/ missing is named
+    shutil.rmtree(folder / "tokenizer_2")
+    with pytest.raises(ModelError, match=r"no tokenizer_2/"):
+        load(folder, tmp_path / "w3")
 
 
 def test_variant_missing_is_explained(tiny: Path, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -85,6 +86,19 @@ class ImageTransform:
         (possibly a non-contiguous view): what training batches hold, normalised on the device
         by :func:`to_model_range` (a quarter of the bytes to stack, pin and copy, and no float
         pass in the worker threads)."""
+        return self.pixels_and_sizes(image, size=size, rng=rng, flip=flip)[0]
+
+    def pixels_and_sizes(
+        self,
+        image: Image.Image,
+        *,
+        size: tuple[int, int] | None = None,
+        rng: random.Random,
+        flip: bool | None = None,
+    ) -> tuple[torch.Tensor, SizeConditioning]:
+        """:meth:`pixels` and how they were cut: the image's size, the crop's top-left corner
+        in the image scaled to cover the target (mirrored with the flip), and the target (SDXL's
+        time ids; the same draws as :meth:`pixels`)."""
         if image.mode != "RGB":
             image = image.convert("RGB")
         width, height = self.target(size)
@@ -102,7 +116,33 @@ class ImageTransform:
             flip = self.pre.flip_probability > 0 and rng.random() < self.pre.flip_probability
         if flip:
             pixels = pixels.flip(-1)
-        return pixels
+        top, left = _crop_corner(image.size, width, height, shift, flip)
+        sizes = SizeConditioning((image.height, image.width), (top, left), (height, width))
+        return pixels, sizes
+
+
+class SizeConditioning(NamedTuple):
+    """How one training image was cut, as (height, width) and (top, left) pixel pairs."""
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+
+
+def _crop_corner(
+    image_size: tuple[int, int], width: int, height: int, shift: tuple[float, float], flip: bool
+) -> tuple[int, int]:
+    """The crop's (top, left) in the image scaled so that it just covers (width, height): the
+    box :func:`_resize_crop` cuts (a rotated crop's centre is placed the same way)."""
+    w, h = image_size
+    k = min(w / width, h / height)
+    box_w = min(w, max(1, round(k * width)))
+    box_h = min(h, max(1, round(k * height)))
+    x0 = (w - box_w) / 2 * (1 + shift[0])
+    y0 = (h - box_h) / 2 * (1 + shift[1])
+    if flip:  # the mirrored image's crop starts as far from its left as this one ends from ours
+        x0 = w - box_w - x0
+    return round(y0 / k), round(x0 / k)
 
 
 def _resample(scale: float) -> Image.Resampling:

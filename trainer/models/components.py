@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from difftrain.storage import sha256_file
 
@@ -29,11 +29,14 @@ class Components:
     prediction_type: str
     """'epsilon' or 'v_prediction' (the spec's override, else the scheduler config's)."""
     family: str
-    """'sd1' or 'sd2'."""
+    """'sd1', 'sd2' or 'sdxl': a key of :data:`difftrain.models.families.FAMILIES`."""
     identity: str
     """sha256 hex identifying the weights: over the sorted manifest of the source files' sha256s."""
     source: str
     """The uri or hub id the model came from."""
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    """SDXL's OpenCLIP bigG encoder (with its pooled projection)."""
+    tokenizer_2: CLIPTokenizer | None = None
     ldm_extras: dict[str, torch.Tensor] = field(default_factory=dict)
     """Tensors of a single-file base model that the diffusers networks do not hold (SD2's
     OpenCLIP ``text_projection`` and last block), written back into single-file exports."""

@@ -93,26 +93,24 @@ def export_diffusers(
     out_dir: Path,
     *,
     unet: nn.Module | None = None,
-    text_encoder: nn.Module | None = None,
+    text_encoder: TextEncoders = None,
     controlnet: nn.Module | None = None,
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write a diffusers folder: the pipeline with the trained networks, or the ControlNet alone."""
+    """Write a diffusers folder: the family's pipeline with the trained networks (adapters merged
+    in), or the ControlNet alone. ``text_encoder``: one trained encoder or the family's list in
+    its order (None where the base one is kept)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if controlnet is not None:
         controlnet.save_pretrained(out_dir, safe_serialization=True)  # type: ignore[operator]
     else:
-        from diffusers import StableDiffusionPipeline
+        from difftrain.models.families import family
 
-        pipe = StableDiffusionPipeline(
-            vae=components.vae,
-            text_encoder=merged_copy(text_encoder or components.text_encoder),
-            tokenizer=components.tokenizer,
-            unet=merged_copy(unet or components.unet),
-            scheduler=_sampling_scheduler(components),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+        pipe = family(components.family).pipeline(
+            components,
+            merged_copy(unet or components.unet),
+            _sampling_scheduler(components),
+            text_encoders=[merged_copy(te) for te in text_encoders_of(components, text_encoder)],
         )
         pipe.save_pretrained(out_dir, safe_serialization=True)
     if metadata:
@@ -122,7 +120,26 @@ def export_diffusers(
     return out_dir
 
 
-def _configs_metadata(components: Components, unet: nn.Module, text: nn.Module) -> dict[str, str]:
+def text_encoders_of(components: Components, trained: TextEncoders) -> list[nn.Module]:
+    """The family's text encoders in its order: ``trained`` ones where given, else the base's."""
+    from difftrain.models.families import family
+
+    base = family(components.family).encoders(components)
+    given: list[nn.Module | None]
+    if trained is None:
+        given = [None] * len(base)
+    elif isinstance(trained, nn.Module):
+        given = [trained] + [None] * (len(base) - 1)
+    else:
+        given = list(trained)
+    if len(given) != len(base):
+        raise ValueError(f"{len(given)} text encoders given for a model with {len(base)}")
+    return [g if g is not None else b for g, b in zip(given, base, strict=True)]
+
+
+def _configs_metadata(
+    components: Components, unet: nn.Module, texts: Sequence[nn.Module]
+) -> dict[str, str]:
     def clean(config: Any) -> str:
         items = dict(config.to_dict() if hasattr(config, "to_dict") else config)
         drop = {"_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype"}
@@ -131,7 +148,10 @@ def _configs_metadata(components: Components, unet: nn.Module, text: nn.Module) 
     out = {
         "difftrain.config.unet": clean(unet.config),
         "difftrain.config.vae": clean(components.vae.config),
-        "difftrain.config.text_encoder": clean(text.config),
+        **{
+            f"difftrain.config.{name}": clean(text.config)
+            for name, text in zip(("text_encoder", "text_encoder_2"), texts, strict=False)
+        },
         "difftrain.config.scheduler": json.dumps(components.scheduler_config, default=str),
         "modelspec.prediction_type": components.prediction_type,
     }
@@ -148,28 +168,37 @@ def export_single_file(
     path: Path,
     *,
     unet: nn.Module | None = None,
-    text_encoder: nn.Module | None = None,
+    text_encoder: TextEncoders = None,
     metadata: dict[str, str],
     dtype: torch.dtype = torch.float16,
 ) -> Path:
-    """Write the model as one LDM-layout .safetensors file (SD1 or SD2)."""
-    if components.family not in {"sd1", "sd2"}:
-        raise ModelError(f"single-file export supports SD1 and SD2, not {components.family!r}")
+    """Write the model as one .safetensors file: the LDM layout (SD1, SD2) or SGM's (SDXL), as
+    A1111, ComfyUI and Forge load them."""
     unet_module = merged_copy(unet or components.unet)
-    text_module = merged_copy(text_encoder or components.text_encoder)
-    text = text_to_ldm(text_module.state_dict(), components.family)
-    if components.family == "sd2":
-        text = with_open_clip_extras(text, components.ldm_extras)
-    tensors = {
-        **unet_to_ldm(unet_module.state_dict()),
-        **vae_to_ldm(components.vae.state_dict()),
-        **text,
-    }
+    texts = [merged_copy(te) for te in text_encoders_of(components, text_encoder)]
+    if components.family == "sdxl":
+        from difftrain.models.sgm import sdxl_to_sgm
+
+        tensors = sdxl_to_sgm(
+            unet_module.state_dict(),
+            components.vae.state_dict(),
+            texts[0].state_dict(),
+            texts[1].state_dict(),
+        )
+    else:
+        text = text_to_ldm(texts[0].state_dict(), components.family)
+        if components.family == "sd2":
+            text = with_open_clip_extras(text, components.ldm_extras)
+        tensors = {
+            **unet_to_ldm(unet_module.state_dict()),
+            **vae_to_ldm(components.vae.state_dict()),
+            **text,
+        }
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     if components.prediction_type == "v_prediction":
         # ComfyUI tells v-prediction checkpoints by this (empty) key
         tensors[V_PRED_KEY] = torch.tensor([])
-    header = {**_configs_metadata(components, unet_module, text_module), **metadata}
+    header = {**_configs_metadata(components, unet_module, texts), **metadata}
     save_safetensors(tensors, path, header)
     logger.info("single file exported", extra={"path": str(path), "tensors": len(tensors)})
     return path

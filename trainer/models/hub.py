@@ -29,12 +29,13 @@ CONFIG_PATTERNS = [
     "model_index.json",
     "scheduler/*.json",
     "tokenizer/*",
+    "tokenizer_2/*",
     "unet/*.json",
     "vae/*.json",
     "text_encoder/*.json",
     "text_encoder_2/*.json",
 ]
-WEIGHT_FOLDERS = ("unet", "vae", "text_encoder")
+WEIGHT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 def hub_files(files: list[str], spec: BaseModelSpec) -> tuple[list[str], list[str]]:

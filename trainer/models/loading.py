@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from difftrain.api.training import BaseModelSpec
 from difftrain.models.components import Components, folder_identity
@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 COMPONENT_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-_WEIGHT_FOLDERS = ("unet", "vae", "text_encoder")
+SDXL_FOLDERS = ("text_encoder_2", "tokenizer_2")  # what an SDXL folder has besides
+_WEIGHT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
 _OPT_IN = (
     "convert it to .safetensors, or set baseModel.allowPickle: true if you trust its author "
     "(unpickling runs arbitrary code)"
@@ -173,13 +174,15 @@ def _check_layout(files: list[str], spec: BaseModelSpec, where: str) -> list[str
         singles = [f for f in files if f.endswith(".safetensors") and "/" not in f]
         hint = f" (did you mean the file {singles[0]} in it?)" if singles else ""
         raise ModelError(f"{where}: not a diffusers folder (no model_index.json){hint}")
-    if any(f.startswith("text_encoder_2/") for f in files):
+    sdxl = any(f.startswith("text_encoder_2/") for f in files)
+    if sdxl and not any(f.startswith("text_encoder/") for f in files):
         raise ModelError(
-            f"{where}: an SDXL model (it has text_encoder_2); training supports "
-            "SD1.x and SD2.x base models for now"
+            f"{where}: the SDXL refiner (it has text_encoder_2 but no text_encoder; its time ids "
+            "carry an aesthetic score); the refiner only denoises the last steps of a base "
+            "model's image: train an SDXL base model instead"
         )
     wanted = ["model_index.json"]
-    for name in COMPONENT_FOLDERS:
+    for name in COMPONENT_FOLDERS + (SDXL_FOLDERS if sdxl else ()):
         names = [f[len(name) + 1 :] for f in files if f.startswith(name + "/")]
         if not names:
             raise ModelError(f"{where}: the diffusers folder has no {name}/")
@@ -210,13 +213,18 @@ def _uses_safetensors(folder: Path, spec: BaseModelSpec) -> bool:
     return any(".safetensors" in n for n in chosen)
 
 
-def family_of(unet: UNet2DConditionModel) -> str:
-    """'sd1' or 'sd2' from the UNet's config; SDXL and other UNets are refused."""
+def family_of(unet: UNet2DConditionModel, *, two_encoders: bool = False) -> str:
+    """'sd1', 'sd2' or 'sdxl' from the UNet's config (and whether the model has SDXL's second
+    text encoder); other added conditioning is refused."""
     config = unet.config
-    if config.get("addition_embed_type") is not None:
+    added = config.get("addition_embed_type")
+    if added == "text_time" and two_encoders:
+        return "sdxl"
+    if added is not None:
         raise ModelError(
-            "baseModel: an SDXL-style UNet (addition embeddings); training supports SD1.x and "
-            "SD2.x base models for now"
+            f"baseModel: a UNet with {added!r} addition embeddings"
+            + ("" if added != "text_time" else " but no second text encoder (text_encoder_2/)")
+            + "; training supports SD1.x, SD2.x and SDXL base models"
         )
     return "sd2" if config.get("use_linear_projection") else "sd1"
 
@@ -263,7 +271,8 @@ def load_diffusers_folder(
         variant=variant,
         use_safetensors=_uses_safetensors(unet_dir, spec),
     )
-    family = family_of(unet)
+    two_encoders = (folder / "text_encoder_2").is_dir()
+    family = family_of(unet, two_encoders=two_encoders)
     vae = AutoencoderKL.from_pretrained(
         vae_dir,
         torch_dtype=dtype,
@@ -274,6 +283,13 @@ def load_diffusers_folder(
         te_dir, dtype=dtype, variant=variant, use_safetensors=_uses_safetensors(te_dir, spec)
     )
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    text_encoder_2 = tokenizer_2 = None
+    if family == "sdxl":
+        te2_dir = folder / "text_encoder_2"
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            te2_dir, dtype=dtype, variant=variant, use_safetensors=_uses_safetensors(te2_dir, spec)
+        )
+        tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler_config: dict[str, Any] = json.loads(scheduler_path.read_text(encoding="utf-8"))
     prediction_type = prediction_type_of(spec, scheduler_config)
@@ -289,6 +305,8 @@ def load_diffusers_folder(
         family=family,
         identity=folder_identity(folder, files),
         source=source,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
     )
     logger.info(
         "base model loaded",

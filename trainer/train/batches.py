@@ -22,10 +22,11 @@ from typing import Any, TypeVar
 import torch
 
 from difftrain.data.captions import CaptionPolicy
-from difftrain.data.transforms import ImageTransform
+from difftrain.data.transforms import ImageTransform, SizeConditioning
 from difftrain.train.objective import step_generator
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,9 @@ class Batch:
     text_embeddings: torch.Tensor | None = None  # cached text-encoder outputs
     conditioning: torch.Tensor | None = None  # uint8 ControlNet conditioning: to_unit_range
     prior: list[bool] = field(default_factory=list)  # per example: a DreamBooth class image
+    time_ids: torch.Tensor | None = None  # (B, 6) SDXL: original size, crop corner, target size
 
-    _TENSORS = ("latents", "pixels", "text_embeddings", "conditioning")
+    _TENSORS = ("latents", "pixels", "text_embeddings", "conditioning", "time_ids")
 
     def pinned(self) -> Batch:
         """The batch with its tensors in page-locked memory (copied to a GPU asynchronously)."""
@@ -137,6 +139,8 @@ class BatchBuilder:
         shift_factor: float | None = None,
         read: Callable[[Any], bytes] | None = None,
         workers: int = 1,
+        size_conditioning: bool = False,
+        cached_text: bool = True,
     ) -> None:
         self.examples = examples
         self.seed = seed
@@ -148,6 +152,10 @@ class BatchBuilder:
         self.shift_factor = shift_factor
         self.read = read  # a source pair -> its image bytes, read when a batch needs them
         self.workers = workers
+        # SDXL: each raw image's size and crop as the batch's time ids
+        self.size_conditioning = size_conditioning
+        # whether the latent cache's text embeddings are what the model is conditioned on
+        self.use_cached_text = cached_text
         self._pool: ThreadPoolExecutor | None = None
         # The text encoder's output for an empty caption (caption dropout with cached text).
         self.empty_embedding: torch.Tensor | None = None
@@ -160,7 +168,7 @@ class BatchBuilder:
         embeddings: list[torch.Tensor] = []
         prior: list[bool] = []
         # cached text embeddings only when every caption of the batch is the cached one
-        cached_text = not any(self.examples[i].varies for i in indices)
+        cached_text = self.use_cached_text and not any(self.examples[i].varies for i in indices)
         for i in indices:
             ex = self.examples[i]
             rng = random.Random(f"{self.seed}:{epoch}:{i}")
@@ -187,7 +195,14 @@ class BatchBuilder:
         batch = Batch(captions=captions, prior=prior)
         if latents:
             batch.latents = torch.stack(latents)
-        if images:
+        if images and self.size_conditioning and not latents:
+            cut = self._map(self._pixels_and_sizes, images)
+            batch.pixels = torch.stack([pixels for pixels, _ in cut])
+            batch.time_ids = torch.tensor(
+                [[*s.original_size, *s.crop_top_left, *s.target_size] for _, s in cut],
+                dtype=torch.float32,
+            )
+        elif images:
             batch.pixels = torch.stack(self._map(self._pixels, images))
         if embeddings and len(embeddings) == len(indices):
             batch.text_embeddings = torch.stack(embeddings)
@@ -197,13 +212,23 @@ class BatchBuilder:
 
     def _pixels(self, item: tuple[Example, random.Random, bool]) -> torch.Tensor:
         ex, rng, flip = item
-        assert self.transform is not None and self.decode is not None
+        assert self.transform is not None
+        return self.transform.pixels(self._image(ex), size=ex.size, rng=rng, flip=flip)
+
+    def _pixels_and_sizes(
+        self, item: tuple[Example, random.Random, bool]
+    ) -> tuple[torch.Tensor, SizeConditioning]:
+        ex, rng, flip = item
+        assert self.transform is not None
+        return self.transform.pixels_and_sizes(self._image(ex), size=ex.size, rng=rng, flip=flip)
+
+    def _image(self, ex: Example) -> Any:
+        assert self.decode is not None
         data = ex.data
         if not data:
             assert self.read is not None and ex.source is not None, ex.key
             data = self.read(ex.source)
-        image = self.decode(data, ex.key)
-        return self.transform.pixels(image, size=ex.size, rng=rng, flip=flip)
+        return self.decode(data, ex.key)
 
     def _conditioning(self, ex: Example) -> torch.Tensor:
         assert self.transform is not None and self.decode is not None
@@ -212,7 +237,7 @@ class BatchBuilder:
         # same size, unflipped, center crop: matches the cached latent's framing
         return self.transform.pixels(cond_image, size=ex.size, rng=random.Random(0), flip=False)
 
-    def _map(self, fn: Callable[[T], torch.Tensor], items: list[T]) -> list[torch.Tensor]:
+    def _map(self, fn: Callable[[T], R], items: list[T]) -> list[R]:
         if self.workers <= 1 or len(items) <= 1:
             return [fn(item) for item in items]
         if self._pool is None:  # made at the first batch, reused by every later one

@@ -55,7 +55,11 @@ def export_all(
     acc = trainer.acc
     wrapped = trainer.wrapped
     unet = acc.unwrap_model(wrapped["unet"]) if "unet" in wrapped else components.unet
-    text_encoder = acc.unwrap_model(wrapped["text_encoder"]) if "text_encoder" in wrapped else None
+    # the family's text encoders in order, the trained ones unwrapped (None: the base's)
+    text_encoder = [
+        acc.unwrap_model(wrapped[name]) if name in wrapped else None
+        for name in trainer.inp.modules.text_encoders()
+    ]
     controlnet = acc.unwrap_model(wrapped["controlnet"]) if "controlnet" in wrapped else None
     out_dir = work / "export"
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from difftrain.api import ClipScoreStatus, DiffusionTrainingJobSpec
-from difftrain.data.cache_encode import token_ids
 from difftrain.data.transforms import to_model_range, to_unit_range
+from difftrain.models.families import TextConditioning, family
 from difftrain.models.placement import frozen_dtype
 from difftrain.storage import Store
 from difftrain.train import objective
@@ -139,6 +139,8 @@ class Trainer:
         self.device = accelerator.device
         comps = inputs.components
         self.scheduler = comps.noise_scheduler
+        self.family = family(comps.family)
+        self.latent_scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
         self.prediction_type = comps.prediction_type
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
@@ -156,7 +158,8 @@ class Trainer:
         comps.vae.to(self.device, torch.float32 if frozen == torch.float16 else frozen)
         comps.vae.eval()
         if not modules.train_text_encoder:
-            modules.text_encoder.to(self.device, frozen).eval()
+            for encoder in modules.text_encoders().values():
+                encoder.to(self.device, frozen).eval()
         if modules.method != "full":
             for p in modules.unet.parameters():
                 if not p.requires_grad:
@@ -286,13 +289,12 @@ class Trainer:
 
     # ---- one step --------------------------------------------------------------------------
 
-    def _encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = objective.to_device(token_ids(self.inp.components.tokenizer, captions), self.device)
-        encoder = self.wrapped.get("text_encoder", self.inp.modules.text_encoder)
-        ctx = contextlib.nullcontext() if "text_encoder" in self.wrapped else torch.no_grad()
-        with ctx:
-            out: torch.Tensor = encoder(ids)[0]
-        return out
+    def _encode_text(self, captions: list[str]) -> TextConditioning:
+        names = self.inp.modules.text_encoders()
+        encoders = [self.wrapped.get(name, module) for name, module in names.items()]
+        trained = any(name in self.wrapped for name in names)
+        with contextlib.nullcontext() if trained else torch.no_grad():
+            return self.family.encode(self.inp.components, captions, self.device, encoders)
 
     def _latents(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         if batch.latents is not None:
@@ -330,9 +332,13 @@ class Trainer:
         )
         latents = self._latents(batch, gen).float()
         if batch.text_embeddings is not None and "text_encoder" not in self.wrapped:
-            text = batch.text_embeddings
+            text = TextConditioning(batch.text_embeddings)
         else:
             text = self._encode_text(batch.captions)
+        scale = self.latent_scale
+        added = self.family.unet_kwargs(
+            text, batch.time_ids, (latents.shape[-2] * scale, latents.shape[-1] * scale)
+        )
         noise = objective.sample_noise(latents, gen, self.reg.noise_offset)
         n = latents.shape[0]
         timesteps = torch.randint(
@@ -347,10 +353,11 @@ class Trainer:
                 self.inp.modules,
                 noisy,
                 timesteps,
-                text,
+                text.hidden,
                 None if batch.conditioning is None else to_unit_range(batch.conditioning),
                 unet=self._denoiser("unet"),
                 controlnet=self._denoiser("controlnet"),
+                added=added,
             )
         weights = None
         if self.reg.snr_gamma is not None:
@@ -381,11 +388,10 @@ class Trainer:
                         if "controlnet" in self.wrapped
                         else None
                     ),
-                    text_encoder=(
-                        self.acc.unwrap_model(self.wrapped["text_encoder"])
-                        if "text_encoder" in self.wrapped
-                        else None
-                    ),
+                    text_encoders=[
+                        self.acc.unwrap_model(self.wrapped.get(name, module))
+                        for name, module in mods.text_encoders().items()
+                    ],
                 )
                 images = generate(
                     pipe,
@@ -454,7 +460,10 @@ class Trainer:
             self.inp.components,
             mods,
             unet=unwrap(self.wrapped.get("unet", mods.unet)),
-            text_encoder=unwrap(self.wrapped.get("text_encoder", mods.text_encoder)),
+            text_encoders=[
+                unwrap(self.wrapped.get(name, module))
+                for name, module in mods.text_encoders().items()
+            ],
             controlnet=unwrap(self.wrapped["controlnet"]) if "controlnet" in self.wrapped else None,
             device=self.device,
             autocast=self.acc.autocast,

@@ -29,6 +29,14 @@ class TrainedModules:
     text_encoder: torch.nn.Module
     controlnet: torch.nn.Module | None
     train_text_encoder: bool
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's second encoder
+
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """Name -> text encoder, in the family's order (``text_encoder``, ``text_encoder_2``)."""
+        out = {"text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            out["text_encoder_2"] = self.text_encoder_2
+        return out
 
     def learners(self) -> dict[str, torch.nn.Module]:
         """Name -> module with trainable parameters (what the optimizer and DDP see)."""
@@ -39,16 +47,26 @@ class TrainedModules:
         else:
             out["unet"] = self.unet
         if self.train_text_encoder:
-            out["text_encoder"] = self.text_encoder
+            out.update(self.text_encoders())
         return out
 
 
 def attach(spec: DiffusionTrainingJobSpec, components: Any) -> TrainedModules:
     """Freeze what does not learn and add adapters or a ControlNet as the method asks."""
+    from difftrain.models.families import family
+
+    fam = family(components.family)
+    if spec.method not in fam.methods:
+        raise TrainingConfigError(
+            f"method {spec.method!r} is not supported for {fam.name.upper()} base models yet; "
+            f"use one of {sorted(fam.methods)}"
+        )
     unet = components.unet
     text_encoder = components.text_encoder
+    encoders = [getattr(components, name) for name in fam.text_encoders]
     components.vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    for encoder in encoders:
+        encoder.requires_grad_(False)
     controlnet = None
     train_te = False
     if spec.method == "full":
@@ -71,18 +89,19 @@ def attach(spec: DiffusionTrainingJobSpec, components: Any) -> TrainedModules:
             from peft import inject_adapter_in_model
 
             # transformers' own add_adapter needs a newer peft than exists; inject directly
-            inject_adapter_in_model(
-                LoraConfig(
-                    r=spec.lora.rank,
-                    lora_alpha=spec.lora_alpha,
-                    lora_dropout=spec.lora.dropout,
-                    init_lora_weights="gaussian",
-                    target_modules=TEXT_ENCODER_LORA_TARGETS,
-                ),
-                text_encoder,
-            )
-            for name, param in text_encoder.named_parameters():
-                param.requires_grad_("lora_" in name)
+            for encoder in encoders:  # SDXL: both
+                inject_adapter_in_model(
+                    LoraConfig(
+                        r=spec.lora.rank,
+                        lora_alpha=spec.lora_alpha,
+                        lora_dropout=spec.lora.dropout,
+                        init_lora_weights="gaussian",
+                        target_modules=TEXT_ENCODER_LORA_TARGETS,
+                    ),
+                    encoder,
+                )
+                for name, param in encoder.named_parameters():
+                    param.requires_grad_("lora_" in name)
             train_te = True
         if not any(p.requires_grad for p in unet.parameters()):
             raise TrainingConfigError(
@@ -102,7 +121,8 @@ def attach(spec: DiffusionTrainingJobSpec, components: Any) -> TrainedModules:
         controlnet.requires_grad_(True)
     else:
         raise TrainingConfigError(f"method {spec.method!r} is not full, lora or controlnet")
-    return TrainedModules(spec.method, unet, text_encoder, controlnet, train_te)
+    second = encoders[1] if len(encoders) > 1 else None
+    return TrainedModules(spec.method, unet, text_encoder, controlnet, train_te, second)
 
 
 def trainable_state(modules: TrainedModules, unwrap: Any) -> dict[str, torch.Tensor]:
@@ -148,8 +168,11 @@ def predict(
     *,
     unet: torch.nn.Module,
     controlnet: torch.nn.Module | None,
+    added: dict[str, Any] | None = None,
 ) -> torch.Tensor:
-    """The UNet's prediction, through the ControlNet's residuals for method controlnet."""
+    """The UNet's prediction, through the ControlNet's residuals for method controlnet;
+    ``added``: what the family adds to both calls (SDXL's ``added_cond_kwargs``)."""
+    added = added or {}
     if modules.method == "controlnet":
         assert controlnet is not None and conditioning is not None
         down, mid = controlnet(
@@ -158,6 +181,7 @@ def predict(
             encoder_hidden_states=text,
             controlnet_cond=conditioning.to(noisy.dtype),
             return_dict=False,
+            **added,
         )
         out: torch.Tensor = unet(
             noisy,
@@ -165,7 +189,8 @@ def predict(
             encoder_hidden_states=text,
             down_block_additional_residuals=[d.to(noisy.dtype) for d in down],
             mid_block_additional_residual=mid.to(noisy.dtype),
+            **added,
         ).sample
         return out
-    pred: torch.Tensor = unet(noisy, timesteps, encoder_hidden_states=text).sample
+    pred: torch.Tensor = unet(noisy, timesteps, encoder_hidden_states=text, **added).sample
     return pred

@@ -124,8 +124,10 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
     from difftrain.data.images import decode_rgb
     from difftrain.data.transforms import ImageTransform
     from difftrain.models import load_base_model
+    from difftrain.models.families import family
     from difftrain.models.placement import frozen_dtype
     from difftrain.train.dreambooth import check_prior_settings
+    from difftrain.train.family_rules import for_family
     from difftrain.train.shared_data import clean_dataset, clean_on_main
 
     spec = job.spec.resolved()
@@ -158,6 +160,9 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
             open_store(base_uri, options.store_config) if base_uri else None,
             work_dir=options.work_dir / "model",
         )
+    fam = family(components.family)
+    spec = for_family(spec, job.spec, fam)
+    pre = spec.preprocessing
     # The CLIP model of the samples' score: on the process that samples, refused before the data.
     clip_scorer = None
     if spec.sampling.clip_model_uri is not None and acc.is_main_process:
@@ -350,8 +355,10 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
         shift_factor=getattr(components.vae.config, "shift_factor", None),
         read=stores.read,
         workers=image_workers(),
+        size_conditioning=fam.size_conditioning,
+        cached_text=fam.caches_text,
     )
-    if spec.regularization.caption_dropout > 0 and pre.cache_latents:
+    if spec.regularization.caption_dropout > 0 and pre.cache_latents and fam.caches_text:
         from difftrain.data.cache import encode_text
 
         builder.empty_embedding = encode_text(components, [""], torch.device("cpu"))[0].float()

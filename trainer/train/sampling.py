@@ -39,30 +39,18 @@ def build_pipeline(
     unet: torch.nn.Module,
     *,
     controlnet: torch.nn.Module | None = None,
-    text_encoder: torch.nn.Module | None = None,
+    text_encoders: list[torch.nn.Module] | None = None,
 ) -> Any:
-    """A diffusers pipeline around the modules being trained (no safety checker)."""
-    from diffusers import (
-        DPMSolverMultistepScheduler,
-        StableDiffusionControlNetPipeline,
-        StableDiffusionPipeline,
-    )
+    """The family's diffusers pipeline around the modules being trained (no safety checker);
+    ``text_encoders`` in the family's order (default: the components')."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from difftrain.models.families import family
 
     scheduler = DPMSolverMultistepScheduler.from_config(components.scheduler_config)
-    parts = {
-        "vae": components.vae,
-        "text_encoder": text_encoder or components.text_encoder,
-        "tokenizer": components.tokenizer,
-        "unet": unet,
-        "scheduler": scheduler,
-        "safety_checker": None,
-        "feature_extractor": None,
-        "requires_safety_checker": False,
-    }
-    if controlnet is not None:
-        pipe = StableDiffusionControlNetPipeline(controlnet=controlnet, **parts)
-    else:
-        pipe = StableDiffusionPipeline(**parts)
+    pipe = family(components.family).pipeline(
+        components, unet, scheduler, text_encoders=text_encoders, controlnet=controlnet
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -113,7 +101,8 @@ def generate(
 
 def _autocast(pipe: Any, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """Autocast in the half-precision dtype among the pipeline's networks, when they mix dtypes."""
-    networks = [getattr(pipe, n, None) for n in ("unet", "text_encoder", "vae", "controlnet")]
+    names = ("unet", "text_encoder", "text_encoder_2", "vae", "controlnet")
+    networks = [getattr(pipe, n, None) for n in names]
     dtypes = {
         p.dtype
         for net in networks

@@ -18,8 +18,8 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from difftrain.api import ValidationSpec, ValidationStatus
-from difftrain.data.cache_encode import token_ids
 from difftrain.data.transforms import ImageTransform, to_model_range, to_unit_range
+from difftrain.models.families import TextConditioning, family
 from difftrain.train import objective
 from difftrain.train.batches import BatchBuilder, Example, image_workers
 from difftrain.train.methods import TrainedModules, TrainingConfigError, predict
@@ -65,9 +65,9 @@ class EvalModel(Protocol):
     """What the validator needs from the model being trained."""
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor: ...
-    def encode_text(self, captions: list[str]) -> torch.Tensor: ...
+    def encode_text(self, captions: list[str]) -> Any: ...
     def predict(
-        self, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor, cond: Any
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, text: Any, cond: Any
     ) -> torch.Tensor: ...
 
 
@@ -79,7 +79,7 @@ class ModelForEval:
     components: Any  # difftrain.models.Components
     modules: TrainedModules
     unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    text_encoders: list[torch.nn.Module]  # the family's, in its order
     controlnet: torch.nn.Module | None
     device: torch.device
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
@@ -95,23 +95,26 @@ class ModelForEval:
         scaled: torch.Tensor = latents * vae.config.scaling_factor
         return scaled
 
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = token_ids(self.components.tokenizer, captions)
-        out: torch.Tensor = self.text_encoder(ids.to(self.device))[0]
-        return out
+    def encode_text(self, captions: list[str]) -> TextConditioning:
+        fam = family(self.components.family)
+        return fam.encode(self.components, captions, self.device, self.text_encoders)
 
     def predict(
-        self, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor, cond: Any
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning, cond: Any
     ) -> torch.Tensor:
+        fam = family(self.components.family)
+        scale = 2 ** (len(self.components.vae.config.block_out_channels) - 1)
+        target = (noisy.shape[-2] * scale, noisy.shape[-1] * scale)
         with self.autocast():
             return predict(
                 self.modules,
                 noisy,
                 timesteps,
-                text,
+                text.hidden,
                 cond,
                 unet=self.unet,
                 controlnet=self.controlnet,
+                added=fam.unet_kwargs(text, None, target),
             )
 
 

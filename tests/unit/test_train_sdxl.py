@@ -1,0 +1,217 @@
+"""SDXL through `difftrain run`: a tiny SDXL-shaped model trains (full, LoRA with both text
+encoders), resumes exactly, samples with the SDXL pipeline and exports files diffusers loads."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from difftrain import api
+from difftrain.data.transforms import ImageTransform
+from difftrain.models.families import FAMILIES
+from difftrain.models.tiny_sdxl import build_tiny_sdxl_pipeline_folder
+from difftrain.train.batches import BatchBuilder, Example
+from difftrain.train.family_rules import for_family
+from difftrain.train.methods import TrainingConfigError
+from difftrain.train.run import RunOptions, run_training
+from tests.training import prepare_local_inputs, tiny_job
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = prepare_local_inputs(tmp_path_factory.mktemp("inputs"), images=16)
+    build_tiny_sdxl_pipeline_folder(root / "sdxl")
+    return root
+
+
+def _job(inputs: Path, out: Path, steps: int = 3, **spec: object) -> dict:
+    job = tiny_job(inputs, out, **spec)
+    job["spec"]["baseModel"] = {"uri": str(inputs / "sdxl")}
+    job["spec"]["hyperparameters"].update(
+        {
+            "maxSteps": steps,
+            "warmupSteps": 1,
+            "batchSize": 2,
+            "learningRate": 1e-3,
+            "lrScheduler": "constant",
+        }
+    )
+    job["spec"]["checkpointing"] = {"everySteps": 2, "keepLast": 3}
+    return job
+
+
+def _run(job: dict, work: Path):
+    resource = api.parse_resource(job)
+    assert isinstance(resource, api.DiffusionTrainingJob)
+    return run_training(resource, RunOptions(work_dir=work))
+
+
+def _unet_inputs() -> tuple:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    text = torch.randn(1, 77, 80, generator=gen)
+    added = {
+        "text_embeds": torch.randn(1, 40, generator=gen),
+        "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]),
+    }
+    return x, torch.tensor([500]), text, added
+
+
+def _unet_out(pipe) -> torch.Tensor:
+    x, t, text, added = _unet_inputs()
+    with torch.no_grad():
+        out: torch.Tensor = pipe.unet(
+            x, t, encoder_hidden_states=text, added_cond_kwargs=added
+        ).sample
+    return out
+
+
+def _pooled(pipe, prompt: str = "a red circle") -> torch.Tensor:
+    ids = pipe.tokenizer_2([prompt], padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        out: torch.Tensor = pipe.text_encoder_2(ids.input_ids).text_embeds
+    return out
+
+
+def test_a_full_sdxl_run_samples_and_exports_a_folder_and_an_sgm_file(
+    inputs: Path, tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "out"
+    job = _job(inputs, out)
+    job["spec"]["output"]["formats"] = ["diffusers", "single_file"]
+    outcome = _run(job, tmp_path / "work")
+    formats = {o.format: o.uri for o in outcome.outputs}
+    assert set(formats) == {"diffusers", "single_file"}
+    base = StableDiffusionXLPipeline.from_pretrained(str(inputs / "sdxl"))
+    folder = StableDiffusionXLPipeline.from_pretrained(formats["diffusers"])
+    single = StableDiffusionXLPipeline.from_single_file(
+        formats["single_file"], config=str(inputs / "sdxl"), local_files_only=True
+    )
+    # the SGM layout A1111, ComfyUI and Forge read
+    with safe_open(formats["single_file"], "pt") as f:
+        keys = set(f.keys())
+    assert any(k.startswith("conditioner.embedders.0.transformer.") for k in keys)
+    assert any(k.startswith("conditioner.embedders.1.model.") for k in keys)
+    assert any(k.startswith("model.diffusion_model.label_emb.") for k in keys)
+    trained = _unet_out(folder)
+    assert not torch.allclose(trained, _unet_out(base), atol=1e-4), "the UNet did not change"
+    assert torch.allclose(trained, _unet_out(single), atol=5e-3)  # the single file is fp16
+    assert torch.allclose(_pooled(folder), _pooled(single), atol=5e-3)
+    assert any((out / "samples").rglob("grid.png")), "no samples from the SDXL pipeline"
+
+
+def test_sdxl_lora_trains_both_text_encoders_and_both_layouts_load_the_same(
+    inputs: Path, tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    job = _job(inputs, tmp_path / "out", method="lora", lora={"rank": 4, "trainTextEncoder": True})
+    job["spec"]["hyperparameters"]["learningRate"] = 1e-2
+    outcome = _run(job, tmp_path / "work")
+    formats = {o.format: o.uri for o in outcome.outputs}
+    assert set(formats) == {"lora_peft", "lora_kohya"}
+    with safe_open(formats["lora_kohya"], "pt") as f:
+        kohya_keys = list(f.keys())
+    prefixes = {k.split("_", 2)[1] for k in kohya_keys}
+    assert {"unet", "te1", "te2"} <= prefixes, prefixes
+    assert any(k.startswith("lora_unet_input_blocks_") for k in kohya_keys)
+    results = {}
+    for name, uri in [("base", None), *formats.items()]:
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(inputs / "sdxl"))
+        if uri is not None:
+            pipe.load_lora_weights(uri)
+        results[name] = (_unet_out(pipe), _pooled(pipe))
+    for i in range(2):
+        assert torch.allclose(results["lora_peft"][i], results["lora_kohya"][i], atol=1e-4)
+        assert not torch.allclose(results["lora_peft"][i], results["base"][i], atol=1e-5)
+
+
+def test_an_sdxl_run_stopped_and_resumed_ends_with_the_uninterrupted_weights(
+    inputs: Path, tmp_path: Path
+) -> None:
+    straight = _job(inputs, tmp_path / "straight", steps=4)
+    _run(straight, tmp_path / "w1")
+    stopped = _job(inputs, tmp_path / "resumed", steps=2)
+    _run(stopped, tmp_path / "w2")
+    resumed = _run(_job(inputs, tmp_path / "resumed", steps=4), tmp_path / "w2")
+    assert len(resumed.loop.losses) == 2, "the second run did not resume from step 2"
+    name = "checkpoints/step-00000004/trainable.safetensors"
+    a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+
+
+def test_sdxl_trains_from_the_latent_cache(inputs: Path, tmp_path: Path) -> None:
+    """Cached latents, text encoded each step (the cache holds no pooled embedding yet)."""
+    job = _job(inputs, tmp_path / "out", steps=2)
+    job["spec"]["preprocessing"]["cacheLatents"] = True
+    outcome = _run(job, tmp_path / "work")
+    assert outcome.outputs
+
+
+def test_what_sdxl_does_not_support_is_refused_naming_the_field(
+    inputs: Path, tmp_path: Path
+) -> None:
+    job = _job(inputs, tmp_path / "out", method="controlnet")
+    job["spec"]["controlnet"] = {"conditioningUri": str(inputs / "dataset")}
+    with pytest.raises(TrainingConfigError, match=r"method 'controlnet' .* SDXL"):
+        _run(job, tmp_path / "work")
+    job = _job(inputs, tmp_path / "out2")
+    job["spec"]["preprocessing"]["boomerang"] = {"enabled": True}
+    with pytest.raises(TrainingConfigError, match=r"preprocessing\.boomerang\.enabled"):
+        _run(job, tmp_path / "work2")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.safetensors"))
+
+
+def test_sdxl_trains_at_1024_pixels_unless_the_job_says_otherwise(inputs: Path) -> None:
+    def resolution(preprocessing: dict, family: str) -> int:
+        job = tiny_job(inputs, inputs / "out", preprocessing=preprocessing)
+        resource = api.parse_resource(job)
+        assert isinstance(resource, api.DiffusionTrainingJob)
+        spec = resource.spec
+        return for_family(spec.resolved(), spec, FAMILIES[family]).preprocessing.resolution
+
+    assert resolution({}, "sdxl") == 1024
+    assert resolution({"resolution": 512}, "sdxl") == 512
+    assert resolution({}, "sd1") == 512
+    assert resolution({"resolution": 768}, "sd2") == 768
+
+
+def test_each_image_carries_its_size_and_crop_as_time_ids() -> None:
+    """Original (h, w), the crop's (top, left) in the image scaled to cover the target, the
+    target (h, w); a flip mirrors the crop's corner."""
+    import io
+
+    wide = Image.new("RGB", (200, 100), "red")
+    data = io.BytesIO()
+    wide.save(data, "PNG")
+    pre = api.PreprocessingSpec(resolution=64)
+    builder = BatchBuilder(
+        [Example(key="a", caption="c", size=(64, 64), data=data.getvalue())],
+        seed=0,
+        transform=ImageTransform(pre),
+        decode=lambda b, name: Image.open(io.BytesIO(b)).convert("RGB"),
+        flip_probability=0.0,
+        caption_dropout=0.0,
+        scaling_factor=1.0,
+        size_conditioning=True,
+    )
+    batch = builder(0, 0, [0])
+    assert batch.time_ids is not None
+    # 200x100 covers 64x64 at scale 0.64 (128x64); a centre crop starts 32 px in
+    assert batch.time_ids.tolist() == [[100.0, 200.0, 0.0, 32.0, 64.0, 64.0]]
+    random_crop = ImageTransform(api.PreprocessingSpec(resolution=64, crop="random"))
+    for seed in range(20):
+        _, plain = random_crop.pixels_and_sizes(wide, rng=random.Random(seed), flip=False)
+        _, flipped = random_crop.pixels_and_sizes(wide, rng=random.Random(seed), flip=True)
+        top, left = plain.crop_top_left
+        assert 0 <= left <= 64 and top == 0
+        assert flipped.crop_top_left == (0, 64 - left)
