@@ -20,7 +20,7 @@ from difftrain.train.batches import BatchBuilder, Example
 from difftrain.train.family_rules import for_family
 from difftrain.train.methods import TrainingConfigError
 from difftrain.train.run import RunOptions, run_training
-from tests.training import prepare_local_inputs, tiny_job
+from tests.training import prepare_local_inputs, run_cli, tiny_job
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,34 @@ def test_sdxl_lora_trains_both_text_encoders_and_both_layouts_load_the_same(
         assert not torch.allclose(results["lora_peft"][i], results["base"][i], atol=1e-5)
 
 
+def test_sdxl_dreambooth_lora_generates_class_images_with_the_sdxl_pipeline(
+    inputs: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from difftrain.storage import MANIFEST_NAME
+
+    out = tmp_path / "out"
+    job = _job(
+        inputs,
+        out,
+        method="lora",
+        lora={"rank": 4},
+        dreambooth={
+            "instancePrompt": "a photo of sks circle",
+            "classPrompt": "a photo of a circle",
+            "numClassImages": 2,
+        },
+    )
+    outcome = _run(job, tmp_path / "work")
+    manifest = json.loads((out / "class-images" / MANIFEST_NAME).read_text())
+    assert manifest["metadata"]["count"] == 2
+    assert outcome.loop.state.step == 3
+    # every batch holds instance images and as many class images
+    assert outcome.loop.state.images_seen == 3 * 2 * 2
+    assert {o.format for o in outcome.outputs} == {"lora_peft", "lora_kohya"}
+
+
 def test_an_sdxl_run_stopped_and_resumed_ends_with_the_uninterrupted_weights(
     inputs: Path, tmp_path: Path
 ) -> None:
@@ -215,3 +243,24 @@ def test_each_image_carries_its_size_and_crop_as_time_ids() -> None:
         top, left = plain.crop_top_left
         assert 0 <= left <= 64 and top == 0
         assert flipped.crop_top_left == (0, 64 - left)
+
+
+def test_the_local_run_trains_its_tiny_sdxl_model_through_the_cli(tmp_path: Path) -> None:
+    """`difftrain run --local --family sdxl`: the built-in job on the SDXL-shaped model, with
+    a progress bar, checkpoints, samples and an SDXL pipeline folder at the end."""
+    from diffusers import StableDiffusionXLPipeline
+
+    work = tmp_path / "local"
+    done = run_cli(
+        ["run", "--local", "--family", "sdxl", "--max-steps", "6", "--work-dir", str(work)],
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "6/6" in done.stderr  # the progress bar's last state
+    out = work / "output-sdxl"
+    assert (out / "checkpoints" / "step-00000006").is_dir()
+    assert any((out / "samples").rglob("grid.png"))
+    exported = out / "export" / "diffusers"
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(exported))
+    assert pipe.text_encoder_2 is not None and pipe.unet.config.addition_embed_type == "text_time"
+    assert not (work / "output").exists(), "the SD1 job's output was written"

@@ -32,6 +32,19 @@ def add_parser(sub: Any) -> None:
         help="run on this machine with a progress bar (no status patches)",
     )
     run.add_argument(
+        "--family",
+        choices=("sd1", "sdxl"),
+        default="sd1",
+        help="the built-in job's tiny model: SD1-shaped (default) or SDXL-shaped",
+    )
+    run.add_argument(
+        "--max-steps",
+        type=int,
+        metavar="N",
+        help="train N optimizer steps (replaces hyperparameters.maxSteps and epochs): a quick "
+        "try of a job",
+    )
+    run.add_argument(
         "--work-dir",
         type=Path,
         help=f"scratch and (for the built-in job) data folder; default ./{DEFAULT_LOCAL_DIR}",
@@ -59,8 +72,8 @@ def _load_job(args: argparse.Namespace, work_dir: Path) -> Any:
             raise api.SpecError("DiffusionTrainingJob", ["FILE: give a job file, or use --local"])
         from difftrain.train.synthetic import default_local_job, write_local_inputs
 
-        work_dir = write_local_inputs(work_dir.resolve())
-        doc = default_local_job(work_dir)
+        work_dir = write_local_inputs(work_dir.resolve(), family=args.family)
+        doc = default_local_job(work_dir, family=args.family)
     else:
         try:
             doc = yaml.safe_load(Path(args.job).read_text(encoding="utf-8"))
@@ -70,10 +83,29 @@ def _load_job(args: argparse.Namespace, work_dir: Path) -> Any:
             ) from None
         except yaml.YAMLError as exc:
             raise api.SpecError("DiffusionTrainingJob", [f"{args.job}: not YAML: {exc}"]) from None
-    resource = api.parse_resource(doc if isinstance(doc, dict) else {})
+    doc = doc if isinstance(doc, dict) else {}
+    if args.max_steps is not None:
+        doc = _with_max_steps(doc, args.max_steps)
+    resource = api.parse_resource(doc)
     if not isinstance(resource, api.DiffusionTrainingJob):
         raise api.SpecError(resource.kind, ["kind: difftrain run trains a DiffusionTrainingJob"])
     return resource
+
+
+def _with_max_steps(doc: dict[str, Any], steps: int) -> dict[str, Any]:
+    """The job with ``steps`` optimizer steps, its warm-up shortened to fit."""
+    from difftrain import api
+
+    if steps < 1:
+        raise api.SpecError("DiffusionTrainingJob", ["--max-steps: give a positive number"])
+    spec = dict(doc.get("spec") or {})
+    hp = {k: v for k, v in dict(spec.get("hyperparameters") or {}).items() if k != "epochs"}
+    hp["maxSteps"] = steps
+    warmup = hp.get("warmupSteps")
+    if isinstance(warmup, int) and warmup >= steps:
+        hp["warmupSteps"] = steps - 1
+    spec["hyperparameters"] = hp
+    return {**doc, "spec": spec}
 
 
 def _config_errors() -> tuple[type[Exception], ...]:

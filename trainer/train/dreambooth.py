@@ -101,7 +101,9 @@ def generate_class_images(
     files = {}
     out: list[bytes] = []
     seed = spec.hyperparameters.seed
-    with placed([pipe.vae, pipe.text_encoder, pipe.unet], device, dtype), torch.no_grad():
+    encoders = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
+    networks = [pipe.vae, *(e for e in encoders if e is not None), pipe.unet]
+    with placed(networks, device, dtype), torch.no_grad():
         for start in range(0, count, batch_size):
             batch = range(start, min(count, start + batch_size))
             images = pipe(

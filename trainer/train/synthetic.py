@@ -187,12 +187,32 @@ LOCAL_PROMPTS = (
 )
 
 
-def write_local_inputs(work_dir: Path, *, images: int = LOCAL_DATASET_SIZE) -> Path:
-    """The local run's tiny model and shapes dataset under ``work_dir`` (each made once)."""
+LOCAL_SDXL_MODEL = "base-model-sdxl"
+
+
+def write_local_inputs(
+    work_dir: Path, *, images: int = LOCAL_DATASET_SIZE, family: str = "sd1"
+) -> Path:
+    """The local run's tiny model and shapes dataset under ``work_dir`` (each made once).
+
+    ``family`` sdxl: an SDXL-shaped model as well (``base-model-sdxl``), with the SD1 model's
+    pre-trained VAE (a random one would leave nothing in the latents to learn from).
+    """
     from difftrain.models.tiny import build_tiny_pipeline_folder
 
     if not (work_dir / "base-model" / "model_index.json").exists():
         build_tiny_pipeline_folder(work_dir / "base-model", seed=0, **LOCAL_MODEL)
+    if family == "sdxl" and not (work_dir / LOCAL_SDXL_MODEL / "model_index.json").exists():
+        import shutil
+
+        from difftrain.models.tiny_sdxl import build_tiny_sdxl_pipeline_folder
+
+        staging = work_dir / f"{LOCAL_SDXL_MODEL}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        build_tiny_sdxl_pipeline_folder(staging, seed=0)
+        shutil.rmtree(staging / "vae")
+        shutil.copytree(work_dir / "base-model" / "vae", staging / "vae")
+        staging.rename(work_dir / LOCAL_SDXL_MODEL)
     if not (work_dir / "dataset").exists():
         write_shapes_dataset(
             work_dir / "dataset", images, size=64, seed=0, backgrounds=LOCAL_BACKGROUNDS
@@ -200,12 +220,19 @@ def write_local_inputs(work_dir: Path, *, images: int = LOCAL_DATASET_SIZE) -> P
     return work_dir
 
 
-def default_local_job(work_dir: Path) -> dict[str, Any]:
+def default_local_job(work_dir: Path, *, family: str = "sd1") -> dict[str, Any]:
     """The embedded job of ``difftrain run --local``: a few minutes of training on a CPU.
 
     A random-initialised model, so a high learning rate (1e-3, cosine after a short warm-up),
-    and a 10% empty caption for the samples' classifier-free guidance.
+    and a 10% empty caption for the samples' classifier-free guidance. ``family`` sdxl: the
+    same job on the SDXL-shaped model, written to ``output-sdxl``.
     """
+    if family == "sdxl":
+        job = default_local_job(work_dir)
+        job["metadata"]["name"] = "local-shapes-sdxl"
+        job["spec"]["baseModel"] = {"uri": str(work_dir / LOCAL_SDXL_MODEL)}
+        job["spec"]["output"] = {"uri": str(work_dir / "output-sdxl")}
+        return job
     return {
         "apiVersion": "difftrain.dev/v1alpha1",
         "kind": "DiffusionTrainingJob",
