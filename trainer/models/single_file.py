@@ -89,8 +89,9 @@ def check_header(header: dict[str, Any], uri: str) -> None:
     keys = [k for k in header if k != "__metadata__"]
     if ldm_family(keys) == "sdxl":
         raise ModelError(
-            f"baseModel.uri {uri}: an SDXL checkpoint; training supports SD1.x and SD2.x base "
-            "models for now"
+            f"baseModel.uri {uri}: an SDXL single file; SDXL trains from a diffusers folder "
+            "for now: save it as one (diffusers' StableDiffusionXLPipeline.from_single_file, "
+            "then save_pretrained) and point baseModel.uri at the folder"
         )
 
     def shape(key: str) -> list[int] | None:
@@ -209,8 +210,9 @@ def load_single_file(
     family = ldm_family(keys)
     if family == "sdxl":
         raise ModelError(
-            f"baseModel.uri {uri}: an SDXL checkpoint; training supports SD1.x and SD2.x base "
-            "models for now"
+            f"baseModel.uri {uri}: an SDXL single file; SDXL trains from a diffusers folder "
+            "for now: save it as one (diffusers' StableDiffusionXLPipeline.from_single_file, "
+            "then save_pretrained) and point baseModel.uri at the folder"
         )
     if family == "unknown" or not any(k.startswith("model.diffusion_model.") for k in keys):
         raise ModelError(

@@ -36,8 +36,8 @@ def refuse_unsupported_unet(
         + (" and class embeddings" if class_embeddings else ""),
     )
     raise ModelError(
-        f"{where}: {what}; training supports text-to-image SD1.x and SD2.x base models (4 latent "
-        "channels in and out) for now: use the model's text-to-image release"
+        f"{where}: {what}; training supports text-to-image SD1.x, SD2.x and SDXL base models (4 "
+        "latent channels in and out) for now: use the model's text-to-image release"
     )
 
 
