@@ -133,10 +133,6 @@ def test_an_sdxl_folder_loads_and_the_refiner_is_refused(tmp_path: Path) -> None
     shutil.rmtree(refiner / "tokenizer")
     with pytest.raises(ModelError, match=r"the SDXL refiner .*train an SDXL base model"):
         load(refiner, tmp_path / "w2")
-    # its SGM single file is refused with the way to a folder (single-file SDXL loading to come)
-    single = export_single_file(components, tmp_path / "xl.safetensors", metadata={})
-    with pytest.raises(ModelError, match=r"an SDXL single file.*point baseModel.uri at the folder"):
-        load(single, tmp_path / "w4")
     # tokenizer_2/ missing is named
     shutil.rmtree(folder / "tokenizer_2")
     with pytest.raises(ModelError, match=r"no tokenizer_2/"):

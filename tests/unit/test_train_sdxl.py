@@ -106,6 +106,10 @@ def test_a_full_sdxl_run_samples_and_exports_a_folder_and_an_sgm_file(
     assert torch.allclose(trained, _unet_out(single), atol=5e-3)  # the single file is fp16
     assert torch.allclose(_pooled(folder), _pooled(single), atol=5e-3)
     assert any((out / "samples").rglob("grid.png")), "no samples from the SDXL pipeline"
+    # the SGM file is a base model in turn: a LoRA trains on it
+    again = _job(inputs, tmp_path / "again", steps=2, method="lora", lora={"rank": 4})
+    again["spec"]["baseModel"] = {"uri": formats["single_file"]}
+    assert _run(again, tmp_path / "work2").loop.state.step == 2
 
 
 def test_sdxl_lora_trains_both_text_encoders_and_both_layouts_load_the_same(

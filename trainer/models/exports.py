@@ -155,11 +155,17 @@ def _configs_metadata(
         "difftrain.config.scheduler": json.dumps(components.scheduler_config, default=str),
         "modelspec.prediction_type": components.prediction_type,
     }
-    with tempfile.TemporaryDirectory(prefix="difftrain-tokenizer-") as tmp:
-        components.tokenizer.save_pretrained(tmp)
-        files = {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.is_file()}
-    if sum(len(v) for v in files.values()) <= MAX_EMBEDDED_TOKENIZER:
-        out.update({f"difftrain.tokenizer.{name}": text for name, text in files.items()})
+    tokenizers = [("tokenizer", components.tokenizer), ("tokenizer_2", components.tokenizer_2)]
+    for key, tokenizer in tokenizers:
+        if tokenizer is None:
+            continue
+        with tempfile.TemporaryDirectory(prefix="difftrain-tokenizer-") as tmp:
+            tokenizer.save_pretrained(tmp)
+            files = {
+                p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.is_file()
+            }
+        if sum(len(v) for v in files.values()) <= MAX_EMBEDDED_TOKENIZER:
+            out.update({f"difftrain.{key}.{name}": text for name, text in files.items()})
     return out
 
 

@@ -33,6 +33,23 @@ SD_SCHEDULER_CONFIG: dict[str, Any] = {
     "steps_offset": 1,
 }
 SD_VAE_SCALING = 0.18215
+# SDXL base's schedule (its EulerDiscreteScheduler) and its VAE's latent scale
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "EulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "interpolation_type": "linear",
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+    "use_karras_sigmas": False,
+}
+SDXL_VAE_SCALING = 0.13025
+SDXL_CLIP_L = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP = "conditioner.embedders.1.model."
+SDXL_TEXT_PROJECTION = SDXL_OPEN_CLIP + "text_projection"
 # CLIP's BPE vocabulary: start- and end-of-text are its last two tokens.
 CLIP_BOS, CLIP_EOS = 49406, 49407
 
@@ -49,7 +66,7 @@ def _groups(channels: list[int]) -> int:
 
 
 def unet_config(shapes: Shapes, family: str) -> dict[str, Any]:
-    """UNet2DConditionModel config of an SD1/SD2 UNet under ``model.diffusion_model.``."""
+    """UNet2DConditionModel config of an SD1/SD2/SDXL UNet under ``model.diffusion_model.``."""
     keys = set(shapes)
     layout = unet_layout(keys, "ldm")
     per = layout.layers + 1
@@ -88,8 +105,18 @@ def unet_config(shapes: Shapes, family: str) -> dict[str, Any]:
         for i in range(layout.levels)
     ]
     heads: int | list[int] = 8 if family == "sd1" else [max(1, c // 64) for c in channels]
+    added: dict[str, Any] = {}
+    if family == "sdxl":
+        # label_emb takes the pooled text embedding and six embedded time ids
+        label = _shape(shapes, f"{u}label_emb.0.0.weight", "UNet")
+        pooled = _shape(shapes, SDXL_TEXT_PROJECTION, "text encoder 2")[1]
+        added = {
+            "addition_embed_type": "text_time",
+            "projection_class_embeddings_input_dim": label[1],
+            "addition_time_embed_dim": (label[1] - pooled) // 6,
+        }
     return {
-        "sample_size": 64 if family == "sd1" else 96,
+        "sample_size": {"sd1": 64, "sd2": 96}.get(family, 128),
         "in_channels": _shape(shapes, f"{u}input_blocks.0.0.weight", "UNet")[1],
         "out_channels": _shape(shapes, f"{u}out.2.weight", "UNet")[0],
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attn],
@@ -101,6 +128,7 @@ def unet_config(shapes: Shapes, family: str) -> dict[str, Any]:
         "use_linear_projection": len(proj_in) == 2,
         "transformer_layers_per_block": depth if len(set(depth)) > 1 else depth[0],
         "norm_num_groups": _groups(channels),
+        **added,
     }
 
 
@@ -171,3 +199,23 @@ def text_config(shapes: Shapes, family: str) -> dict[str, Any]:
         "eos_token_id": CLIP_EOS,
         "pad_token_id": CLIP_EOS if family == "sd1" else 0,
     }
+
+
+def _reprefixed(shapes: Shapes, old: str, new: str) -> Shapes:
+    return {new + k[len(old) :]: v for k, v in shapes.items() if k.startswith(old)}
+
+
+def sdxl_text_configs(shapes: Shapes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """CLIPTextConfig keywords of SDXL's CLIP ViT-L and of its OpenCLIP bigG (every block of
+    which the model keeps: SDXL conditions on the penultimate hidden state at run time)."""
+    clip_l = text_config(_reprefixed(shapes, SDXL_CLIP_L, "cond_stage_model.transformer."), "sd1")
+    open_clip = _reprefixed(shapes, SDXL_OPEN_CLIP, OPEN_CLIP_LDM)
+    big_g = text_config(open_clip, "sd2")
+    blocks = {
+        m.group(1)
+        for k in open_clip
+        if (m := re.match(rf"{re.escape(OPEN_CLIP_LDM)}transformer\.resblocks\.(\d+)\.", k))
+    }
+    big_g["num_hidden_layers"] = len(blocks)
+    big_g["projection_dim"] = _shape(shapes, SDXL_TEXT_PROJECTION, "text encoder 2")[1]
+    return clip_l, big_g

@@ -1,4 +1,5 @@
-"""Loading a single-file checkpoint in the LDM layout (what A1111 and ComfyUI use) for training.
+"""Loading a single-file checkpoint in the LDM layout (what A1111 and ComfyUI use) for training
+(SDXL's SGM layout: :mod:`difftrain.models.single_file_sdxl`).
 
 The networks' configs come from the file's metadata when it records them (files this package
 exports do), else from the tensor shapes (:mod:`difftrain.models.ldm_configs`). A single file
@@ -87,16 +88,16 @@ def fetch_file(uri: str, spec: BaseModelSpec, store: Store, dest_dir: Path) -> P
 def check_header(header: dict[str, Any], uri: str) -> None:
     """Refuse SDXL and UNets that are not text-to-image from the tensor shapes in the header."""
     keys = [k for k in header if k != "__metadata__"]
-    if ldm_family(keys) == "sdxl":
-        raise ModelError(
-            f"baseModel.uri {uri}: an SDXL single file; SDXL trains from a diffusers folder "
-            "for now: save it as one (diffusers' StableDiffusionXLPipeline.from_single_file, "
-            "then save_pretrained) and point baseModel.uri at the folder"
-        )
 
     def shape(key: str) -> list[int] | None:
         entry = header.get(key)
         return list(entry.get("shape") or []) if isinstance(entry, dict) else None
+
+    if ldm_family(keys) == "sdxl":  # its inpainting UNet and the refiner, before any download
+        from difftrain.models.sdxl_refusals import refuse_unsupported_sdxl
+
+        refuse_unsupported_sdxl(uri, {k: s for k in keys if (s := shape(k)) is not None})
+        return
 
     first = shape("model.diffusion_model.input_blocks.0.0.weight")  # [320, in, 3, 3]
     last = shape("model.diffusion_model.out.2.weight")  # [out, 320, 3, 3]
@@ -209,10 +210,17 @@ def load_single_file(
     keys = set(ldm)
     family = ldm_family(keys)
     if family == "sdxl":
-        raise ModelError(
-            f"baseModel.uri {uri}: an SDXL single file; SDXL trains from a diffusers folder "
-            "for now: save it as one (diffusers' StableDiffusionXLPipeline.from_single_file, "
-            "then save_pretrained) and point baseModel.uri at the folder"
+        from difftrain.models.single_file_sdxl import load_sdxl_single_file
+
+        return load_sdxl_single_file(
+            uri,
+            spec,
+            store,
+            path=path,
+            tensors=ldm,
+            metadata=metadata,
+            work_dir=work_dir,
+            dtype=dtype,
         )
     if family == "unknown" or not any(k.startswith("model.diffusion_model.") for k in keys):
         raise ModelError(
