@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from difftrain import api
 from difftrain.data.transforms import ImageTransform
-from difftrain.models.families import FAMILIES
+from difftrain.models.families import FAMILIES, SDXL
 from difftrain.models.tiny_sdxl import build_tiny_sdxl_pipeline_folder
 from difftrain.train.batches import BatchBuilder, Example
 from difftrain.train.family_rules import for_family
@@ -189,18 +189,53 @@ def test_sdxl_trains_from_the_latent_cache(inputs: Path, tmp_path: Path) -> None
     assert outcome.outputs
 
 
-def test_what_sdxl_does_not_support_is_refused_naming_the_field(
+def test_what_a_family_does_not_support_is_refused_naming_the_field(
     inputs: Path, tmp_path: Path
 ) -> None:
-    job = _job(inputs, tmp_path / "out", method="controlnet")
-    job["spec"]["controlnet"] = {"conditioningUri": str(inputs / "dataset")}
-    with pytest.raises(TrainingConfigError, match=r"method 'controlnet' .* SDXL"):
-        _run(job, tmp_path / "work")
-    job = _job(inputs, tmp_path / "out2")
+    job = _job(inputs, tmp_path / "out")
     job["spec"]["preprocessing"]["boomerang"] = {"enabled": True}
     with pytest.raises(TrainingConfigError, match=r"preprocessing\.boomerang\.enabled"):
-        _run(job, tmp_path / "work2")
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.safetensors"))
+        _run(job, tmp_path / "work")
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+    class FullOnly(SDXL):
+        methods = frozenset({"full"})
+
+    resource = api.parse_resource(_job(inputs, tmp_path / "o", method="lora", lora={"rank": 4}))
+    assert isinstance(resource, api.DiffusionTrainingJob)
+    with pytest.raises(TrainingConfigError, match=r"method 'lora' is not supported for SDXL"):
+        for_family(resource.spec.resolved(), resource.spec, FullOnly())
+
+
+def test_an_sdxl_controlnet_trains_samples_and_loads_into_the_sdxl_controlnet_pipeline(
+    inputs: Path, tmp_path: Path
+) -> None:
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+    from PIL import ImageOps
+
+    cond = tmp_path / "edges"
+    cond.mkdir()
+    for path in sorted((inputs / "dataset").glob("*.png")):
+        ImageOps.grayscale(Image.open(path)).convert("RGB").save(cond / path.name)
+    out = tmp_path / "out"
+    job = _job(inputs, out, method="controlnet", controlnet={"conditioningUri": str(cond)})
+    outcome = _run(job, tmp_path / "work")
+    assert [o.format for o in outcome.outputs] == ["diffusers"]
+    controlnet = ControlNetModel.from_pretrained(outcome.outputs[0].uri)
+    assert controlnet.config.addition_embed_type == "text_time"
+    assert any((out / "samples").rglob("grid.png")), "no samples from the SDXL ControlNet pipeline"
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+        str(inputs / "sdxl"), controlnet=controlnet
+    )
+    image = pipe(
+        "a red circle",
+        image=Image.open(sorted(cond.glob("*.png"))[0]),
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
+    ).images[0]
+    assert image.shape == (64, 64, 3)
 
 
 def test_sdxl_trains_at_1024_pixels_unless_the_job_says_otherwise(inputs: Path) -> None:

@@ -110,7 +110,7 @@ class SDXL(Family):
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
     default_resolution: ClassVar[int] = 1024
-    methods: ClassVar[frozenset[str]] = frozenset({"full", "lora"})
+    methods: ClassVar[frozenset[str]] = frozenset({"full", "lora", "controlnet"})
     boomerang: ClassVar[bool] = False
     caches_text: ClassVar[bool] = False
     size_conditioning: ClassVar[bool] = True
@@ -158,22 +158,23 @@ class SDXL(Family):
         text_encoders: Sequence[torch.nn.Module] | None = None,
         controlnet: torch.nn.Module | None = None,
     ) -> Any:
-        from diffusers import StableDiffusionXLPipeline
+        from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
 
-        if controlnet is not None:
-            raise ValueError("SDXL ControlNet sampling is not supported")
         first, second = text_encoders if text_encoders is not None else self.encoders(components)
-        return StableDiffusionXLPipeline(
-            vae=components.vae,
-            text_encoder=first,
-            text_encoder_2=second,
-            tokenizer=components.tokenizer,
-            tokenizer_2=components.tokenizer_2,
-            unet=unet,
-            scheduler=scheduler,
-            force_zeros_for_empty_prompt=True,
-            add_watermarker=False,
-        )
+        parts = {
+            "vae": components.vae,
+            "text_encoder": first,
+            "text_encoder_2": second,
+            "tokenizer": components.tokenizer,
+            "tokenizer_2": components.tokenizer_2,
+            "unet": unet,
+            "scheduler": scheduler,
+            "force_zeros_for_empty_prompt": True,
+            "add_watermarker": False,
+        }
+        if controlnet is not None:
+            return StableDiffusionXLControlNetPipeline(controlnet=controlnet, **parts)
+        return StableDiffusionXLPipeline(**parts)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (Family(), SD2(), SDXL())}
