@@ -35,7 +35,9 @@ def test_both_images_run_as_a_non_root_user():
     # tags and keeps) with our wheel on top
     for target, deps in (("operator", "deps-operator"), ("trainer", "deps-trainer")):
         assert f"COPY --from={deps} /opt/difftrain /opt/difftrain" in stages[f"{target}-runtime"]
-        assert re.search(rf"^FROM\s+{target}-runtime\s+AS\s+{target}$", _dockerfile(), re.M)
+        arg = f"{target.upper()}_RUNTIME"
+        assert f"ARG {arg}={target}-runtime" in _dockerfile()
+        assert re.search(rf"^FROM\s+\$\{{{arg}\}}\s+AS\s+{target}$", _dockerfile(), re.M)
 
 
 def _dockerfile() -> str:

@@ -396,6 +396,7 @@ def test_prefetched_and_inline_batches_are_the_same_and_resume_at_a_position():
             self.latent_params = torch.full((8, 2, 2), float(i))
             self.latent_params_flipped = None
             self.text_embeddings = torch.full((3, 4), float(i))
+            self.pooled = self.sizes = None  # SDXL's, not cached here
 
     examples = [
         Example(key=str(i), caption=f"c{i}", size=(4, 4), cached=Cached(i)) for i in range(6)
@@ -433,6 +434,7 @@ class _CachedText:
         self.latent_params = torch.zeros((8, 2, 2))
         self.latent_params_flipped = None
         self.text_embeddings = torch.full((3, 4), float(i))
+        self.pooled = self.sizes = None  # SDXL's, not cached here
 
 
 @pytest.mark.parametrize("share", [0.0, 0.1, 0.5])

@@ -181,12 +181,77 @@ def test_an_sdxl_run_stopped_and_resumed_ends_with_the_uninterrupted_weights(
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
 
 
-def test_sdxl_trains_from_the_latent_cache(inputs: Path, tmp_path: Path) -> None:
-    """Cached latents, text encoded each step (the cache holds no pooled embedding yet)."""
+def test_the_cache_holds_sdxls_pooled_embedding_and_each_views_time_ids(
+    inputs: Path, tmp_path: Path
+) -> None:
+    from difftrain.data.cache import LatentCache, cache_space
+    from difftrain.models import load_base_model
+    from difftrain.models.families import family
+    from difftrain.storage import LocalStore
+    from tests.latent_fixtures import make_pairs
+
+    components = load_base_model(
+        api.BaseModelSpec(uri=str(inputs / "sdxl")), None, work_dir=tmp_path / "model"
+    )
+    pre = api.PreprocessingSpec(resolution=64, flip_probability=0.5, crop="random")
+    pairs = make_pairs(2, sizes=[(200, 100), (64, 64)])
+    space = cache_space(pre, components.identity, added=True)
+    cache = LatentCache(LocalStore(), str(tmp_path / "cache"))
+    samples, encoded = cache.get_or_build(pairs, components, ImageTransform(pre), space=space)
+    assert encoded == 2
+    wide = samples[0]
+    assert wide.sizes is not None and wide.sizes.shape == (2, 6)
+    (h, w, top, left, th, tw), mirrored = wide.sizes.tolist()
+    assert (h, w, top, th, tw) == (100, 200, 0, 64, 64) and 0 <= left <= 64
+    assert mirrored == [100, 200, 0, 64 - left, 64, 64]  # the mirror's crop corner
+    # the text as the family conditions on it: both encoders' hidden states and the pooled one
+    expected = family("sdxl").encode(components, [pairs[0].caption], torch.device("cpu"))
+    assert wide.text_embeddings is not None and wide.pooled is not None
+    torch.testing.assert_close(wide.text_embeddings.float(), expected.hidden[0], atol=1e-2, rtol=0)
+    assert expected.pooled is not None
+    torch.testing.assert_close(wide.pooled.float(), expected.pooled[0], atol=1e-2, rtol=0)
+    # training batches carry the view's time ids and the pooled embedding
+    for flip, row in ((0.0, 0), (1.0, 1)):
+        batch = BatchBuilder(
+            [Example(key=wide.key, caption=wide.caption, size=(64, 64), cached=wide)],
+            seed=0,
+            transform=None,
+            decode=None,
+            flip_probability=flip,
+            caption_dropout=0.0,
+            scaling_factor=1.0,
+            size_conditioning=True,
+        )(0, 0, [0])
+        assert batch.time_ids is not None and batch.pooled_embeddings is not None
+        assert batch.time_ids[0].tolist() == wide.sizes[row].tolist()
+    # a space without them finds the same latents; one with them found nothing before they were
+    again, encoded = cache.get_or_build(pairs, components, ImageTransform(pre), space=space)
+    assert encoded == 0 and again[0].sizes is not None
+    plain = LatentCache(LocalStore(), str(tmp_path / "plain"))
+    plain.get_or_build(
+        pairs, components, ImageTransform(pre), space=cache_space(pre, components.identity)
+    )
+    wanting = plain.get_or_build(pairs, components, ImageTransform(pre), space=space)
+    assert wanting[0][0].pooled is not None
+
+
+def test_sdxl_trains_from_the_latent_cache_and_a_second_run_hits_it(
+    inputs: Path, tmp_path: Path
+) -> None:
+    import shutil
+
     job = _job(inputs, tmp_path / "out", steps=2)
+    # a dataset of its own: the cache lives beside it, and the other runs here fill theirs
+    dataset = shutil.copytree(inputs / "dataset", tmp_path / "dataset")
+    job["spec"]["dataset"]["uri"] = str(dataset)
     job["spec"]["preprocessing"]["cacheLatents"] = True
-    outcome = _run(job, tmp_path / "work")
-    assert outcome.outputs
+    job["spec"]["regularization"] = {"captionDropout": 0.5}
+    first = _run(job, tmp_path / "work")
+    assert first.cache_hit is False and first.outputs
+    job["spec"]["output"] = {"uri": str(tmp_path / "out2")}
+    second = _run(job, tmp_path / "work2")
+    assert second.cache_hit is True
+    assert second.loop.losses == pytest.approx(first.loop.losses, rel=1e-5)
 
 
 def test_what_a_family_does_not_support_is_refused_naming_the_field(

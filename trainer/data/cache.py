@@ -4,7 +4,8 @@ later runs and other jobs, and encode only what is new.
 Layout on the store (``root`` is e.g. ``s3://bucket/dataset/.difftrain-cache``)::
 
     root/shards/<build>-r<rank>-<n>.safetensors  tensors by content address (:mod:`cache_keys`):
-                                                 "latent/<a>", "flipped/<a>", "text/<t>"
+                                                 "latent/<a>", "flipped/<a>", "sizes/<a>",
+                                                 "text/<t>" (SDXL: and "pooled/<t>")
     root/index/<generation>.json                 written last: every shard (size, sha256) and
                                                  which shard holds each address
     root/_parts/<build>/rank-00000.json          while the processes of a job build together:
@@ -59,6 +60,8 @@ from difftrain.data.cache_plan import CHUNK_SOURCES, SHARD_SIZE
 from difftrain.data.cache_samples import (
     FLIPPED,
     LATENT,
+    POOLED,
+    SIZES,
     TEXT,
     CachedSample,
     Shard,
@@ -175,13 +178,15 @@ class LatentCache:
         *,
         flips: bool,
         local_dir: Path | None = None,
+        added: bool = False,
     ) -> Lookup:
         """The wanted samples found in ``index`` (the newest when not given).
 
         With ``local_dir`` the shards they need are copied there (once: a verified copy is
         reused) and the samples read their tensors from those files on each access, so the cache
         does not have to fit in memory; without it the shards are loaded into memory. A shard
-        that is missing or does not match its sha256 counts as absent.
+        that is missing or does not match its sha256 counts as absent. ``added``: a sample also
+        needs its pooled text embedding and time ids (SDXL; :attr:`CacheSpace.added`).
         """
         index = self.index() if index is None else index
         needed = {index.latents[w.latent] for w in wanted if w.latent in index.latents}
@@ -194,13 +199,22 @@ class LatentCache:
             latent = _ref(opened, index.latents, w.latent, LATENT)
             flipped = _ref(opened, index.latents, w.latent, FLIPPED) if flips else None
             text = _ref(opened, index.texts, w.text, TEXT) if w.text else None
-            has_latent = latent is not None and (flipped is not None or not flips)
+            pooled = _ref(opened, index.texts, w.text, POOLED) if w.text and added else None
+            sizes = _ref(opened, index.latents, w.latent, SIZES) if added else None
+            has_latent = (
+                latent is not None
+                and (flipped is not None or not flips)
+                and (sizes is not None or not added)
+            )
+            has_text = text is not None and (pooled is not None or not added)
             if not has_latent:
                 missing_latents.append(i)
-            if w.text and text is None:
+            if w.text and not has_text:
                 missing_texts.setdefault(w.text, w.caption)
-            ok = has_latent and (text is not None or not w.text)
-            samples.append(CachedSample(w.key, w.caption, latent, flipped, text) if ok else None)
+            ok = has_latent and (has_text or not w.text)
+            samples.append(
+                CachedSample(w.key, w.caption, latent, flipped, text, pooled, sizes) if ok else None
+            )
         return Lookup(samples, missing_latents, list(missing_texts.items()))
 
     def _open(
@@ -315,8 +329,11 @@ class LatentCache:
                     [c for _, c in texts], components, batch_size=batch_size, device=device,
                     dtype=dtype,
                 )  # fmt: skip
-                for (address, _), tensor in zip(texts, hidden, strict=True):
-                    writer.add(TEXT, address, tensor)
+                for (address, _), encoded_text in zip(texts, hidden, strict=True):
+                    extras = (
+                        {POOLED: encoded_text.pooled} if encoded_text.pooled is not None else {}
+                    )
+                    writer.add(TEXT, address, encoded_text.hidden, extras=extras)
             writer.finish()
         finally:
             writer.close()
@@ -375,8 +392,8 @@ class LatentCache:
         images = [with_bytes[w.source] if w.copy is None else made[w.source, w.copy] for w in todo]
         todo_sizes = [sizes[w.source] for w in todo] if sizes is not None else None
         encoded = encode_images(images, components, transform, sizes=todo_sizes, **kw)
-        for w, (latent, flipped) in zip(todo, encoded, strict=True):
-            writer.add(LATENT, w.latent, latent, flipped)
+        for w, image in zip(todo, encoded, strict=True):
+            writer.add(LATENT, w.latent, image.latent, image.flipped, extras={SIZES: image.sizes})
         return len(todo)
 
     def commit_shares(self, build: str, *, world: int) -> CacheIndex:
@@ -437,14 +454,16 @@ class LatentCache:
         ``kw`` are :meth:`build_share`'s options (``read``, ``variants``, ``sizes`` ...).
         """
         wanted = wanted_samples(pairs, space, texts=texts)
-        found = self.lookup(wanted, flips=space.flips, local_dir=local_dir)
+        found = self.lookup(wanted, flips=space.flips, local_dir=local_dir, added=space.added)
         if found.complete:
             logger.info("latent cache hit", extra={"root": self.root, "samples": len(wanted)})
             return [s for s in found.samples if s is not None], 0
         build = new_build_id()
         encoded = self.build_share(build, pairs, wanted, found, components, transform, **kw)
         index = self.commit_shares(build, world=1)
-        again = self.lookup(wanted, index, flips=space.flips, local_dir=local_dir)
+        again = self.lookup(
+            wanted, index, flips=space.flips, local_dir=local_dir, added=space.added
+        )
         if not again.complete:
             raise CacheError(
                 f"latent cache {self.root} was committed but does not read back complete; "
@@ -483,11 +502,21 @@ class _ShardWriter:
         self.texts: dict[str, str] = {}
 
     def add(
-        self, kind: str, address: str, tensor: torch.Tensor, flipped: torch.Tensor | None = None
+        self,
+        kind: str,
+        address: str,
+        tensor: torch.Tensor,
+        flipped: torch.Tensor | None = None,
+        *,
+        extras: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        """One latent (with its mirror's) or text, and what is kept beside it (``extras`` by
+        kind: the time ids of a latent, the pooled embedding of a text)."""
         self.tensors[tensor_name(kind, address)] = tensor
         if flipped is not None:
             self.tensors[tensor_name(FLIPPED, address)] = flipped
+        for extra, value in (extras or {}).items():
+            self.tensors[tensor_name(extra, address)] = value
         self.pending.append((kind, address))
         if len(self.pending) >= SHARD_SIZE:
             self.flush()

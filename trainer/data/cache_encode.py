@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -25,6 +25,21 @@ if TYPE_CHECKING:
     from difftrain.models.components import Components
 
 Size = tuple[int, int]  # (width, height)
+
+
+class EncodedImage(NamedTuple):
+    """One image's cache entry."""
+
+    latent: torch.Tensor  # (2C, h, w): the VAE's mean and log-variance
+    flipped: torch.Tensor | None  # the mirrored image's, when flips are cached
+    sizes: torch.Tensor  # (views, 6) float32: each view's time ids (SDXL's size conditioning)
+
+
+class EncodedText(NamedTuple):
+    """One caption's cache entry."""
+
+    hidden: torch.Tensor  # (tokens, D): the UNet's encoder_hidden_states
+    pooled: torch.Tensor | None  # (P,): SDXL's pooled embedding
 
 
 def sample_rng(seed: int, key: str) -> random.Random:
@@ -44,9 +59,9 @@ def encode_images(
     dtype: torch.dtype = torch.float16,
     progress: Callable[[int], object] | None = None,
     workers: int = 4,
-) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(latent params, flipped latent params or None) of each pair, in order, on the CPU in
-    ``dtype``. The pairs hold their bytes. Batches hold one target size each (buckets)."""
+) -> list[EncodedImage]:
+    """Each pair's latent params (and its mirror's, with flips) and time ids, in order, on the
+    CPU in ``dtype``. The pairs hold their bytes. Batches hold one target size each (buckets)."""
     from difftrain.models.placement import placed  # not at import: it loads diffusers
 
     if sizes is not None and len(sizes) != len(pairs):
@@ -54,7 +69,7 @@ def encode_images(
     if batch_size < 1:
         raise CacheError(f"batch_size is {batch_size}: it must be at least 1")
     flips = transform.pre.flip_probability > 0
-    out: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(pairs)
+    out: list[EncodedImage | None] = [None] * len(pairs)
     dev = torch.device(device)
     batches = list(_batches(len(pairs), sizes, batch_size))
     # Decoding and transforms (Pillow and torch release the GIL) run on threads ahead of the
@@ -81,9 +96,10 @@ def encode_images(
                 )
             # Copies made outside inference mode: plain tensors, usable in autograd later.
             for j, i in enumerate(batch):
-                out[i] = (
+                out[i] = EncodedImage(
                     _plain(latents[j], dtype),
                     _plain(flipped[j], dtype) if flipped is not None else None,
+                    images[j][2],
                 )
             if progress is not None:
                 progress(len(batch))
@@ -97,18 +113,25 @@ def encode_captions(
     batch_size: int = 16,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float16,
-) -> list[torch.Tensor]:
-    """The text embeddings of each caption, in order, on the CPU in ``dtype``."""
+) -> list[EncodedText]:
+    """The text conditioning of each caption, in order, on the CPU in ``dtype``: the family's
+    (one encoder's last hidden state; SDXL's two penultimate ones and the pooled embedding)."""
+    from difftrain.models.families import family
     from difftrain.models.placement import placed
 
+    fam = family(components.family)
     dev = torch.device(device)
-    out: list[torch.Tensor] = []
-    with placed([components.text_encoder], dev):
+    out: list[EncodedText] = []
+    with placed(fam.encoders(components), dev):
         for start in range(0, len(captions), max(1, batch_size)):
             batch = list(captions[start : start + max(1, batch_size)])
             with torch.inference_mode():
-                hidden = encode_text(components, batch, dev)
-            out.extend(_plain(h, dtype) for h in hidden)
+                text = fam.encode(components, batch, dev)
+            pooled = text.pooled if text.pooled is not None else [None] * len(batch)
+            out.extend(
+                EncodedText(_plain(h, dtype), None if p is None else _plain(p, dtype))
+                for h, p in zip(text.hidden, pooled, strict=True)
+            )
     return out
 
 
@@ -128,15 +151,26 @@ def _batches(n: int, sizes: Sequence[Size] | None, batch_size: int) -> Iterator[
 
 def _views(
     pair: CleanPair, transform: ImageTransform, size: Size | None, seed: int, flips: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The image as a training tensor, and mirrored when flips are cached."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The image as a training tensor, mirrored when flips are cached, and their time ids."""
+    from difftrain.data.transforms import to_model_range
+
     image = transform.decode(pair.data, pair.name, size=size)
     # Both views from identically seeded sources: the same crop and rotation, mirrored.
-    plain = transform(image, size=size, rng=sample_rng(seed, pair.key), flip=False)
-    mirrored = (
-        transform(image, size=size, rng=sample_rng(seed, pair.key), flip=True) if flips else None
+    views = [False, True] if flips else [False]
+    cut = [
+        transform.pixels_and_sizes(image, size=size, rng=sample_rng(seed, pair.key), flip=f)
+        for f in views
+    ]
+    # the decoded image may be reduced (JPEG draft): the original size is the pair's
+    original = (pair.height, pair.width) if pair.width and pair.height else None
+    sizes = torch.tensor(
+        [[*(original or s.original_size), *s.crop_top_left, *s.target_size] for _, s in cut],
+        dtype=torch.float32,
     )
-    return plain, mirrored
+    plain = to_model_range(cut[0][0])
+    mirrored = to_model_range(cut[1][0]) if flips else None
+    return plain, mirrored, sizes
 
 
 def encode_latent_params(vae: Any, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -37,6 +37,7 @@ class CacheSpace:
     seeded: bool  # the key and seed change the tensors (random crops, rotations, Boomerang)
     flips: bool  # flipped copies are cached beside each latent
     copies: int  # Boomerang variants per image (0: none)
+    added: bool = False  # SDXL: the pooled text embedding and each image's time ids cached too
 
     def latent(self, pair: CleanPair, copy: int | None = None) -> str:
         """The address of a pair's latents, or of its Boomerang variant ``copy``'s."""
@@ -58,6 +59,7 @@ def cache_space(
     *,
     seed: int = 0,
     extra: dict[str, str] | None = None,
+    added: bool = False,
 ) -> CacheSpace:
     """The space of a run's samples: preprocessing, model, seed (where it counts) and ``extra``."""
     seeded = pre.crop == "random" or pre.max_rotation_degrees > 0 or pre.boomerang.enabled
@@ -78,6 +80,7 @@ def cache_space(
         seeded=seeded,
         flips=pre.flip_probability > 0,
         copies=pre.boomerang.copies if pre.boomerang.enabled else 0,
+        added=added,
     )
 
 

@@ -2,8 +2,10 @@
 
 A shard is a safetensors file of named tensors: ``latent/<address>`` (the VAE's mean and
 log-variance), ``flipped/<address>`` (the mirrored image's, when flips are cached) and
-``text/<address>`` (the text encoder's last hidden state). A sample reads its tensors from the
-shards that hold them, in memory or memory-mapped from a verified local copy.
+``text/<address>`` (the text encoder's last hidden state); for SDXL also ``pooled/<address>``
+beside each text (the pooled embedding) and ``sizes/<address>`` beside each latent (the time ids
+of the image and of its mirror: original size, crop corner, target size). A sample reads its
+tensors from the shards that hold them, in memory or memory-mapped from a verified local copy.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 LATENT, FLIPPED, TEXT = "latent", "flipped", "text"
+POOLED, SIZES = "pooled", "sizes"
 
 
 def tensor_name(kind: str, address: str) -> str:
@@ -73,7 +76,7 @@ class CachedSample:
     """One training example, encoded: its tensors held, or read from their shards on each access
     (never kept)."""
 
-    __slots__ = ("_flipped", "_latent", "_text", "caption", "key")
+    __slots__ = ("_flipped", "_latent", "_pooled", "_sizes", "_text", "caption", "key")
 
     def __init__(
         self,
@@ -82,6 +85,8 @@ class CachedSample:
         latent_params: Ref,
         latent_params_flipped: Ref = None,
         text_embeddings: Ref = None,
+        pooled: Ref = None,
+        sizes: Ref = None,
     ) -> None:
         if latent_params is None:
             raise ValueError("a cached sample needs its latents")
@@ -90,6 +95,8 @@ class CachedSample:
         self._latent = latent_params
         self._flipped = latent_params_flipped
         self._text = text_embeddings
+        self._pooled = pooled
+        self._sizes = sizes
 
     @property
     def latent_params(self) -> torch.Tensor:
@@ -107,6 +114,16 @@ class CachedSample:
     def text_embeddings(self) -> torch.Tensor | None:
         """(tokens, D): the text encoder's last hidden state; None when texts are not cached."""
         return _resolve(self._text)
+
+    @property
+    def pooled(self) -> torch.Tensor | None:
+        """(P,): SDXL's pooled text embedding, cached beside the text."""
+        return _resolve(self._pooled)
+
+    @property
+    def sizes(self) -> torch.Tensor | None:
+        """(views, 6): SDXL's time ids of the cached view and (second row) of its mirror."""
+        return _resolve(self._sizes)
 
 
 def write_shard(tensors: Mapping[str, torch.Tensor], path: Path, *, rank: int = 0) -> None:

@@ -41,7 +41,7 @@ class Family:
     boomerang: ClassVar[bool] = True
     """Whether Boomerang variants can be made with this family's pipeline."""
     caches_text: ClassVar[bool] = True
-    """Whether the latent cache's text embeddings are all the UNet needs (not SDXL's pooled)."""
+    """Whether the latent cache's text conditioning is used (SDXL's with its pooled embedding)."""
     size_conditioning: ClassVar[bool] = False
     """Whether the UNet is told each image's original size and crop (SDXL's time ids)."""
 
@@ -112,7 +112,6 @@ class SDXL(Family):
     default_resolution: ClassVar[int] = 1024
     methods: ClassVar[frozenset[str]] = frozenset({"full", "lora", "controlnet"})
     boomerang: ClassVar[bool] = False
-    caches_text: ClassVar[bool] = False
     size_conditioning: ClassVar[bool] = True
 
     def encode(

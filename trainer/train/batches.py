@@ -70,8 +70,16 @@ class Batch:
     conditioning: torch.Tensor | None = None  # uint8 ControlNet conditioning: to_unit_range
     prior: list[bool] = field(default_factory=list)  # per example: a DreamBooth class image
     time_ids: torch.Tensor | None = None  # (B, 6) SDXL: original size, crop corner, target size
+    pooled_embeddings: torch.Tensor | None = None  # (B, P) SDXL: cached pooled text embeddings
 
-    _TENSORS = ("latents", "pixels", "text_embeddings", "conditioning", "time_ids")
+    _TENSORS = (
+        "latents",
+        "pixels",
+        "text_embeddings",
+        "conditioning",
+        "time_ids",
+        "pooled_embeddings",
+    )
 
     def pinned(self) -> Batch:
         """The batch with its tensors in page-locked memory (copied to a GPU asynchronously)."""
@@ -157,8 +165,10 @@ class BatchBuilder:
         # whether the latent cache's text embeddings are what the model is conditioned on
         self.use_cached_text = cached_text
         self._pool: ThreadPoolExecutor | None = None
-        # The text encoder's output for an empty caption (caption dropout with cached text).
+        # The text encoder's output for an empty caption (caption dropout with cached text),
+        # and SDXL's pooled embedding of it.
         self.empty_embedding: torch.Tensor | None = None
+        self.empty_pooled: torch.Tensor | None = None
 
     def __call__(self, epoch: int, index: int, indices: list[int]) -> Batch:
         captions: list[str] = []
@@ -166,6 +176,8 @@ class BatchBuilder:
         images: list[tuple[Example, random.Random, bool]] = []
         conditioned: list[Example] = []
         embeddings: list[torch.Tensor] = []
+        pooled: list[torch.Tensor] = []
+        time_ids: list[torch.Tensor] = []
         prior: list[bool] = []
         # cached text embeddings only when every caption of the batch is the cached one
         cached_text = self.use_cached_text and not any(self.examples[i].varies for i in indices)
@@ -178,16 +190,26 @@ class BatchBuilder:
             prior.append(ex.is_prior)
             if ex.cached is not None:
                 params = ex.cached.latent_params
-                if flip and ex.cached.latent_params_flipped is not None:
+                mirrored = flip and ex.cached.latent_params_flipped is not None
+                if mirrored:
                     params = ex.cached.latent_params_flipped
                 gen = step_generator(self.seed, "latent", epoch, i)
                 latents.append(self._sample_latent(params, gen))
+                sizes = ex.cached.sizes if self.size_conditioning else None
+                if sizes is not None:
+                    time_ids.append(sizes[1 if mirrored and len(sizes) > 1 else 0].float())
                 if cached_text and ex.cached.text_embeddings is not None:
+                    cached_pooled = ex.cached.pooled
                     if drop:
                         assert self.empty_embedding is not None
                         embeddings.append(self.empty_embedding)
+                        if cached_pooled is not None:
+                            assert self.empty_pooled is not None
+                            pooled.append(self.empty_pooled)
                     else:
                         embeddings.append(ex.cached.text_embeddings.float())
+                        if cached_pooled is not None:
+                            pooled.append(cached_pooled.float())
             else:
                 images.append((ex, rng, flip))  # the rest of rng is the transform's
             if ex.conditioning is not None:
@@ -206,6 +228,10 @@ class BatchBuilder:
             batch.pixels = torch.stack(self._map(self._pixels, images))
         if embeddings and len(embeddings) == len(indices):
             batch.text_embeddings = torch.stack(embeddings)
+            if len(pooled) == len(indices):
+                batch.pooled_embeddings = torch.stack(pooled)
+        if time_ids and len(time_ids) == len(indices):
+            batch.time_ids = torch.stack(time_ids)
         if conditioned:
             batch.conditioning = torch.stack(self._map(self._conditioning, conditioned))
         return batch

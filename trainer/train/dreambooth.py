@@ -179,8 +179,11 @@ def class_examples(
         cache = LatentCache(output_store, join(spec.output.uri, "class-images", "cache"))
         pre = spec.preprocessing
         # class images get no Boomerang variants: their space has none
+        from difftrain.models.families import family
+
+        added = family(components.family).size_conditioning
         space = dataclasses.replace(
-            cache_space(pre, components.identity, extra={"role": "class"}), copies=0
+            cache_space(pre, components.identity, extra={"role": "class"}, added=added), copies=0
         )
         samples, _ = cache.get_or_build(
             pairs, components, ImageTransform(pre), space=space, seed=0, device=device

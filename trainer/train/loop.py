@@ -332,7 +332,7 @@ class Trainer:
         )
         latents = self._latents(batch, gen).float()
         if batch.text_embeddings is not None and "text_encoder" not in self.wrapped:
-            text = TextConditioning(batch.text_embeddings)
+            text = TextConditioning(batch.text_embeddings, batch.pooled_embeddings)
         else:
             text = self._encode_text(batch.captions)
         scale = self.latent_scale

@@ -359,9 +359,10 @@ def _run_training(job: DiffusionTrainingJob, options: RunOptions) -> RunOutcome:
         cached_text=fam.caches_text,
     )
     if spec.regularization.caption_dropout > 0 and pre.cache_latents and fam.caches_text:
-        from difftrain.data.cache import encode_text
-
-        builder.empty_embedding = encode_text(components, [""], torch.device("cpu"))[0].float()
+        with torch.no_grad():
+            empty = fam.encode(components, [""], torch.device("cpu"))
+        builder.empty_embedding = empty.hidden[0].float()
+        builder.empty_pooled = None if empty.pooled is None else empty.pooled[0].float()
 
     prompts = list(spec.sampling.prompts) or _prompts_from(examples, spec)
     sample_conditioning = None

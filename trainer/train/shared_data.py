@@ -149,13 +149,23 @@ def cached_dataset(
     from difftrain.data.cache_keys import cache_space, wanted_samples
 
     pre = settings.pre
-    space = cache_space(pre, components.identity, seed=settings.seed, extra=settings.extra)
+    from difftrain.models.families import family
+
+    space = cache_space(
+        pre,
+        components.identity,
+        seed=settings.seed,
+        extra=settings.extra,
+        added=family(components.family).size_conditioning,
+    )
     wanted = wanted_samples(pairs, space, texts=settings.texts)
     cache = LatentCache(cache_store or data_store, settings.root)
 
     def look_up() -> dict[str, Any]:
         index = cache.index()
-        found = cache.lookup(wanted, index, flips=space.flips, local_dir=local_dir)
+        found = cache.lookup(
+            wanted, index, flips=space.flips, local_dir=local_dir, added=space.added
+        )
         return {
             "index": index.name,
             "build": new_build_id(),
@@ -190,7 +200,9 @@ def cached_dataset(
     # read back through local copies, as a later run would: the built tensors are gone
     with acc.local_main_process_first():
         index = cache.index(name or None)
-        again = cache.lookup(wanted, index, flips=space.flips, local_dir=local_dir)
+        again = cache.lookup(
+            wanted, index, flips=space.flips, local_dir=local_dir, added=space.added
+        )
     if not again.complete:
         raise CacheError(
             f"latent cache {settings.root} was committed but does not read back complete; "
