@@ -14,6 +14,10 @@
 # from Debian's packages: tests/infra/images.py).
 
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
+# The stage (or an image built from it earlier) each final image starts from; a builder that
+# keeps the runtime images passes them here, and the dependency stages are then not built at all
+ARG OPERATOR_RUNTIME=operator-runtime
+ARG TRAINER_RUNTIME=trainer-runtime
 
 FROM ${PYTHON_IMAGE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -48,10 +52,11 @@ RUN --mount=type=cache,target=/root/.cache/pip /opt/difftrain/bin/pip wheel --no
 
 # each image is its runtime (base and dependencies, no code of ours) with the wheel on top; a
 # builder that tags the runtime stage keeps that layer for every later source change
+# (tests/infra/images.py: layer caches key on file times, which a fresh clone changes)
 FROM base AS operator-runtime
 COPY --from=deps-operator /opt/difftrain /opt/difftrain
 
-FROM operator-runtime AS operator
+FROM ${OPERATOR_RUNTIME} AS operator
 COPY --from=wheel /dist /tmp/dist
 RUN /opt/difftrain/bin/pip install --no-deps --no-index /tmp/dist/*.whl && rm -rf /tmp/dist
 ENV PATH=/opt/difftrain/bin:$PATH HOME=/tmp
@@ -63,7 +68,7 @@ CMD ["operator"]
 FROM base AS trainer-runtime
 COPY --from=deps-trainer /opt/difftrain /opt/difftrain
 
-FROM trainer-runtime AS trainer
+FROM ${TRAINER_RUNTIME} AS trainer
 COPY --from=wheel /dist /tmp/dist
 RUN /opt/difftrain/bin/pip install --no-deps --no-index /tmp/dist/*.whl && rm -rf /tmp/dist
 # Model hubs and caches write under HOME; /tmp is the pod's writable scratch volume.

@@ -195,13 +195,18 @@ def project_image(target: str) -> tuple[str, float]:
         _build(f"{target}-runtime", runtime, base, RUNTIME_INPUTS)
         _forget_older(runtime.rsplit(":", 1)[0], keep=runtime)
     make_room(f"localhost/difftrain/{target}")
-    _build(target, ref, base, IMAGE_INPUTS)
+    # from the tagged runtime: buildah's layer cache keys on file times, so in a fresh clone it
+    # would run the dependency stages (pip, gigabytes) again rather than find them
+    _build(target, ref, base, IMAGE_INPUTS, runtime=runtime)
     _forget_older(f"localhost/difftrain/{target}", keep=ref)
     return ref, time.monotonic() - start
 
 
-def _build(target: str, ref: str, base: str, inputs: tuple[str, ...]) -> None:
-    """``buildah bud --target target`` from a context of ``inputs`` copied from the work tree."""
+def _build(
+    target: str, ref: str, base: str, inputs: tuple[str, ...], *, runtime: str | None = None
+) -> None:
+    """``buildah bud --target target`` from a context of ``inputs`` copied from the work tree;
+    ``runtime``: the image the target starts from (the Dockerfile's ``<TARGET>_RUNTIME``)."""
     # a build cut short leaves its working container, with the layer it was writing, behind
     subprocess.run(["buildah", *_storage(), "rm", "--all"], capture_output=True, check=False)
     with tempfile.TemporaryDirectory(dir=IMAGES) as tmp:
@@ -220,6 +225,7 @@ def _build(target: str, ref: str, base: str, inputs: tuple[str, ...]) -> None:
             "--layers",
             "--build-arg",
             f"PYTHON_IMAGE={base}",
+            *(["--build-arg", f"{target.upper()}_RUNTIME={runtime}"] if runtime else []),
             "--target",
             target,
             "-t",
