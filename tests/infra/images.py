@@ -234,6 +234,9 @@ def _build(
             str(context / "Dockerfile"),
             str(context),
         )
+    # the intermediate images a build leaves (the dependency stage's venv: gigabytes) key on file
+    # times, so no build from another clone finds them: drop them (pip's cache mount remains)
+    subprocess.run(["buildah", *_storage(), "rmi", "--prune"], capture_output=True, check=False)
 
 
 # what a build of the trainer's runtime takes at its peak: its venv layer and the blob buildah
