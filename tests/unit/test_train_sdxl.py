@@ -303,7 +303,9 @@ def test_an_sdxl_controlnet_trains_samples_and_loads_into_the_sdxl_controlnet_pi
     assert image.shape == (64, 64, 3)
 
 
-def test_sdxl_trains_at_1024_pixels_unless_the_job_says_otherwise(inputs: Path) -> None:
+def test_sdxl_trains_at_1024_pixels_with_gradient_checkpointing_unless_the_job_says_otherwise(
+    inputs: Path,
+) -> None:
     def resolution(preprocessing: dict, family: str) -> int:
         job = tiny_job(inputs, inputs / "out", preprocessing=preprocessing)
         resource = api.parse_resource(job)
@@ -315,6 +317,19 @@ def test_sdxl_trains_at_1024_pixels_unless_the_job_says_otherwise(inputs: Path) 
     assert resolution({"resolution": 512}, "sdxl") == 512
     assert resolution({}, "sd1") == 512
     assert resolution({"resolution": 768}, "sd2") == 768
+
+    def checkpointing(hyperparameters: dict, family: str) -> bool:
+        job = tiny_job(inputs, inputs / "out", hyperparameters=hyperparameters)
+        resource = api.parse_resource(job)
+        assert isinstance(resource, api.DiffusionTrainingJob)
+        spec = resource.spec
+        return for_family(
+            spec.resolved(), spec, FAMILIES[family]
+        ).hyperparameters.gradient_checkpointing
+
+    assert checkpointing({}, "sdxl") is True
+    assert checkpointing({"gradientCheckpointing": False}, "sdxl") is False
+    assert checkpointing({}, "sd1") is False
 
 
 def test_each_image_carries_its_size_and_crop_as_time_ids() -> None:

@@ -37,6 +37,8 @@ class Family:
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
     default_resolution: ClassVar[int] = 512
+    gradient_checkpointing: ClassVar[bool] = False
+    """The default of hyperparameters.gradientCheckpointing for this family."""
     methods: ClassVar[frozenset[str]] = frozenset({"full", "lora", "controlnet"})
     boomerang: ClassVar[bool] = True
     """Whether Boomerang variants can be made with this family's pipeline."""
@@ -110,6 +112,8 @@ class SDXL(Family):
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
     default_resolution: ClassVar[int] = 1024
+    # at 1024 px and batch 8 the activations, not the weights, decide whether a card is enough
+    gradient_checkpointing: ClassVar[bool] = True
     methods: ClassVar[frozenset[str]] = frozenset({"full", "lora", "controlnet"})
     boomerang: ClassVar[bool] = False
     size_conditioning: ClassVar[bool] = True

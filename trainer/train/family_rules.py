@@ -2,7 +2,7 @@
 
 Run right after the base model is loaded, before any data is read: a method or option the
 family does not support is refused with the field named, and the fields the user left unset
-take the family's defaults (SDXL trains at 1024 pixels).
+take the family's defaults (SDXL trains at 1024 pixels with gradient checkpointing).
 """
 
 from __future__ import annotations
@@ -33,4 +33,9 @@ def for_family(
     if unset and pre.resolution != fam.default_resolution:
         pre = pre.model_copy(update={"resolution": fam.default_resolution})
         spec = spec.model_copy(update={"preprocessing": pre})
+    hp = spec.hyperparameters
+    unset = "gradient_checkpointing" not in written.hyperparameters.model_fields_set
+    if unset and hp.gradient_checkpointing != fam.gradient_checkpointing:
+        hp = hp.model_copy(update={"gradient_checkpointing": fam.gradient_checkpointing})
+        spec = spec.model_copy(update={"hyperparameters": hp})
     return spec
