@@ -242,7 +242,11 @@ def test_sdxl_trains_from_the_latent_cache_and_a_second_run_hits_it(
 
     job = _job(inputs, tmp_path / "out", steps=2)
     # a dataset of its own: the cache lives beside it, and the other runs here fill theirs
-    dataset = shutil.copytree(inputs / "dataset", tmp_path / "dataset")
+    dataset = shutil.copytree(
+        inputs / "dataset",
+        tmp_path / "dataset",
+        ignore=shutil.ignore_patterns(".difftrain-cache"),
+    )
     job["spec"]["dataset"]["uri"] = str(dataset)
     job["spec"]["preprocessing"]["cacheLatents"] = True
     job["spec"]["regularization"] = {"captionDropout": 0.5}
