@@ -387,3 +387,24 @@ def test_the_local_run_trains_its_tiny_sdxl_model_through_the_cli(tmp_path: Path
     pipe = StableDiffusionXLPipeline.from_pretrained(str(exported))
     assert pipe.text_encoder_2 is not None and pipe.unet.config.addition_embed_type == "text_time"
     assert not (work / "output").exists(), "the SD1 job's output was written"
+
+
+def test_dataset_cache_for_an_sdxl_job_is_what_its_run_finds(inputs: Path, tmp_path: Path) -> None:
+    """`difftrain dataset cache --job` encodes what the SDXL run looks up (the pooled text and
+    the time ids included): the run that follows encodes nothing."""
+    import shutil
+
+    import yaml
+
+    from difftrain.cli import main
+
+    dataset = shutil.copytree(
+        inputs / "dataset", tmp_path / "dataset", ignore=shutil.ignore_patterns(".difftrain-cache")
+    )
+    job = _job(inputs, tmp_path / "out", steps=2)
+    job["spec"]["dataset"]["uri"] = str(dataset)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert main(["dataset", "cache", "--job", str(path)]) == 0
+    assert (dataset / ".difftrain-cache" / "index").is_dir()
+    assert _run(job, tmp_path / "work").cache_hit is True

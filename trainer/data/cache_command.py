@@ -96,10 +96,15 @@ def build_dataset_cache(args: argparse.Namespace, bars: bool = True) -> CacheOut
     changed samples are encoded.
     """
     from difftrain.data.command import _dataset_spec
+    from difftrain.models.families import family
 
     spec = _dataset_spec(args)
     pre = _preprocessing(args)
     with _model(args, args.model) as components:
+        # the resolution a run on this model trains at when its job leaves it unset (SDXL 1024)
+        default = family(components.family).default_resolution
+        if args.resolution is None and pre.resolution != default:
+            pre = pre.model_copy(update={"resolution": default})
         return _cache_dataset(args, spec, pre, args.seed, components, args.cache_root, bars)
 
 
@@ -125,10 +130,15 @@ def build_job_caches(args: argparse.Namespace, bars: bool = True) -> list[CacheO
         args.endpoint = spec.storage.endpoint
         args.insecure = not spec.storage.secure
         args.region = spec.storage.region
-    pre = spec.preprocessing.model_copy(update={"cache_latents": True})
     seed = spec.hyperparameters.seed
     template = spec.dreambooth.instance_prompt if spec.dreambooth is not None else None
     with _model(args, model) as components:
+        from difftrain.models.families import family
+        from difftrain.train.family_rules import for_family
+
+        # the job's settings as its run resolves them for this model's family (SDXL: 1024 px)
+        resolved = for_family(spec.resolved(), spec, family(components.family))
+        pre = resolved.preprocessing.model_copy(update={"cache_latents": True})
         return [
             _cache_dataset(args, dataset, pre, seed, components, None, bars, template)
             for dataset in spec.dataset_list
