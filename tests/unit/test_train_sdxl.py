@@ -261,19 +261,40 @@ def test_sdxl_trains_from_the_latent_cache_and_a_second_run_hits_it(
 def test_what_a_family_does_not_support_is_refused_naming_the_field(
     inputs: Path, tmp_path: Path
 ) -> None:
-    job = _job(inputs, tmp_path / "out")
-    job["spec"]["preprocessing"]["boomerang"] = {"enabled": True}
-    with pytest.raises(TrainingConfigError, match=r"preprocessing\.boomerang\.enabled"):
-        _run(job, tmp_path / "work")
-    assert not (tmp_path / "out" / "checkpoints").exists()
-
-    class FullOnly(SDXL):
+    class Narrow(SDXL):
         methods = frozenset({"full"})
+        boomerang = False
 
-    resource = api.parse_resource(_job(inputs, tmp_path / "o", method="lora", lora={"rank": 4}))
-    assert isinstance(resource, api.DiffusionTrainingJob)
-    with pytest.raises(TrainingConfigError, match=r"method 'lora' is not supported for SDXL"):
-        for_family(resource.spec.resolved(), resource.spec, FullOnly())
+    def refusal(**spec: object) -> str:
+        resource = api.parse_resource(_job(inputs, tmp_path / "o", 3, **spec))
+        assert isinstance(resource, api.DiffusionTrainingJob)
+        with pytest.raises(TrainingConfigError) as caught:
+            for_family(resource.spec.resolved(), resource.spec, Narrow())
+        return str(caught.value)
+
+    assert "method 'lora' is not supported for SDXL" in refusal(method="lora", lora={"rank": 4})
+    assert "preprocessing.boomerang.enabled" in refusal(
+        preprocessing={"resolution": 64, "boomerang": {"enabled": True}}
+    )
+
+
+def test_sdxl_boomerang_variants_are_made_with_the_sdxl_unet_and_trained_on(
+    inputs: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    dataset = shutil.copytree(
+        inputs / "dataset", tmp_path / "dataset", ignore=shutil.ignore_patterns(".difftrain-cache")
+    )
+    for extra in sorted(dataset.glob("*.png"))[4:]:
+        extra.unlink()
+        extra.with_suffix(".txt").unlink(missing_ok=True)
+    job = _job(inputs, tmp_path / "out", steps=2)
+    job["spec"]["dataset"]["uri"] = str(dataset)
+    job["spec"]["preprocessing"]["boomerang"] = {"enabled": True, "copies": 1}
+    outcome = _run(job, tmp_path / "work")
+    assert outcome.report.augmented == 4  # one variant of each of the four images
+    assert outcome.loop.state.step == 2
 
 
 def test_an_sdxl_controlnet_trains_samples_and_loads_into_the_sdxl_controlnet_pipeline(

@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from difftrain.data.cache_encode import encode_text, sample_rng
+from difftrain.data.cache_encode import sample_rng
 from difftrain.data.pairs import CleanPair
 
 if TYPE_CHECKING:
     from difftrain.data.transforms import ImageTransform
     from difftrain.models.components import Components
+    from difftrain.models.families import TextConditioning
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +73,14 @@ def boomerang_variants(
         raise BoomerangError(f"batch_size is {batch_size}: use at least 1")
     if sizes is not None and len(sizes) != len(pairs):
         raise BoomerangError(f"sizes has {len(sizes)} entries for {len(pairs)} pairs")
+    from difftrain.models.families import family
+
     dev = torch.device(device)
-    vae, unet, text_encoder = components.vae, components.unet, components.text_encoder
+    fam = family(components.family)
+    networks = [components.vae, components.unet, *fam.encoders(components)]
     made: dict[tuple[int, int], CleanPair] = {}
-    with placed([vae, unet, text_encoder], dev, dtype), torch.inference_mode():
-        uncond = encode_text(components, [""], dev) if guidance_scale > 1.0 else None
+    with placed(networks, dev, dtype), torch.inference_mode():
+        uncond = fam.encode(components, [""], dev) if guidance_scale > 1.0 else None
         for batch in _batches(len(pairs), copies, sizes, batch_size):
             sources: dict[int, torch.Tensor] = {}
             for n, _ in batch:
@@ -89,7 +93,7 @@ def boomerang_variants(
             result = _img2img(
                 components,
                 torch.stack([sources[n] for n, _ in batch]).to(dev),
-                encode_text(components, [pairs[n].caption for n, _ in batch], dev),
+                fam.encode(components, [pairs[n].caption for n, _ in batch], dev),
                 uncond,
                 strength=strength,
                 steps=num_inference_steps,
@@ -147,8 +151,8 @@ def _variant_seed(seed: int, key: str, copy: int) -> int:
 def _img2img(
     components: Components,
     pixels: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None,
+    cond: TextConditioning,
+    uncond: TextConditioning | None,
     *,
     strength: float,
     steps: int,
@@ -162,6 +166,8 @@ def _img2img(
     """
     from diffusers import DDIMScheduler
     from diffusers.utils.torch_utils import randn_tensor
+
+    from difftrain.models.families import TextConditioning, family
 
     vae, unet = components.vae, components.unet
     scheduler: Any = DDIMScheduler.from_config(
@@ -179,11 +185,24 @@ def _img2img(
         latents.shape, generator=generators, device=latents.device, dtype=latents.dtype
     )
     latents = scheduler.add_noise(latents, noise, timesteps[:1])
-    context = cond if uncond is None else torch.cat([uncond.expand_as(cond), cond])
+    context = cond
+    if uncond is not None:  # the unconditional rows first, then the conditional ones
+        pooled = None
+        if cond.pooled is not None and uncond.pooled is not None:
+            pooled = torch.cat([uncond.pooled.expand_as(cond.pooled), cond.pooled])
+        context = TextConditioning(
+            torch.cat([uncond.hidden.expand_as(cond.hidden), cond.hidden]), pooled
+        )
+    hidden = context.hidden.to(unet.dtype)
+    if context.pooled is not None:
+        context = TextConditioning(hidden, context.pooled.to(unet.dtype))
+    # the family's added conditioning (SDXL: the pooled text, the image uncropped at its size)
+    target = (int(pixels.shape[-2]), int(pixels.shape[-1]))
+    added = family(components.family).unet_kwargs(context, None, target)
     for t in timesteps:
         model_in = latents if uncond is None else torch.cat([latents, latents])
         model_in = scheduler.scale_model_input(model_in, t)
-        pred = unet(model_in, t, encoder_hidden_states=context.to(unet.dtype)).sample
+        pred = unet(model_in, t, encoder_hidden_states=hidden, **added).sample
         if uncond is not None:
             pred_uncond, pred_cond = pred.chunk(2)
             pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)

@@ -115,7 +115,6 @@ class SDXL(Family):
     # at 1024 px and batch 8 the activations, not the weights, decide whether a card is enough
     gradient_checkpointing: ClassVar[bool] = True
     methods: ClassVar[frozenset[str]] = frozenset({"full", "lora", "controlnet"})
-    boomerang: ClassVar[bool] = False
     size_conditioning: ClassVar[bool] = True
 
     def encode(
